@@ -1,0 +1,368 @@
+"""CIFAR data preparation: read a source, carve stratified splits, write verified arrays.
+
+Sources: torchvision download, a local mirror of the original archives, or an .npz of arrays.
+Output (out_dir): {train,val,test}_{x,y}.npy (x uint8 NCHW, y int64) + manifest.json,
+written atomically so a crash never leaves a half-prepared directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torchvision.datasets
+from torchvision.datasets.utils import calculate_md5, check_integrity
+
+log = logging.getLogger(__name__)
+
+DATASETS: dict[str, int] = {"cifar10": 10, "cifar100": 100}  # name -> num_classes
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+
+# Class names for sources without metadata (npz). Order = batches.meta / meta of the originals.
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup
+dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion
+lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
+pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
+shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
+television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+_DEFAULT_CLASSES = {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES}
+_TV_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+class DataError(Exception):
+    """One-line, user-facing message naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str  # "download" | "mirror" | "npz"
+    root: Path  # cache dir for torchvision downloads/extraction
+    mirror: Path | None = None  # dir holding the original archives (cifar-10-python.tar.gz, ...)
+    npz: Path | None = None  # .npz with x_train, y_train and optionally x_test, y_test
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val_size: int  # carved from the training set, stratified, always
+    test_size: int  # only used when the source has no test set
+    train_subset: int | None  # stratified subset of the remaining training images
+    seed: int = 0
+
+
+@dataclass
+class _Raw:
+    """What a source yields before splitting."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    classes: list[str]
+    source: dict
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _tv_class(dataset: str) -> type:
+    # Looked up at call time so tests can monkeypatch the class attributes (md5s).
+    return getattr(torchvision.datasets, _TV_CLASSES[dataset])
+
+
+def _load_torchvision(dataset: str, root: Path) -> tuple[np.ndarray, ...]:
+    """Instantiate the torchvision class with download=True: it downloads/extracts only when the
+    batch files are missing or fail md5, and checks every batch file's md5 before unpickling."""
+    cls = _tv_class(dataset)
+    train = cls(str(root), train=True, download=True)
+    test = cls(str(root), train=False, download=True)
+    x, xt = (np.ascontiguousarray(d.data.transpose(0, 3, 1, 2)) for d in (train, test))  # NHWC -> NCHW
+    return x, np.asarray(train.targets), xt, np.asarray(test.targets), list(train.classes)
+
+
+# Errors torchvision raises for a bad archive/batch file (RuntimeError = md5 check failed).
+_ARCHIVE_ERRORS = (RuntimeError, OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError)
+
+
+def _from_download(dataset: str, src: SourceConfig) -> _Raw:
+    cls = _tv_class(dataset)
+    try:
+        x, y, xt, yt, classes = _load_torchvision(dataset, Path(src.root))
+    except Exception as e:  # network errors come in many types (URLError, socket, HTTP, ...)
+        raise DataError(
+            f"{dataset}: download of {cls.url} into {src.root} failed ({_one_line(e)}); offline options: "
+            f"data.source=mirror with a dir holding {cls.filename}, or data.source=npz with an array file"
+        ) from e
+    return _Raw(x, y, xt, yt, classes, {"kind": "download", "path": cls.url, "md5": cls.tgz_md5})
+
+
+def _from_mirror(dataset: str, src: SourceConfig) -> _Raw:
+    if src.mirror is None:
+        raise DataError(f"{dataset}: data.source=mirror needs a mirror directory (data.mirror)")
+    cls = _tv_class(dataset)
+    archive = Path(src.mirror) / cls.filename
+    if not archive.is_file():
+        raise DataError(f"{dataset}: mirror archive not found: {archive}")
+    actual = calculate_md5(archive)
+    if actual != cls.tgz_md5:
+        raise DataError(f"{archive}: corrupt or truncated archive (md5 {actual}, expected {cls.tgz_md5})")
+
+    # Put the verified archive where torchvision looks for it; it then skips the network and extracts.
+    root = Path(src.root)
+    root.mkdir(parents=True, exist_ok=True)
+    cached = root / cls.filename
+    if not check_integrity(cached, cls.tgz_md5):
+        part = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.part")
+        try:
+            shutil.copyfile(archive, part)
+            os.replace(part, cached)
+        finally:
+            part.unlink(missing_ok=True)
+    try:
+        x, y, xt, yt, classes = _load_torchvision(dataset, root)
+    except _ARCHIVE_ERRORS as e:
+        raise DataError(f"{archive}: cannot extract or load archive ({_one_line(e)})") from e
+    return _Raw(x, y, xt, yt, classes, {"kind": "mirror", "path": str(archive), "md5": actual})
+
+
+def _npz_x(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    """Normalise (N,3072) / (N,3,32,32) / (N,32,32,3) uint8 to NCHW."""
+    if x.dtype == np.uint8:
+        if x.ndim == 2 and x.shape[1] == 3072:  # CIFAR row layout: 1024 R, 1024 G, 1024 B
+            return x.reshape(-1, 3, 32, 32)
+        if x.shape[1:] == (3, 32, 32):
+            return x
+        if x.shape[1:] == (32, 32, 3):
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise DataError(
+        f"{path}: key '{key}' must be uint8 of shape (N,3072), (N,3,32,32) or (N,32,32,3); got {x.dtype} {x.shape}"
+    )
+
+
+def _from_npz(dataset: str, src: SourceConfig) -> _Raw:
+    if src.npz is None:
+        raise DataError(f"{dataset}: data.source=npz needs an array file (data.npz)")
+    path = Path(src.npz)
+    if not path.is_file():
+        raise DataError(f"{path}: npz file not found")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not a zip / truncated
+        raise DataError(f"{path}: not a readable .npz archive ({_one_line(e)})") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: not an .npz archive (a single .npy array?); need keys x_train, y_train")
+    with z:
+        missing = [k for k in ("x_train", "y_train") if k not in z.files]
+        if missing:
+            raise DataError(f"{path}: missing key '{missing[0]}' (need x_train (N,3072) uint8 and y_train (N,) int)")
+        # x_test/y_test count only as a pair: a lone x_test (e.g. a partial test set) is ignored.
+        keys = ["x_train", "y_train"] + (["x_test", "y_test"] if {"x_test", "y_test"} <= set(z.files) else [])
+        arrays = {}
+        for k in keys:  # NpzFile is lazy: truncation and pickled members show only when read
+            try:
+                arrays[k] = z[k]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"{path}: key '{k}' unreadable ({_one_line(e)})") from e
+
+    x = _npz_x(path, "x_train", arrays["x_train"])
+    xt = _npz_x(path, "x_test", arrays["x_test"]) if "x_test" in arrays else None
+    return _Raw(
+        x, arrays["y_train"], xt, arrays.get("y_test"), list(_DEFAULT_CLASSES[dataset]),
+        {"kind": "npz", "path": str(path), "md5": calculate_md5(path)},
+    )
+
+
+def _check_labels(where: str, key: str, x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: key '{key}' must be a 1-D integer label array; got {y.dtype} {y.shape}")
+    if len(y) != len(x):
+        raise DataError(f"{where}: key '{key}' has {len(y)} labels but the images have {len(x)} rows")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{where}: key '{key}' labels must lie in [0, {num_classes}); got [{y.min()}, {y.max()}]")
+    return y.astype(np.int64)
+
+
+_READERS = {"download": _from_download, "mirror": _from_mirror, "npz": _from_npz}
+
+
+# ---------------------------------------------------------------- splits
+
+
+def _stratified_take(y: np.ndarray, pool: np.ndarray, n: int, rng: np.random.Generator, k: int):
+    """Take n indices from pool with per-class counts proportional to the pool's (largest remainder,
+    ties broken at random); returns (taken, rest), both sorted."""
+    labels = y[pool]
+    counts = np.bincount(labels, minlength=k)
+    quota, rem = np.divmod(n * counts, len(pool))  # exact integer arithmetic
+    short = n - int(quota.sum())
+    # Classes with a larger remainder get the leftover slots; they always have spare images.
+    quota[np.lexsort((rng.random(k), -rem))[:short]] += 1
+    taken = np.sort(np.concatenate(
+        [rng.choice(pool[labels == c], size=quota[c], replace=False) for c in range(k)]
+    ).astype(np.int64))
+    return taken, np.setdiff1d(pool, taken, assume_unique=True)
+
+
+def _split(y: np.ndarray, has_test: bool, cfg: SplitConfig, k: int) -> dict[str, np.ndarray]:
+    """Indices into the training set for each carved split (test only when the source has none)."""
+    n = len(y)
+    test = 0 if has_test else cfg.test_size
+    sub = cfg.train_subset or 0
+    if cfg.val_size < 1 or (not has_test and test < 1) or (cfg.train_subset is not None and sub < 1):
+        raise DataError(f"split sizes must be >= 1: val_size={cfg.val_size}, test_size={cfg.test_size}, "
+                        f"train_subset={cfg.train_subset}")
+    # Without a subset the whole remainder is the train split, so it must not be empty.
+    if test + cfg.val_size + sub > n or (cfg.train_subset is None and test + cfg.val_size >= n):
+        raise DataError(f"split sizes too large for {n} training images: test {test} (carved) + "
+                        f"val {cfg.val_size} + train_subset {cfg.train_subset} leave no valid train split")
+    rng = np.random.default_rng(cfg.seed)
+    rest = np.arange(n, dtype=np.int64)
+    out = {}
+    if not has_test:
+        out["test"], rest = _stratified_take(y, rest, test, rng, k)
+    out["val"], rest = _stratified_take(y, rest, cfg.val_size, rng, k)
+    out["train"] = _stratified_take(y, rest, sub, rng, k)[0] if cfg.train_subset is not None else rest
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def _sha256(a: np.ndarray) -> str:
+    """sha256 of the array's raw C-order bytes (shape/dtype are checked separately)."""
+    return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _write_atomic(out_dir: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict) -> None:
+    """Write into a temp dir beside out_dir, then swap it in with renames (same filesystem)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    old = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
+    try:
+        for name, (x, y) in arrays.items():
+            np.save(tmp / f"{name}_x.npy", x)
+            np.save(tmp / f"{name}_y.npy", y)
+        _write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete directory
+        if out_dir.exists():
+            os.replace(out_dir, old)  # a directory can't be os.replace'd onto a non-empty one
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old.exists():
+                os.replace(old, out_dir)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(dataset: str, source: SourceConfig, split: SplitConfig, out_dir: Path) -> dict:
+    """Read the source, carve splits, write out_dir/{train,val,test}_{x,y}.npy + manifest.json
+    atomically. Returns the manifest dict."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{dataset}' (known: {', '.join(DATASETS)})")
+    if source.kind not in _READERS:
+        raise DataError(f"{dataset}: unknown data source '{source.kind}' (known: {', '.join(_READERS)})")
+    k = DATASETS[dataset]
+    raw = _READERS[source.kind](dataset, source)
+    where = raw.source["path"]
+    y = _check_labels(where, "y_train", raw.x_train, raw.y_train, k)
+    has_test = raw.x_test is not None
+    if has_test:
+        y_test = _check_labels(where, "y_test", raw.x_test, raw.y_test, k)
+
+    idx = _split(y, has_test, split, k)
+    arrays = {s: (raw.x_train[idx[s]], y[idx[s]]) for s in idx}
+    if has_test:
+        arrays["test"] = (np.ascontiguousarray(raw.x_test), y_test)
+    arrays = {s: arrays[s] for s in SPLITS}
+
+    splits = {
+        s: {"count": len(ys), "class_counts": np.bincount(ys, minlength=k).tolist(),
+            "sha256_x": _sha256(xs), "sha256_y": _sha256(ys)}
+        for s, (xs, ys) in arrays.items()
+    }
+    n_test = splits["test"]["count"]
+    unused = len(y) - splits["train"]["count"] - splits["val"]["count"] - (0 if has_test else n_test)
+    if has_test:
+        note = f"official test set ({n_test} images)"
+    else:
+        note = (f"test split carved from the training set ({n_test} images, stratified, seed {split.seed}): "
+                f"the source had no official test set")
+    note += f"; val carved from the training set ({split.val_size} images, stratified)"
+    if unused:
+        note += f"; {unused} training images unused (train_subset={split.train_subset})"
+    fingerprint = hashlib.sha256(
+        "".join(splits[s][h] for s in SPLITS for h in ("sha256_x", "sha256_y")).encode()
+    ).hexdigest()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "num_classes": k,
+        "classes": list(raw.classes),
+        "source": raw.source,
+        "source_counts": {"train": len(y), "test": len(y_test) if has_test else None},
+        "test_origin": "official" if has_test else "carved",
+        "split_note": note,
+        "split": {"val_size": split.val_size, "test_size": split.test_size,
+                  "train_subset": split.train_subset, "seed": split.seed},
+        "splits": splits,
+        "fingerprint": fingerprint,
+    }
+    _write_atomic(Path(out_dir), arrays, manifest)
+    log.info("prepared %s from %s into %s: %s", dataset, source.kind, out_dir,
+             ", ".join(f"{s} {splits[s]['count']}" for s in SPLITS))
+    return manifest
+
+
+def load_prepared(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """-> ({"train": (x, y), "val": (x, y), "test": (x, y)}, manifest); x uint8 (N,3,32,32), y int64 (N,).
+    verify=True checks each array's sha256 against the manifest."""
+    out_dir = Path(out_dir)
+    mpath = out_dir / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+        expected = {s: manifest["splits"][s] for s in SPLITS}
+    except FileNotFoundError as e:
+        raise DataError(f"{mpath}: not found; run the data preparation step first") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{mpath}: unreadable manifest ({_one_line(e)})") from e
+
+    data = {}
+    for s in SPLITS:
+        pair = []
+        for part, dtype, shape in (("x", np.uint8, (3, 32, 32)), ("y", np.int64, ())):
+            path = out_dir / f"{s}_{part}.npy"
+            try:
+                a = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise DataError(f"{path}: unreadable array ({_one_line(e)})") from e
+            n = expected[s]["count"]
+            if a.dtype != dtype or a.shape != (n, *shape):
+                raise DataError(f"{path}: expected {np.dtype(dtype)} {(n, *shape)}, got {a.dtype} {a.shape}")
+            if verify and _sha256(a) != expected[s][f"sha256_{part}"]:
+                raise DataError(f"{path}: sha256 mismatch with {mpath} (file modified or corrupt)")
+            pair.append(a)
+        data[s] = (pair[0], pair[1])
+    return data, manifest

@@ -1,0 +1,13 @@
+"""Training methods. Each is one module exposing:
+
+- ``OPTIONS``: its options with their defaults (params.yaml ``experiments.<name>.options``);
+- ``validate_options(options, path)`` -> options with defaults filled in (one-line errors);
+- ``phases(spec, ctx)``: the entry point, yielding the :class:`l2l.engine.Phase` s the engine runs;
+- ``predictor(spec, num_classes)``: an untrained module shaped like the final predictor,
+  into which the saved ``final.pt`` / ``best.pt`` state loads (for evaluation).
+"""
+from l2l.methods import conventional
+
+METHODS = {
+    "conventional": conventional,
+}

@@ -1,0 +1,198 @@
+"""The report: built from results/ alone (never retrains), as Markdown and self-contained HTML.
+
+Both renderings come from one list of blocks, so they cannot drift apart.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from l2l.io import read_json, write_text  # noqa: E402
+from l2l.tracking import git_commit  # noqa: E402
+
+
+@dataclass
+class Doc:
+    blocks: list[tuple] = field(default_factory=list)
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, df: pd.DataFrame) -> None:
+        self.blocks.append(("table", df))
+
+    def figure(self, name: str, fig, caption: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        self.figures[name] = buf.getvalue()
+        self.blocks.append(("figure", name, caption))
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "table":
+                out.append(_md_table(b[1]))
+            elif b[0] == "figure":
+                out.append(f"![{b[2]}](figures/{b[1]}.png)\n\n*{b[2]}*")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+               "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+               "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #bbb;padding:3px 6px}"
+               "th{background:#eee}img{max-width:100%}figcaption{font-style:italic}</style></head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{_inline_html(b[1])}</p>")
+            elif b[0] == "table":
+                out.append(b[1].to_html(index=False, na_rep="", escape=True, border=0))
+            elif b[0] == "figure":
+                data = base64.b64encode(self.figures[b[1]]).decode()
+                out.append(f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>"
+                           f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+def _inline_html(text: str) -> str:
+    # Paragraphs may hold Markdown bullet lists and `code`; render both minimally.
+    lines = text.split("\n")
+    if all(line.startswith("- ") for line in lines):
+        return "<ul>" + "".join(f"<li>{_code(html.escape(line[2:]))}</li>" for line in lines) + "</ul>"
+    return _code(html.escape(text)).replace("\n", "<br>")
+
+
+def _code(text: str) -> str:
+    parts = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if pd.isna(v) else f"{v:.2f}"
+    return str(v)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _interval(mean, lo, hi) -> str:
+    if pd.isna(mean):
+        return "n/a"
+    if pd.isna(lo):
+        return f"{mean:.2f}"
+    return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def stamp(results: Path) -> dict[str, str]:
+    runs = pd.read_csv(results / "runs.csv")
+    data = read_json(results / "data.json")
+    lock = Path("dvc.lock")
+    return {
+        "profile": data["profile"],
+        "device": ", ".join(sorted(set(f"{d} ({n})" for d, n in zip(runs["device"], runs["device_name"])))),
+        "torch / CUDA": ", ".join(sorted(set(f"{t} / {c}" for t, c in zip(runs["torch"], runs["cuda"])))),
+        "git commit": git_commit(),
+        "dvc.lock sha256": hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else "none",
+        "runs": str(len(runs)),
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **{f"data: {ds}": f"{d['source']['kind']} ({d['source'].get('path')}); {d['split_note']}"
+           for ds, d in data["datasets"].items()},
+    }
+
+
+def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "experiment": summary["experiment"], "method": summary["method"], "model": summary["model"],
+        "dataset": summary["dataset"], "n": summary["n"],
+        "test acc, last epoch (95% CI)": [_interval(*r) for r in summary[
+            ["final_test_acc_mean", "final_test_acc_ci_low", "final_test_acc_ci_high"]].itertuples(index=False)],
+        "test acc, best-val epoch (95% CI)": [_interval(*r) for r in summary[
+            ["best_test_acc_mean", "best_test_acc_ci_low", "best_test_acc_ci_high"]].itertuples(index=False)],
+        "val acc, last epoch": summary["final_val_acc_mean"],
+        "train s (mean)": summary["train_seconds_mean"],
+    })
+
+
+def learning_curves(doc: Doc, results: Path) -> None:
+    files = sorted((results / "curves").glob("*.csv"))
+    by_panel: dict[tuple[str, str], list[tuple[str, pd.DataFrame]]] = {}
+    for f in files:
+        experiment, model, dataset = f.stem.split("__")
+        by_panel.setdefault((model, dataset), []).append((experiment, pd.read_csv(f)))
+    for (model, dataset), items in by_panel.items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for experiment, df in items:
+            for ax, metric in zip(axes, ("train_loss", "val_acc")):
+                line, = ax.plot(df["epoch"], df[f"{metric}_mean"], label=f"{experiment} (n={df['n'].max()})")
+                if df[f"{metric}_low"].notna().any():
+                    ax.fill_between(df["epoch"], df[f"{metric}_low"], df[f"{metric}_high"], alpha=0.2,
+                                    color=line.get_color())
+        for ax, title in zip(axes, ("training loss", "validation accuracy (%)")):
+            ax.set_xlabel("epoch (all phases in order)")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        doc.figure(f"curves_{model}_{dataset}", fig,
+                   f"Learning curves, {model} on {dataset}: mean across seeds, band = 95% t-interval")
+
+
+def build(results: Path, out: Path, extra_sections=None) -> Doc:
+    """Write out/report.md, out/report.html and out/figures/*.png from results/."""
+    summary = pd.read_csv(results / "summary.csv")
+    st = stamp(results)
+    doc = Doc()
+    doc.h(1, f"l2l-bench report: profile {st['profile']}")
+    if st["profile"] == "smoke":
+        doc.p("**Smoke scale.** This report comes from the smoke profile: tiny models, a few hundred images and "
+              "one or two epochs, to prove the pipeline end to end. Its numbers cannot support any verdict about "
+              "the papers.")
+    doc.p("\n".join(f"- {k}: {v}" for k, v in st.items()))
+    for section in extra_sections or []:
+        section(doc, results)
+    doc.h(2, "Summary")
+    doc.p("Test accuracy (%) per experiment, model and dataset: mean over seeds with its 95% t-interval. "
+          "'Last epoch' is the papers' reporting rule; 'best-val epoch' selects the epoch on the validation "
+          "split carved from the training set, never on the test set.")
+    doc.table(summary_table(summary))
+    doc.h(2, "Learning curves")
+    learning_curves(doc, results)
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "figures").mkdir(parents=True)
+    for name, png in doc.figures.items():
+        (tmp / "figures" / f"{name}.png").write_bytes(png)
+    write_text(tmp / "report.md", doc.markdown())
+    write_text(tmp / "report.html", doc.html(f"l2l-bench report ({st['profile']})"))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return doc

@@ -1,0 +1,130 @@
+"""Aggregation (pandas): run folders -> results/ tables that the report reads.
+
+results/runs.csv      one row per run: identity, every param that varies, every metric
+results/summary.csv   per experiment x method x model x dataset: n, mean, std, 95% t-interval
+results/metrics.json  the summary for `dvc metrics show`
+results/curves/*.csv  learning curves per group: mean and band across seeds (`dvc plots show`)
+results/phases.csv    per-phase metrics that methods record (e.g. per-stage accuracy)
+results/predictions.npz  per-example test predictions (paired per-example statistics)
+results/data.json     the data manifests' source and split note (the report's stamp)
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from l2l.config import RunSpec
+from l2l.io import read_json, write_json
+from l2l.tracking import flatten
+
+GROUP = ["experiment", "method", "model", "dataset"]
+SUMMARY_METRICS = ["final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc", "train_seconds"]
+CURVE_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc"]
+
+
+def mean_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """mean, std, and the t-interval of the mean (NaN bounds when n < 2)."""
+    v = values.dropna().to_numpy(dtype=float)
+    if len(v) == 0:
+        return (np.nan,) * 4
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, np.nan, np.nan, np.nan
+    std = float(v.std(ddof=1))
+    if std == 0:
+        return mean, 0.0, mean, mean
+    lo, hi = stats.t.interval(confidence, len(v) - 1, loc=mean, scale=stats.sem(v))
+    return mean, std, float(lo), float(hi)
+
+
+def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
+    missing = [s.hash for s in specs if not (evals / s.hash / "eval.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"{evals}/{missing[0]}/eval.json: {len(missing)} planned run(s) not evaluated "
+                                "(run the train and evaluate stages)")
+    params = pd.DataFrame([flatten(s.to_dict()) for s in specs])
+    varying = [c for c in params.columns if params[c].nunique() > 1 and c not in GROUP + ["seed"]]
+    rows = []
+    for spec, (_, p) in zip(specs, params.iterrows()):
+        result = read_json(runs / spec.hash / "result.json")
+        ev = read_json(evals / spec.hash / "eval.json")
+        rows.append({"run": spec.hash, **{k: getattr(spec, k) for k in GROUP}, "seed": spec.seed,
+                     **{f"param.{c}": p[c] for c in varying},
+                     **{k: v for k, v in ev.items() if k != "final_sha256"},
+                     "train_acc": result["final"]["train_acc"], "epochs": result["epochs"],
+                     "updates": result["updates"], "train_seconds": result["train_seconds"],
+                     "images_per_s": result["images_per_s"],
+                     **{k: result[k] for k in ("device", "device_name", "torch", "cuda")}})
+    return pd.DataFrame(rows)
+
+
+def summarise(runs_df: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for key, g in runs_df.groupby(GROUP, sort=False):
+        row = dict(zip(GROUP, key), n=len(g))
+        for m in SUMMARY_METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = mean_interval(g[m])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def curves(specs: list[RunSpec], runs: Path) -> dict[str, pd.DataFrame]:
+    hist = []
+    for s in specs:
+        h = pd.read_csv(runs / s.hash / "history.csv")
+        h["seed"], h["group"] = s.seed, f"{s.experiment}__{s.model}__{s.dataset}"
+        hist.append(h)
+    hist = pd.concat(hist, ignore_index=True)
+    out = {}
+    for group, g in hist.groupby("group", sort=False):
+        rows = []
+        for epoch, e in g.groupby("global_epoch"):
+            row = {"epoch": int(epoch) + 1, "phase": e["phase"].iloc[0], "n": len(e)}
+            for m in CURVE_METRICS:
+                row[f"{m}_mean"], _, row[f"{m}_low"], row[f"{m}_high"] = mean_interval(e[m])
+            rows.append(row)
+        out[group] = pd.DataFrame(rows)
+    return out
+
+
+def phase_rows(specs: list[RunSpec], runs: Path) -> pd.DataFrame:
+    rows = []
+    for s in specs:
+        for phase, metrics in read_json(runs / s.hash / "result.json").get("phase_metrics", {}).items():
+            for k, v in (metrics or {}).items():
+                rows.append({"run": s.hash, **{g: getattr(s, g) for g in GROUP}, "seed": s.seed,
+                             "phase": phase, "metric": k, "value": v})
+    return pd.DataFrame(rows, columns=["run", *GROUP, "seed", "phase", "metric", "value"])
+
+
+def aggregate(specs: list[RunSpec], manifests: dict[str, dict], test_labels: dict[str, np.ndarray], runs: Path,
+              evals: Path, out: Path, profile: str) -> pd.DataFrame:
+    runs_df = run_rows(specs, runs, evals)
+    summary = summarise(runs_df)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "curves").mkdir(parents=True)
+    runs_df.to_csv(tmp / "runs.csv", index=False)
+    summary.to_csv(tmp / "summary.csv", index=False)
+    for group, df in curves(specs, runs).items():
+        df.to_csv(tmp / "curves" / f"{group}.csv", index=False)
+    phase_rows(specs, runs).to_csv(tmp / "phases.csv", index=False)
+    metrics = {f"{r.experiment}/{r.model}/{r.dataset}": {
+        "n": int(r.n), "test_acc_mean": r.final_test_acc_mean, "test_acc_ci_low": r.final_test_acc_ci_low,
+        "test_acc_ci_high": r.final_test_acc_ci_high, "best_val_test_acc_mean": r.best_test_acc_mean}
+        for r in summary.itertuples()}
+    write_json(tmp / "metrics.json", metrics)
+    preds = {s.hash: np.load(evals / s.hash / "predictions.npz")["final_test"] for s in specs}
+    # The test labels travel with the predictions, so per-example tests need nothing but results/.
+    preds.update({f"y_test__{ds}": y for ds, y in test_labels.items()})
+    np.savez_compressed(tmp / "predictions.npz", **preds)
+    write_json(tmp / "data.json", {"profile": profile, "datasets": {
+        ds: {k: m.get(k) for k in ("source", "test_origin", "split_note", "split", "fingerprint")}
+        | {"counts": {k: v["count"] for k, v in m["splits"].items()}} for ds, m in manifests.items()}})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return summary

@@ -1,0 +1,137 @@
+"""MLflow: one MLflow run per training run, found again by the run's hash.
+
+Store: ``sqlite:///mlflow.db`` in the working directory (the repo root for the DVC stages),
+or ``MLFLOW_TRACKING_URI``. One experiment per profile (``l2l-<profile>``). A training run
+re-entered after an interruption reuses its MLflow run and back-fills any epoch the store
+missed, so nothing is duplicated or dropped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+HASH_TAG = "l2l.run_hash"
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s", "updates")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client():
+    # Imported lazily: mlflow takes seconds to import and most of the library never needs it.
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri())
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # Artifacts beside the store (not in the cwd-relative default), so the UI finds them.
+    return c.create_experiment(name, artifact_location=(Path.cwd() / "mlartifacts" / name).resolve().as_uri())
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def find_run(c, exp_id: str, run_hash: str):
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{HASH_TAG}` = '{run_hash}'", max_results=1)
+    return runs[0] if runs else None
+
+
+class RunTracker:
+    """Logs one training run; created (or found again) by the run's hash."""
+
+    def __init__(self, spec, profile: str, run_dir: Path, device: dict[str, str]):
+        from mlflow.entities import Param, RunTag
+
+        self.c = client()
+        self.exp_id = experiment_id(self.c, f"l2l-{profile}")
+        existing = find_run(self.c, self.exp_id, spec.hash)
+        if existing is not None:
+            self.run_id = existing.info.run_id
+            self.c.update_run(self.run_id, status="RUNNING")
+            log.info("%s: continuing MLflow run %s", spec.hash, self.run_id)
+            return
+        tags = {HASH_TAG: spec.hash, "l2l.profile": profile, "l2l.experiment": spec.experiment,
+                "l2l.method": spec.method, "l2l.model": spec.model, "l2l.dataset": spec.dataset,
+                "l2l.seed": str(spec.seed), "l2l.run_dir": str(run_dir), "l2l.device": device["device"],
+                "l2l.device_name": device["device_name"], "l2l.torch": device["torch"], "l2l.cuda": device["cuda"],
+                "mlflow.source.git.commit": git_commit()}
+        for k, v in spec.options.items():  # method readings (e.g. the L2L reading, split point) as tags too
+            tags[f"l2l.option.{k}"] = str(v)
+        run = self.c.create_run(self.exp_id, run_name=f"{spec.experiment}-{spec.model}-{spec.dataset}-s{spec.seed}",
+                                tags=tags)
+        self.run_id = run.info.run_id
+        params = flatten({k: v for k, v in spec.to_dict().items() if k not in ("data",)})
+        params.update(flatten(spec.data, "data."))
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.c.log_batch(self.run_id, params=items[i:i + 100])
+        self.c.log_batch(self.run_id, tags=[RunTag("l2l.params_hash", spec.hash)])
+
+    def backfill(self, history: list[dict]) -> None:
+        """Log the epochs of `history` that the store does not have yet (after a resume)."""
+        logged = {m.step for m in self.c.get_metric_history(self.run_id, "val_acc")}
+        for row in history:
+            if row["global_epoch"] not in logged:
+                self.log_epoch(row)
+
+    def log_epoch(self, row: dict) -> None:
+        self.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=row["global_epoch"])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                               if v is not None])
+
+    def log_artifacts(self, *paths: Path) -> None:
+        for p in paths:
+            self.c.log_artifact(self.run_id, str(p))
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        if error:
+            self.c.set_tag(self.run_id, "l2l.error", error[:5000])
+        self.c.set_terminated(self.run_id, status=status)
+
+
+def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[str, str] | None = None) -> None:
+    """Add metrics (e.g. test accuracy from the evaluate stage) to a finished run."""
+    from mlflow.entities import Metric, RunTag
+
+    c = client()
+    run = find_run(c, experiment_id(c, f"l2l-{profile}"), run_hash)
+    if run is None:
+        log.warning("%s: no MLflow run found to add evaluation metrics to", run_hash)
+        return
+    now = int(time.time() * 1000)
+    c.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+                tags=[RunTag(k, v) for k, v in (tags or {}).items()])

@@ -1,0 +1,12 @@
+"""DVC stage `report`: results/ -> reports/report.md and reports/report.html (no retraining)."""
+from l2l import stage
+from l2l.report import build
+
+
+def run() -> None:
+    build(stage.RESULTS, stage.REPORTS)
+    stage.log.info("wrote %s/report.md and %s/report.html", stage.REPORTS, stage.REPORTS)
+
+
+if __name__ == "__main__":
+    stage.main(run)
