@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch.nn as nn
+from torchvision.models.resnet import BasicBlock
 from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers
 
 
@@ -71,9 +72,47 @@ def _torchvision_vgg_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def cifar_resnet(num_classes: int, depth: int = 20, width: int = 16, blocks_per_stage: int | None = None
+                 ) -> nn.Sequential:
+    """He et al. (2016) CIFAR ResNet family: a 3x3 stem, three stages of torchvision BasicBlocks
+    at widths w, 2w, 4w (strides 1, 2, 2), global pooling and a linear classifier.
+
+    depth = 6n + 2 gives n blocks per stage (ResNet-20/32/56/110 for n = 3/5/9/18); ``width``
+    widens (wide variants) or narrows it; ``blocks_per_stage`` overrides n (narrow-deep variants).
+    Shortcuts that change shape use torchvision's 1x1 conv + BN projection (option B), not the
+    paper's zero-padding (option A): a documented deviation of a few hundred parameters.
+    """
+    n = blocks_per_stage if blocks_per_stage is not None else (depth - 2) // 6
+    if n < 1 or (blocks_per_stage is None and (depth - 2) % 6):
+        raise ValueError(f"cifar_resnet: depth must be 6n+2 with n >= 1, got {depth}")
+    blocks = OrderedDict(stem=nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                            nn.ReLU(inplace=True)))
+    c_in = width
+    for i, (c, stride) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2)), start=1):
+        layers = []
+        for j in range(n):
+            s = stride if j == 0 else 1
+            down = None
+            if s != 1 or c_in != c:
+                down = nn.Sequential(nn.Conv2d(c_in, c, 1, stride=s, bias=False), nn.BatchNorm2d(c))
+            layers.append(BasicBlock(c_in, c, stride=s, downsample=down))
+            c_in = c
+        blocks[f"stage{i}"] = nn.Sequential(*layers)
+    blocks["classifier"] = _classifier(c_in, num_classes)
+    model = nn.Sequential(blocks)
+    for m in model.modules():  # torchvision ResNet's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 ARCHS: dict[str, Callable[..., nn.Sequential]] = {
     "cnn": regular_cnn,
     "vgg16": vgg16,
+    "cifar_resnet": cifar_resnet,
 }
 
 
