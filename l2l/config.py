@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,7 +219,11 @@ def resolve_profile(params: dict, name: str | None = None) -> Profile:
     models = _mapping(_get(p, "models", path), f"{path}.models")
     for m, cfg in models.items():
         _mapping(cfg, f"{path}.models.{m}")
-        _choice(_get(cfg, "arch", f"{path}.models.{m}"), f"{path}.models.{m}.arch", list(ARCHS))
+        arch = _choice(_get(cfg, "arch", f"{path}.models.{m}"), f"{path}.models.{m}.arch", list(ARCHS))
+        accepted = set(inspect.signature(ARCHS[arch]).parameters) - {"num_classes"}
+        for k in cfg:
+            if k != "arch" and k not in accepted:
+                raise _fail(f"{path}.models.{m}.{k}", f"an argument of {arch} (" + ", ".join(sorted(accepted)) + ")", k)
     train = validate_train(_get(p, "train", path), f"{path}.train")
     experiments = _mapping(_get(p, "experiments", path), f"{path}.experiments")
     for e, ecfg in experiments.items():

@@ -1,0 +1,63 @@
+"""Shared helpers: tiny specs, tiny on-device data, a tiny pipeline workspace."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from l2l.config import RunSpec
+from l2l.device_data import DeviceData
+
+REPO = Path(__file__).resolve().parents[1]
+
+TRAIN = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64,
+         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}, "precision": "auto"}
+
+
+def make_spec(**overrides) -> RunSpec:
+    d = dict(experiment="conventional", method="conventional", model="cnn", dataset="cifar10", seed=0,
+             model_cfg={"arch": "cnn", "width": 4}, train=copy.deepcopy(TRAIN), options={},
+             data={"fingerprint": "test"})
+    d.update(overrides)
+    return RunSpec(**d)
+
+
+def random_arrays(n_train=96, n_val=32, n_test=32, num_classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, num_classes, n).astype(np.int64)
+
+    return {"train": split(n_train), "val": split(n_val), "test": split(n_test)}
+
+
+@pytest.fixture
+def tiny_data() -> DeviceData:
+    return DeviceData(random_arrays(), "cifar10", torch.device("cpu"))
+
+
+def write_npz(path: Path, n=600, num_classes=10, seed=0) -> Path:
+    """An .npz in the layout of the shared offline CIFAR-10 file (flat rows, no x_test)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(num_classes), n // num_classes).astype(np.uint8)
+    np.savez(path, x_train=rng.integers(0, 256, (len(y), 3072), dtype=np.uint8), y_train=y)
+    return path
+
+
+def smoke_params(npz: Path, seeds=(0, 1), experiments=None) -> dict:
+    """params.yaml for a pipeline that trains in seconds."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "smoke"
+    params["data"]["npz"] = {"cifar10": str(npz)}
+    smoke = params["profiles"]["smoke"]
+    smoke["seeds"] = list(seeds)
+    smoke["split"] = {"val_size": 50, "test_size": 100, "train_subset": 200}
+    smoke["models"] = {"cnn": {"arch": "cnn", "width": 4}}
+    smoke["train"] = {"epochs": 1, "batch_size": 50, "optimizer": {"lr": 0.05}}
+    smoke["experiments"] = experiments or {"conventional": {"method": "conventional", "models": ["cnn"]}}
+    return params

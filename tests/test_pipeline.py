@@ -1,0 +1,135 @@
+"""The pipeline end to end on a tiny plan: stages in order, one MLflow run per planned run,
+nothing retrained or duplicated on a re-run, and the MLflow server (what the UI shows)."""
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO, smoke_params, write_npz
+
+pytestmark = pytest.mark.slow
+
+
+def run_stage(name: str) -> None:
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.run()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    params = smoke_params(write_npz(ws / "arrays.npz"))
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    mp = pytest.MonkeyPatch()
+    mp.chdir(ws)
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for stage in ("data", "train", "evaluate", "aggregate", "report"):
+        run_stage(stage)
+    yield ws, params
+    mp.undo()
+
+
+def mlflow_runs(ws):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("l2l-smoke")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_outputs_and_one_mlflow_run_per_planned_run(workspace):
+    ws, _ = workspace
+    runs = pd.read_csv(ws / "results/runs.csv")
+    assert len(runs) == 2 and set(runs["seed"]) == {0, 1}
+    summary = pd.read_csv(ws / "results/summary.csv")
+    assert summary["n"].tolist() == [2]
+    assert (ws / "reports/report.md").read_text().count("Smoke scale") == 1
+    html = (ws / "reports/report.html").read_text()
+    assert "data:image/png;base64," in html and "carved from the training set" in html
+    client, mruns = mlflow_runs(ws)
+    assert sorted(r.data.tags["l2l.run_hash"] for r in mruns) == sorted(runs["run"])
+    for r in mruns:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["l2l.method"] == "conventional" and "mlflow.source.git.commit" in r.data.tags
+        assert "final_test_acc" in r.data.metrics and "train.optimizer.lr" in r.data.params
+        assert len(client.get_metric_history(r.info.run_id, "val_acc")) == 1  # one epoch
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"history.csv", "final.pt"} <= arts
+
+
+def test_rerun_trains_nothing_and_adding_a_seed_trains_only_it(workspace, monkeypatch):
+    ws, params = workspace
+    monkeypatch.chdir(ws)
+    mtimes = {p: p.stat().st_mtime_ns for p in (ws / "runs").glob("*/final.pt")}
+    run_stage("train")
+    assert {p: p.stat().st_mtime_ns for p in (ws / "runs").glob("*/final.pt")} == mtimes
+    assert len(mlflow_runs(ws)[1]) == 2  # not duplicated
+    params["profiles"]["smoke"]["seeds"] = [0, 1, 2]
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage("train")
+    assert len(list((ws / "runs").glob("*/final.pt"))) == 3
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert len(mlflow_runs(ws)[1]) == 3
+    params["profiles"]["smoke"]["seeds"] = [0, 1]
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_on_localhost_serves_the_runs(workspace):
+    ws, _ = workspace
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{ws / 'mlflow.db'}", "--workers", "1"],
+                              cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=l2l-smoke") as r:
+                    exp_id = json.load(r)["experiment"]["experiment_id"]
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not come up"
+                time.sleep(1)
+        req = urllib.request.Request(f"{base}/runs/search", data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            found = json.load(r)["runs"]
+        hashes = {t["value"] for run in found for t in run["data"]["tags"] if t["key"] == "l2l.run_hash"}
+        assert hashes == {r.data.tags["l2l.run_hash"] for r in mlflow_runs(ws)[1]}  # the store, as the UI shows it
+        assert set(pd.read_csv(ws / "results/runs.csv")["run"]) <= hashes
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_params_one_line_error_and_exit_2(tmp_path):
+    (tmp_path / "params.yaml").write_text("profile: smoke\nprofiles: {smoke: {seeds: [0]}}\ndata: {source: auto}\n")
+    out = subprocess.run([sys.executable, str(REPO / "stages/data.py")], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["l2l: error: params.yaml: profiles.smoke.datasets: missing"]
+
+
+def test_corrupt_npz_leaves_nothing(tmp_path):
+    params = smoke_params(tmp_path / "broken.npz")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run([sys.executable, str(REPO / "stages/data.py")], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and "broken.npz" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data/prepared/cifar10").exists()
+    assert [p.name for p in (tmp_path / "data").rglob("*") if p.is_file()] == []
