@@ -8,6 +8,7 @@ import base64
 import hashlib
 import html
 import io
+import math
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -165,6 +166,122 @@ def learning_curves(doc: Doc, results: Path) -> None:
                    f"Learning curves, {model} on {dataset}: mean across seeds, band = 95% t-interval")
 
 
+def _num(v, spec=".2f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _ours(rec: dict) -> str:
+    c = rec.get("comparison")
+    if not c:
+        return "not run"
+    if rec["kind"] == "reported_value":
+        return f"{_num(c['mean_a'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
+    return f"{_num(c['mean_a'])} vs {_num(c['mean_b'])}"
+
+
+def _difference(rec: dict) -> str:
+    c = rec.get("comparison")
+    if not c or rec["kind"] == "reported_value":
+        return f"{_num(c['diff'])} from the paper" if c else ""
+    return f"{_num(c['diff'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
+
+
+def verdict_table(records: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "claim": r["id"], "kind": r["kind"], "dataset": r["dataset"], "paper's number": r["reported_text"],
+        "ours: mean [95% CI]": _ours(r), "difference [95% CI]": _difference(r),
+        "p (Holm)": _num(r.get("p_holm"), ".3g") if r.get("comparison") else "",
+        "verdict": r["verdict"]} for r in records])
+
+
+def claim_figure(rec: dict):
+    """Per-seed points of each arm with its mean and 95% t-interval; the paper's number dashed."""
+    from l2l.results import mean_interval
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rec["arms"]), 3.2))
+    for i, (name, arm) in enumerate(rec["arms"].items()):
+        vals = pd.Series(list(arm["values"].values()), dtype=float)
+        ax.scatter([i] * len(vals), vals, s=18, alpha=0.7)
+        mean, _, lo, hi = mean_interval(vals)
+        if not math.isnan(lo):
+            ax.errorbar([i + 0.15], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", color="black", capsize=4)
+        else:
+            ax.plot([i + 0.15], [mean], "o", color="black")
+        reported = rec["reported"].get(name) if isinstance(rec["reported"], dict) else None
+        if reported is not None:
+            ax.plot([i - 0.3, i + 0.3], [reported] * 2, "--", color="tab:red")
+    if isinstance(rec["reported"], dict) and "value" in rec["reported"]:
+        ax.axhline(rec["reported"]["value"], ls="--", color="tab:red", label="paper")
+        ax.legend(fontsize=7)
+    ax.set_xticks(range(len(rec["arms"])))
+    ax.set_xticklabels([f"{n}\n{a['experiment']}\n{a['model']}" for n, a in rec["arms"].items()], fontsize=7)
+    ax.set_ylabel(rec["metric"])
+    ax.set_title(rec["id"], fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _rule_as_list(rule: str) -> str:
+    """The stats module's docstring rule ("* " bullets wrapped over lines) as one bullet per line."""
+    items: list[str] = []
+    for line in rule.splitlines()[2:]:  # skip the heading and its underline
+        line = line.strip()
+        if line.startswith("* "):
+            items.append(line[2:])
+        elif line and items:
+            items[-1] += " " + line
+        elif line:
+            items.append(line)
+    return "\n".join(f"- {i}" for i in items)
+
+
+def claims_sections(doc: Doc, results: Path) -> None:
+    path = results / "claims.json"
+    if not path.exists():
+        return
+    data = read_json(path)
+    records, st = data["claims"], data["settings"]
+    doc.h(2, "Verdicts")
+    if data["profile"] == "smoke":
+        doc.p("Smoke scale cannot support any verdict: every checked claim reads \"inconclusive (smoke scale)\"; "
+              "its reason gives what the statistics alone would say, to show the machinery works.")
+    doc.table(verdict_table(records))
+    doc.p(f"alpha = {st['alpha']}, at least {st['min_seeds']} seeds per arm, {st['bootstrap_resamples']} bootstrap "
+          "resamples; p-values Holm-adjusted across all claims checked here. Differences are arm a minus arm b "
+          "(the last minus the first arm for an ordering), in accuracy points.")
+    doc.h(3, "How a verdict is decided")
+    doc.p(_rule_as_list(data["verdict_rule"]))
+    doc.h(2, "Claims")
+    for rec in records:
+        doc.h(3, f"{rec['id']}: {rec['claim']}")
+        doc.p(f"Source: {rec['citation']}. Paper's number: {rec['reported_text']}"
+              + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "") + ".")
+        doc.p(f"Protocol here: {rec['protocol']}")
+        arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": a["model"], "n": len(a["values"]),
+                              "per seed": ", ".join(f"s{s}: {v:.2f}" for s, v in a["values"].items())}
+                             for n, a in rec["arms"].items()])
+        doc.table(arms)
+        if rec.get("comparison") is None:
+            doc.p(f"**Not run**: {rec['reason']}.")
+            continue
+        c = rec["comparison"]
+        details = [f"verdict: **{rec['verdict']}** ({rec['reason']})",
+                   f"{'paired by seed' if c['paired'] else 'unpaired'}; difference {_difference(rec)}",
+                   f"p = {_num(c['p_value'], '.3g')} (primary), Holm {_num(rec.get('p_holm'), '.3g')}; "
+                   f"non-parametric p = {_num(c['p_nonparam'], '.3g')}",
+                   f"effect size {_num(c['effect_size'])}; P(a > b across seeds) = {_num(c['prob_superiority'])}"]
+        if c.get("mcnemar_p") is not None:
+            details.append(f"per-example McNemar (combined over seeds): p = {_num(c['mcnemar_p'], '.3g')}")
+        if c.get("seeds_needed") is not None and not rec["verdict"].startswith("supported"):
+            details.append(f"seeds per arm for 80% power: {c['seeds_needed']}")
+        if rec.get("reported_inside_interval") is not None:
+            details.append(f"paper's number inside our interval: {'yes' if rec['reported_inside_interval'] else 'no'}")
+        details += [f"note: {n}" for n in c.get("notes", [])]
+        doc.p("\n".join(f"- {d}" for d in details))
+        doc.figure(f"claim_{rec['id'].replace('/', '_')}", claim_figure(rec), f"{rec['id']}: per-seed values, "
+                   "mean and 95% t-interval per arm; dashed: the paper's number")
+
+
 def build(results: Path, out: Path, extra_sections=None) -> Doc:
     """Write out/report.md, out/report.html and out/figures/*.png from results/."""
     summary = pd.read_csv(results / "summary.csv")
@@ -176,7 +293,7 @@ def build(results: Path, out: Path, extra_sections=None) -> Doc:
               "one or two epochs, to prove the pipeline end to end. Its numbers cannot support any verdict about "
               "the papers.")
     doc.p("\n".join(f"- {k}: {v}" for k, v in st.items()))
-    for section in extra_sections or []:
+    for section in [claims_sections, *(extra_sections or [])]:
         section(doc, results)
     doc.h(2, "Summary")
     doc.p("Test accuracy (%) per experiment, model and dataset: mean over seeds with its 95% t-interval. "

@@ -135,3 +135,37 @@ def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[
     now = int(time.time() * 1000)
     c.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
                 tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+
+
+def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
+    """One MLflow run per claim holding its statistics and verdict; the training runs behind it
+    are tagged ``l2l.claim.<id> = <arm>`` so the UI answers "which runs produced this verdict".
+    Returns claim id -> MLflow run id."""
+    from mlflow.entities import Metric, RunTag
+
+    c = client()
+    exp_id = experiment_id(c, f"l2l-{profile}")
+    by_hash = {r.data.tags.get(HASH_TAG): r.info.run_id for r in c.search_runs([exp_id], max_results=50000)}
+    out = {}
+    now = int(time.time() * 1000)
+    for rec in records:
+        found = c.search_runs([exp_id], filter_string=f"tags.`l2l.claim_id` = '{rec['id']}'", max_results=1)
+        run_id = found[0].info.run_id if found else c.create_run(
+            exp_id, run_name=f"claim {rec['id']}", tags={"l2l.claim_id": rec["id"], "l2l.kind": "claim"}).info.run_id
+        comp = rec.get("comparison") or {}
+        metrics = {k: comp.get(k) for k in ("diff", "ci_low", "ci_high", "p_value", "mean_a", "mean_b", "n_a", "n_b",
+                                             "effect_size", "seeds_needed", "mcnemar_p")}
+        metrics["p_holm"] = rec.get("p_holm")
+        hashes = {f"{arm}:{seed}": h for arm, a in rec["arms"].items() for seed, h in a["runs"].items()}
+        tags = {"l2l.paper": rec["paper"], "l2l.claim": rec["claim"][:5000], "l2l.verdict": rec["verdict"],
+                "l2l.reason": str(rec.get("reason", ""))[:5000], "l2l.profile": profile,
+                "l2l.runs": ",".join(sorted(set(hashes.values()))) or "none",
+                "mlflow.note.content": f"{rec['claim']}\n\nVerdict: {rec['verdict']} ({rec.get('reason', '')})"}
+        c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+                    tags=[RunTag(k, v) for k, v in tags.items()])
+        c.set_terminated(run_id, "FINISHED")
+        for key, h in hashes.items():
+            if h in by_hash:
+                c.set_tag(by_hash[h], f"l2l.claim.{rec['id']}", key.split(":")[0])
+        out[rec["id"]] = run_id
+    return out

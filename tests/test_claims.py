@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from l2l.claims import check, load_claims
+from l2l.config import ConfigError
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def params():
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["profiles"]["paper"]["experiments"] = {"base": {"method": "conventional"},
+                                             "better": {"method": "conventional"}}
+    p["profiles"]["smoke"].pop("experiments", None)
+    return p
+
+
+CLAIMS = {
+    "papers": {"PX": "A. Author. A paper. 2020."},
+    "claims": [
+        {"id": "PX-C1", "paper": "PX", "claim": "better beats base.", "kind": "superiority",
+         "metric": "final_test_acc", "dataset": "cifar10",
+         "arms": {"a": {"experiment": "better", "model": "cnn"}, "b": {"experiment": "base", "model": "cnn"}},
+         "reported": "not public", "min_effect": 1.0, "protocol": "test"},
+        {"id": "PX-C2", "paper": "PX", "claim": "base reaches 50.", "kind": "reported_value",
+         "metric": "final_test_acc", "dataset": "cifar10", "arms": {"a": {"experiment": "base", "model": "cnn"}},
+         "reported": {"value": 50.0, "source": "Table 1"}, "protocol": "test"},
+        {"id": "PX-C3", "paper": "PX", "claim": "same on cifar100.", "kind": "equivalence", "margin": 1.0,
+         "metric": "final_test_acc", "dataset": "cifar100",
+         "arms": {"a": {"experiment": "better", "model": "cnn"}, "b": {"experiment": "base", "model": "cnn"}},
+         "reported": "not public", "protocol": "test"},
+        {"id": "PX-C4", "paper": "PX", "claim": "base < better.", "kind": "ordering",
+         "metric": "final_test_acc", "dataset": "cifar10",
+         "arms": [{"experiment": "base", "model": "cnn"}, {"experiment": "better", "model": "cnn"}],
+         "reported": "not public", "protocol": "test"},
+    ]}
+
+
+def write(tmp_path, doc):
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def runs_frame(seeds=range(6), shift=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in seeds:
+        common = rng.normal(50, 2)  # the seed's shared luck: pairing removes it
+        for exp, d in (("base", 0.0), ("better", shift)):
+            rows.append({"run": f"{exp}{s}", "experiment": exp, "method": "conventional", "model": "cnn",
+                         "dataset": "cifar10", "seed": s, "final_test_acc": common + d + rng.normal(0, 0.3)})
+    return pd.DataFrame(rows)
+
+
+def test_registry_validation_errors(tmp_path, params):
+    assert [c.id for c in load_claims(params, write(tmp_path, CLAIMS))] == ["PX-C1", "PX-C2", "PX-C3", "PX-C4"]
+    cases = [
+        (("arms", "a", "experiment"), "nope", "claims.yaml: PX-C1.arms.a.experiment: unknown experiment 'nope'"),
+        (("kind",), "vibes", "claims.yaml: PX-C1.kind: expected one of superiority"),
+        (("arms", "a", "model"), "vgg99", "claims.yaml: PX-C1.arms.a.model: model 'vgg99' is not trained by better"),
+        (("paper",), "PZ", "claims.yaml: PX-C1.paper: unknown paper"),
+    ]
+    for path, value, message in cases:
+        doc = json.loads(json.dumps(CLAIMS))
+        d = doc["claims"][0]
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+        with pytest.raises(ConfigError) as e:
+            load_claims(params, write(tmp_path, doc))
+        assert message in str(e.value) and "\n" not in str(e.value)
+    doc = json.loads(json.dumps(CLAIMS))
+    del doc["claims"][2]["margin"]
+    with pytest.raises(ConfigError, match="PX-C3.margin: expected a positive number for an equivalence claim"):
+        load_claims(params, write(tmp_path, doc))
+    params["stats"]["margins"] = {"PX-C3": 0.5}  # params may set the margin instead
+    assert load_claims(params, write(tmp_path, doc))[2].margin == 0.5
+
+
+def test_check_verdicts_not_run_and_holm(tmp_path, params):
+    claims = load_claims(params, write(tmp_path, CLAIMS))
+    recs = {r["id"]: r for r in check(claims, runs_frame(), pd.DataFrame(), None, "paper", 0.05, 2, 999)}
+    assert recs["PX-C1"]["verdict"] == "supported" and recs["PX-C1"]["comparison"]["paired"]
+    assert recs["PX-C4"]["verdict"] == "supported" and len(recs["PX-C4"]["steps"]) == 1
+    assert recs["PX-C2"]["verdict"] == "supported" and recs["PX-C2"]["reported_inside_interval"]
+    assert recs["PX-C3"]["verdict"] == "not run" and "not in profile paper" in recs["PX-C3"]["reason"]
+    raw = [recs[i]["comparison"]["p_value"] for i in ("PX-C1", "PX-C2", "PX-C4")]
+    assert [recs[i]["p_holm"] for i in ("PX-C1", "PX-C2", "PX-C4")] == pytest.approx(
+        __import__("statsmodels.stats.multitest", fromlist=["x"]).multipletests(raw, method="holm")[1])
+    json.dumps(list(recs.values()), allow_nan=False)  # the record is JSON-safe
+
+
+def test_smoke_never_gives_a_verdict_and_one_seed_is_inconclusive(tmp_path, params):
+    claims = load_claims(params, write(tmp_path, CLAIMS))
+    recs = {r["id"]: r for r in check(claims, runs_frame(), pd.DataFrame(), None, "smoke", 0.05, 2, 999)}
+    assert {r["verdict"] for i, r in recs.items() if i != "PX-C3"} == {"inconclusive (smoke scale)"}
+    assert "supported" in recs["PX-C1"]["reason"]
+    one = {r["id"]: r for r in check(claims, runs_frame(seeds=[0]), pd.DataFrame(), None, "paper", 0.05, 2, 999)}
+    assert one["PX-C1"]["verdict"] == "inconclusive" and "seed" in one["PX-C1"]["reason"]
+
+
+def test_no_effect_is_not_supported_and_reports_seeds_needed(tmp_path, params):
+    claims = load_claims(params, write(tmp_path, CLAIMS))
+    rec = check(claims, runs_frame(shift=0.1, seeds=range(3)), pd.DataFrame(), None, "paper", 0.05, 2, 999)[0]
+    assert rec["verdict"] == "inconclusive"
+    assert rec["comparison"]["seeds_needed"] is not None and "seeds" in rec["reason"]
+
+
+def test_mcnemar_from_predictions(tmp_path, params):
+    claims = load_claims(params, write(tmp_path, CLAIMS))
+    runs = runs_frame(seeds=range(2))
+    y = np.arange(100) % 10
+    preds = {"y_test__cifar10": y}
+    for s in range(2):
+        better = y.copy()
+        base = y.copy()
+        base[:12] = (y[:12] + 1) % 10  # base wrong on 12 examples where better is right
+        preds[f"better{s}"], preds[f"base{s}"] = better, base
+    rec = check(claims, runs, pd.DataFrame(), preds, "paper", 0.05, 2, 999)[0]
+    # exact McNemar per seed with b=12, c=0: p = 2 * 0.5**12; Fisher-combined over the two seeds
+    from scipy.stats import combine_pvalues
+    assert rec["comparison"]["mcnemar_p"] == pytest.approx(combine_pvalues([2 * 0.5 ** 12] * 2).pvalue)
