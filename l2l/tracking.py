@@ -138,14 +138,15 @@ def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[
 
 
 def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
-    """One MLflow run per claim holding its statistics and verdict; the training runs behind it
+    """One MLflow run per claim (experiment l2l-<profile>-claims) holding its statistics and verdict; the training runs behind it
     are tagged ``l2l.claim.<id> = <arm>`` so the UI answers "which runs produced this verdict".
     Returns claim id -> MLflow run id."""
     from mlflow.entities import Metric, RunTag
 
     c = client()
-    exp_id = experiment_id(c, f"l2l-{profile}")
-    by_hash = {r.data.tags.get(HASH_TAG): r.info.run_id for r in c.search_runs([exp_id], max_results=50000)}
+    train_exp = experiment_id(c, f"l2l-{profile}")
+    by_hash = {r.data.tags.get(HASH_TAG): r.info.run_id for r in c.search_runs([train_exp], max_results=50000)}
+    exp_id = experiment_id(c, f"l2l-{profile}-claims")  # beside the training runs, not among them
     out = {}
     now = int(time.time() * 1000)
     for rec in records:

@@ -16,6 +16,14 @@ from tests.conftest import REPO, smoke_params, write_npz
 
 pytestmark = pytest.mark.slow
 
+CLAIMS = {"papers": {"PX": "A. Author. A paper. 2020."}, "claims": [
+    {"id": "PX-C1", "paper": "PX", "claim": "The CNN reaches 90%.", "kind": "reported_value",
+     "metric": "final_test_acc", "dataset": "cifar10", "arms": {"a": {"experiment": "conventional", "model": "cnn"}},
+     "reported": {"value": 90.0, "source": "Table 1"}, "protocol": "as params.yaml"},
+    {"id": "PX-C2", "paper": "PX", "claim": "The CNN reaches 70% on CIFAR-100.", "kind": "reported_value",
+     "metric": "final_test_acc", "dataset": "cifar100", "arms": {"a": {"experiment": "conventional", "model": "cnn"}},
+     "reported": {"value": 70.0, "source": "Table 2"}, "protocol": "as params.yaml"}]}
+
 
 def run_stage(name: str) -> None:
     spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
@@ -29,10 +37,11 @@ def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
     params = smoke_params(write_npz(ws / "arrays.npz"))
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    (ws / "claims.yaml").write_text(yaml.safe_dump(CLAIMS))
     mp = pytest.MonkeyPatch()
     mp.chdir(ws)
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for stage in ("data", "train", "evaluate", "aggregate", "report"):
+    for stage in ("data", "train", "evaluate", "aggregate", "claims", "report"):
         run_stage(stage)
     yield ws, params
     mp.undo()
@@ -52,7 +61,7 @@ def test_outputs_and_one_mlflow_run_per_planned_run(workspace):
     assert len(runs) == 2 and set(runs["seed"]) == {0, 1}
     summary = pd.read_csv(ws / "results/summary.csv")
     assert summary["n"].tolist() == [2]
-    assert (ws / "reports/report.md").read_text().count("Smoke scale") == 1
+    assert (ws / "reports/report.md").read_text().startswith("# l2l-bench report: profile smoke\n\n**Smoke scale.**")
     html = (ws / "reports/report.html").read_text()
     assert "data:image/png;base64," in html and "carved from the training set" in html
     client, mruns = mlflow_runs(ws)
@@ -64,6 +73,24 @@ def test_outputs_and_one_mlflow_run_per_planned_run(workspace):
         assert len(client.get_metric_history(r.info.run_id, "val_acc")) == 1  # one epoch
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"history.csv", "final.pt"} <= arts
+
+
+def test_claims_in_report_and_mlflow(workspace):
+    ws, _ = workspace
+    claims = json.loads((ws / "results/claims.json").read_text())["claims"]
+    assert [c["verdict"] for c in claims] == ["inconclusive (smoke scale)", "not run"]
+    assert "cifar100 is not in profile smoke" in claims[1]["reason"]
+    md = (ws / "reports/report.md").read_text()
+    assert md.index("## Verdicts") < md.index("## Summary") and "PX-C2" in md and "How a verdict is decided" in md
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("l2l-smoke-claims")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`l2l.claim_id` = 'PX-C1'")
+    assert run.data.tags["l2l.verdict"] == "inconclusive (smoke scale)" and "diff" in run.data.metrics
+    tagged = client.search_runs([client.get_experiment_by_name("l2l-smoke").experiment_id],
+                                filter_string="tags.`l2l.claim.PX-C1` = 'a'")
+    assert len(tagged) == 2  # both seeds' training runs point at the claim
 
 
 def test_rerun_trains_nothing_and_adding_a_seed_trains_only_it(workspace, monkeypatch):
@@ -116,6 +143,29 @@ def test_mlflow_server_on_localhost_serves_the_runs(workspace):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_failed_run_is_marked_failed(tmp_path, monkeypatch):
+    params = smoke_params(write_npz(tmp_path / "arrays.npz"), seeds=[0])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_stage("data")
+    from l2l.methods import conventional
+
+    def broken(spec, ctx):
+        raise RuntimeError("loss is NaN")
+        yield
+
+    monkeypatch.setattr(conventional, "phases", broken)
+    with pytest.raises(RuntimeError, match="loss is NaN"):
+        run_stage("train")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("l2l-smoke").experiment_id])
+    assert run.info.status == "FAILED" and "loss is NaN" in run.data.tags["l2l.error"]
+    assert not list(tmp_path.glob("runs/*/result.json"))
 
 
 def test_bad_params_one_line_error_and_exit_2(tmp_path):
