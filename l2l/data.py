@@ -258,6 +258,7 @@ def _write_atomic(out_dir: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]
     """Write into a temp dir beside out_dir, then swap it in with renames (same filesystem)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the prepared data is an ordinary shared output
     old = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
     try:
         for name, (x, y) in arrays.items():

@@ -10,15 +10,16 @@ All tests come from SciPy / statsmodels: paired t / Welch t (primary p),
 Wilcoxon signed-rank / Mann-Whitney U (non-parametric check), TOST
 (``ttost_paired`` / ``ttost_ind``) for equivalence, a one-sample t-test for
 reported values, percentile/BCa bootstrap intervals (``scipy.stats.bootstrap``),
-McNemar on per-example correctness, Holm's correction across the family of claims and statsmodels' power analysis for the number of seeds needed.
+McNemar on per-example correctness, Holm's correction across the family of
+claims and statsmodels' power analysis for the number of seeds needed.
 
 Verdict rule
 ------------
 Every claim gets one of ``supported``, ``contradicted`` or ``inconclusive``,
 with a reason. ``alpha`` is the significance level (default 0.05), p-values
-are Holm-adjusted across the family of all claims checked in one report, and "the interval" is the
-(1 - alpha) bootstrap interval of the mean difference (of arm A's mean for a
-reported value).
+are Holm-adjusted across the family of all claims checked in one report, and
+"the interval" is the (1 - alpha) bootstrap interval of the mean difference
+(of arm A's mean for a reported value).
 
 * Missing runs (an arm has 0 runs) -> inconclusive ("missing runs").
 * Fewer than ``min_seeds`` (default 2) runs in an arm -> inconclusive
