@@ -31,6 +31,8 @@ from l2l.device_data import DeviceData
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# train.compile: static shapes (a CIFAR epoch has two batch shapes: full and the last one).
+COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
 
 
 @dataclass
@@ -92,6 +94,10 @@ class RunContext:
         precision = spec.train.get("precision", "auto")
         self.amp = device.type == "cuda" and precision in ("auto", "bf16")
         self.channels_last = device.type == "cuda"
+        self.compile = bool(spec.train.get("compile", False))
+        if device.type == "cuda":
+            # Fixed CIFAR shapes: let cuDNN pick its fastest convolution algorithms once per shape.
+            torch.backends.cudnn.benchmark = True
 
     # --- building blocks for methods ---
     def prepare(self, module: nn.Module) -> nn.Module:
@@ -103,10 +109,17 @@ class RunContext:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """`module` through torch.compile when train.compile is on: the same parameters and
+        buffers, a compiled forward. Checkpoint and return the original module, call this one."""
+        return torch.compile(module, **COMPILE_OPTIONS) if self.compile else module
+
     def optimizer(self, params, train: dict | None = None) -> torch.optim.Optimizer:
         o = (train or self.spec.train)["optimizer"]
+        # CUDA: the fused kernel (one launch for all parameters); CPU keeps the default for bit-stable results.
         return torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.0),
-                               weight_decay=o.get("weight_decay", 0.0), nesterov=o.get("nesterov", False))
+                               weight_decay=o.get("weight_decay", 0.0), nesterov=o.get("nesterov", False),
+                               fused=True if self.device.type == "cuda" else None)
 
     def scheduler(self, opt: torch.optim.Optimizer, epochs: int, train: dict | None = None):
         s = (train or self.spec.train)["schedule"]
@@ -127,9 +140,11 @@ class RunContext:
 
     def cross_entropy_step(self, model: nn.Module, opt: torch.optim.Optimizer) -> StepFn:
         """The plain supervised step: forward, cross-entropy, one update."""
+        forward = self.compiled(model)
+
         def step(x, y):
             with self.autocast():
-                logits = model(x)
+                logits = forward(x)
                 loss = F.cross_entropy(logits, y)
             self.update(opt, loss)
             return loss, logits
@@ -319,15 +334,10 @@ def _train_epoch(spec: RunSpec, ctx: RunContext, phase: Phase, pi: int, epoch: i
             m.train()
     lr = next(iter(phase.optimizers.values())).param_groups[0]["lr"] if phase.optimizers else 0.0
     dev = ctx.device
-    loss_sum, correct, seen, batches = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), 0, 0
     _sync(dev)
     t0 = time.perf_counter()
-    for x, y in ctx.data.train_batches(spec.seed, pi, epoch, spec.train["batch_size"]):
-        loss, logits = phase.step(x, y)
-        loss_sum += loss.detach().float() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-        batches += 1
+    loss_sum, correct, seen, batches = step_batches(
+        phase.step, ctx.data.train_batches(spec.seed, pi, epoch, spec.train["batch_size"]), dev)
     _sync(dev)
     seconds = time.perf_counter() - t0
     for s in phase.schedulers.values():
@@ -337,6 +347,19 @@ def _train_epoch(spec: RunSpec, ctx: RunContext, phase: Phase, pi: int, epoch: i
             "train_loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen,
             "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
             "epoch_seconds": seconds, "images_per_s": seen / seconds, "batches": batches}
+
+
+def step_batches(step: StepFn, batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Every batch's update; loss sum and correct count stay on the device (no host sync).
+    Returns (loss_sum, correct, images, batches). The benchmark times exactly this loop."""
+    loss_sum, correct, seen, n = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0, 0
+    for x, y in batches:
+        loss, logits = step(x, y)
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        n += 1
+    return loss_sum, correct, seen, n
 
 
 def _sync(device: torch.device) -> None:

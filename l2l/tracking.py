@@ -3,16 +3,23 @@
 Store: ``sqlite:///mlflow.db`` in the working directory (the repo root for the DVC stages),
 or ``MLFLOW_TRACKING_URI``. One experiment per profile (``l2l-<profile>``). A training run
 re-entered after an interruption reuses its MLflow run and back-fills any epoch the store
-missed, so nothing is duplicated or dropped.
+missed, so nothing is duplicated or dropped. Several worker processes log through one
+writer, :func:`single_writer`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 HASH_TAG = "l2l.run_hash"
@@ -170,3 +177,80 @@ def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
                 c.set_tag(by_hash[h], f"l2l.claim.{rec['id']}", key.split(":")[0])
         out[rec["id"]] = run_id
     return out
+
+
+# --- one writer for several worker processes ----------------------------------------------
+
+REMOTE_SCHEMES = ("http://", "https://", "databricks")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(store_uri: str, timeout_s: float = 180) -> Iterator[str]:
+    """`mlflow server` bound to 127.0.0.1 on a free port over `store_uri` (one server worker: the
+    single writer to the database) while the context lasts; yields its http URI."""
+    port = _free_port()
+    log_file = tempfile.NamedTemporaryFile("w+", prefix="l2l-mlflow-server-", suffix=".log", delete=False)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner needed
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # Its own session, so stopping it stops the uvicorn process it starts too.
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", store_uri, "--workers", "1"],
+                            stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log_file.seek(0)
+                    tail = " | ".join(log_file.read().strip().splitlines()[-3:])
+                    raise RuntimeError(f"mlflow server over {store_uri} did not come up: {tail}") from None
+                time.sleep(0.5)
+        log.info("MLflow: server %s over %s (single writer)", uri, store_uri)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log_file.close()
+        os.unlink(log_file.name)
+
+
+@contextlib.contextmanager
+def single_writer(profile: str) -> Iterator[str]:
+    """Tracking for several worker processes: nothing lost, nothing duplicated.
+
+    A server given in MLFLOW_TRACKING_URI (http/https/databricks) is used as it is; otherwise
+    an :func:`mlflow_server` on 127.0.0.1 serves this store (``./mlflow.db`` or the database that
+    MLFLOW_TRACKING_URI names) for the duration, and MLFLOW_TRACKING_URI points at it. The
+    profile's experiment is created before any worker starts. Yields the URI workers log to.
+    """
+    uri = tracking_uri()
+    if uri.startswith(REMOTE_SCHEMES):
+        experiment_id(client(), f"l2l-{profile}")
+        yield uri
+        return
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    with mlflow_server(uri) as server:
+        os.environ["MLFLOW_TRACKING_URI"] = server
+        try:
+            experiment_id(client(), f"l2l-{profile}")
+            yield server
+        finally:
+            if previous is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous

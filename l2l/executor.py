@@ -1,0 +1,320 @@
+"""Where the train stage's runs execute: one interface, three backends (params.yaml ``executor:``).
+
+Every backend executes the same unit, :func:`train_one`: one run of the plan, in its folder
+``runs/<hash>/``, with its MLflow run, resuming from its last epoch checkpoint if it was
+interrupted. So DVC, the evaluate stage and the report see the same outputs whichever backend
+trained them.
+
+- ``local`` (default): in this process, one run after another; with several GPUs, or
+  ``runs_per_gpu`` > 1, one worker process per GPU slot (``runs_per_gpu`` slots per GPU).
+- ``ray``: one Ray task per run, holding ``1 / runs_per_gpu`` of a GPU (Ray's resources) when the
+  cluster has GPUs; an existing cluster (``ray.address``) or a local instance.
+- ``slurm``: a submitit job array, one job per GPU training ``runs_per_gpu`` runs; a job that
+  times out or is preempted is requeued and its runs resume.
+
+With more than one worker process, MLflow has one writer: :func:`l2l.tracking.single_writer`.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import copy
+import logging
+import multiprocessing
+import os
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from l2l.config import ConfigError, RunSpec, _choice, _fail, _mapping, _pos_float, _pos_int
+from l2l.tracking import single_writer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "ray", "slurm")
+DEFAULTS: dict[str, Any] = {
+    "backend": "local",
+    "runs_per_gpu": 1,
+    "ray": {"address": None, "cpus_per_run": 1},
+    "slurm": {"cluster": "slurm", "partition": None, "account": None, "timeout_min": 240, "max_requeue": 3,
+              "gpus_per_task": 1, "cpus_per_task": 8, "mem_gb": 32, "array_parallelism": 64, "folder": "slurm"},
+}
+
+
+def _keys(d: dict, path: str, known) -> None:
+    for k in d:
+        if k not in known:
+            raise _fail(f"{path}.{k}", "one of the keys " + ", ".join(sorted(known)), k)
+
+
+def _optional_str(v: Any, path: str) -> None:
+    if v is not None and not isinstance(v, str):
+        raise _fail(path, "a name or null", v)
+
+
+def executor_config(params: dict) -> dict:
+    """params.yaml's ``executor`` section, defaults filled in, validated (one-line errors)."""
+    given = _mapping(params.get("executor") or {}, "executor")
+    _keys(given, "executor", DEFAULTS)
+    cfg = copy.deepcopy(DEFAULTS)
+    for k, v in given.items():
+        cfg[k] = {**cfg[k], **_mapping(v, f"executor.{k}")} if isinstance(DEFAULTS[k], dict) else v
+    _choice(cfg["backend"], "executor.backend", BACKENDS)
+    _pos_int(cfg["runs_per_gpu"], "executor.runs_per_gpu")
+    ray, slurm = cfg["ray"], cfg["slurm"]
+    _keys(ray, "executor.ray", DEFAULTS["ray"])
+    _optional_str(ray["address"], "executor.ray.address")
+    _pos_float(ray["cpus_per_run"], "executor.ray.cpus_per_run")
+    _keys(slurm, "executor.slurm", DEFAULTS["slurm"])
+    _choice(slurm["cluster"], "executor.slurm.cluster", ("slurm", "local"))
+    for k in ("partition", "account"):
+        _optional_str(slurm[k], f"executor.slurm.{k}")
+    for k in ("timeout_min", "cpus_per_task", "array_parallelism"):
+        _pos_int(slurm[k], f"executor.slurm.{k}")
+    for k in ("max_requeue", "gpus_per_task"):
+        _pos_int(slurm[k], f"executor.slurm.{k}", allow_zero=True)
+    _pos_float(slurm["mem_gb"], "executor.slurm.mem_gb")
+    if not isinstance(slurm["folder"], str):
+        raise _fail("executor.slurm.folder", "a directory path", slurm["folder"])
+    return cfg
+
+
+# --- the unit of work ------------------------------------------------------------------
+
+_DATA: dict[tuple, Any] = {}  # per worker process: prepared data stays on the device between runs
+
+
+@contextlib.contextmanager
+def _in_dir(root: str) -> Iterator[None]:
+    # The stages' paths (runs/, data/prepared, mlflow.db) are relative to the repository root;
+    # a worker process (Ray, submitit) may start elsewhere.
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def train_one(spec: dict, profile: str, params: dict, root: str, tracking_uri: str | None = None) -> dict:
+    """Train one run of the plan (resuming it if interrupted): the unit every backend executes.
+
+    spec: a RunSpec as a dict; root: the repository root (runs/ and the prepared data);
+    tracking_uri: the MLflow store workers log to (default: MLFLOW_TRACKING_URI or ./mlflow.db).
+    Loads the prepared data itself, so it runs in any process. Returns {hash, images_per_s}.
+    """
+    from l2l import stage
+    from l2l.engine import RunContext, device_info, pick_device, train_run
+    from l2l.io import write_json
+    from l2l.methods import METHODS
+    from l2l.tracking import RunTracker
+
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    spec = RunSpec.from_dict(spec)
+    with _in_dir(root):
+        device = pick_device()
+        key = (os.getcwd(), str(device), repr(params.get("data")))
+        if key not in _DATA:
+            _DATA.clear()
+            _DATA[key] = stage.DeviceDataCache(params, device)
+        data, num_classes = _DATA[key].get(spec)
+        run_dir = stage.RUNS / spec.hash
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "spec.json", spec.to_dict())
+        tracker = RunTracker(spec, profile, run_dir, device_info(device))
+        try:
+            result = train_run(spec, METHODS[spec.method], RunContext(spec, data, num_classes, device), run_dir,
+                               on_epoch=tracker.log_epoch, on_resume=tracker.backfill)
+        except BaseException as e:  # KeyboardInterrupt too: the MLflow run must not stay RUNNING
+            tracker.finish("FAILED" if isinstance(e, Exception) else "KILLED",
+                           error="".join(traceback.format_exception_only(e)).strip())
+            raise
+        tracker.log_metrics({"train_seconds": result["train_seconds"], "best_val_acc": result["best"]["val_acc"],
+                             "final_val_acc": result["final"]["val_acc"]})
+        tracker.log_artifacts(run_dir / "history.csv", run_dir / "final.pt")
+        tracker.finish()
+    return {"hash": spec.hash, "images_per_s": result["images_per_s"]}
+
+
+def train_group(specs: list[dict], profile: str, params: dict, root: str, tracking_uri: str | None = None) -> list:
+    """Several runs sharing this process's GPU concurrently (one worker process each); one run: in process."""
+    if len(specs) == 1:
+        return [train_one(specs[0], profile, params, root, tracking_uri)]
+    return _pool([RunSpec.from_dict(s) for s in specs], profile, params, root, tracking_uri, slots=[None] * len(specs))
+
+
+# --- local ------------------------------------------------------------------------------
+
+def local_slots(runs_per_gpu: int) -> list[int | None]:
+    """GPU index per worker slot: runs_per_gpu slots on each visible GPU; [None] = this process."""
+    import torch
+
+    n = torch.cuda.device_count()
+    return [g for g in range(n) for _ in range(runs_per_gpu)] or [None]
+
+
+def _claim_slot(slots, threads: int) -> None:
+    # Worker initialiser: pin this process to its GPU before CUDA starts, share the CPU cores.
+    from l2l.stage import setup_logging
+
+    setup_logging()
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _report(outcomes: list[tuple[RunSpec, BaseException | None]]) -> None:
+    failed = [(s, e) for s, e in outcomes if e is not None]
+    if failed:
+        spec, err = failed[0]
+        raise RuntimeError(f"{len(failed)} of {len(outcomes)} runs failed; first: {spec.hash} ({spec.experiment} "
+                           f"{spec.model} {spec.dataset} seed {spec.seed}): {type(err).__name__}: {err}")
+
+
+def _pool(todo: list[RunSpec], profile: str, params: dict, root: str, tracking_uri: str | None,
+          slots: list[int | None]) -> list:
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    queue = ctx.Queue()
+    for s in slots:
+        queue.put(s)
+    threads = max(1, (os.cpu_count() or 1) // len(slots))
+    outcomes, results = [], []
+    with cf.ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_claim_slot,
+                                initargs=(queue, threads)) as pool:
+        futures = {pool.submit(train_one, s.to_dict(), profile, params, root, tracking_uri): s for s in todo}
+        try:
+            for i, fut in enumerate(cf.as_completed(futures), 1):
+                spec, err = futures[fut], fut.exception()
+                outcomes.append((spec, err))
+                if err is None:
+                    results.append(fut.result())
+                log.info("[%d/%d] %s %s", i, len(todo), spec.hash, "done" if err is None else f"FAILED: {err}")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    _report(outcomes)
+    return results
+
+
+def run_local(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
+    slots = local_slots(cfg["runs_per_gpu"])
+    profile = params["profile"]
+    if len(slots) == 1:  # one device, one run at a time: in this process, failures stop the stage
+        for i, spec in enumerate(todo, 1):
+            log.info("[%d/%d] %s: %s %s %s seed %d", i, len(todo), spec.hash, spec.experiment, spec.model,
+                     spec.dataset, spec.seed)
+            train_one(spec.to_dict(), profile, params, root)
+        return
+    log.info("local: %d worker processes (%d per GPU)", len(slots), cfg["runs_per_gpu"])
+    with single_writer(profile) as uri:
+        _pool(todo, profile, params, root, uri, slots)
+
+
+# --- ray --------------------------------------------------------------------------------
+
+def _import(name: str, extra: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ConfigError(f"params.yaml: executor.backend: {extra} needs the {name} package "
+                          f"(pip install 'l2l-bench[{extra}]')") from None
+
+
+def _remote_workers_note(backend: str) -> None:
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        log.warning("%s: workers log to an MLflow server on 127.0.0.1 of this machine; workers on other nodes "
+                    "need MLFLOW_TRACKING_URI set to a server they can reach (and runs/, data/ on a shared "
+                    "file system)", backend)
+
+
+def run_ray(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
+    ray = _import("ray", "ray")
+    address = cfg["ray"]["address"]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=False)
+    if address is not None:
+        _remote_workers_note("ray")
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(train_one).options(num_cpus=cfg["ray"]["cpus_per_run"],
+                                             num_gpus=1 / cfg["runs_per_gpu"] if gpus else 0)
+        log.info("ray: %d runs on %s (%s GPUs)", len(todo), address or "a local instance", gpus)
+        with single_writer(params["profile"]) as uri:
+            refs = {task.remote(s.to_dict(), params["profile"], params, root, uri): s for s in todo}
+            outcomes, pending = [], list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                spec = refs[done[0]]
+                try:
+                    ray.get(done[0])
+                    outcomes.append((spec, None))
+                except Exception as e:  # noqa: BLE001 (reported below with the run's identity)
+                    outcomes.append((spec, getattr(e, "cause", None) or e))
+                log.info("[%d/%d] %s %s", len(outcomes), len(todo), spec.hash,
+                         "done" if outcomes[-1][1] is None else f"FAILED: {outcomes[-1][1]}")
+        _report(outcomes)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --- slurm (submitit) -------------------------------------------------------------------
+
+class SlurmJob:
+    """A submitit job: train a group of runs; on timeout or preemption, requeue the same group
+    (submitit calls ``checkpoint``), whose runs then resume from their last epoch checkpoint."""
+
+    def __call__(self, specs: list[dict], profile: str, params: dict, root: str, tracking_uri: str | None) -> list:
+        from l2l.stage import setup_logging
+
+        setup_logging()  # progress lines in the job's log
+        return train_group(specs, profile, params, root, tracking_uri)
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)  # runs/<hash>/last.pt is the checkpoint
+
+
+def run_slurm(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
+    submitit = _import("submitit", "slurm")
+    s = cfg["slurm"]
+    ex = submitit.AutoExecutor(folder=Path(root) / s["folder"], cluster=s["cluster"],
+                               slurm_max_num_timeout=s["max_requeue"])
+    ex.update_parameters(name="l2l-train", timeout_min=s["timeout_min"], gpus_per_node=s["gpus_per_task"],
+                         cpus_per_task=s["cpus_per_task"], mem_gb=s["mem_gb"], slurm_partition=s["partition"],
+                         slurm_account=s["account"], slurm_array_parallelism=s["array_parallelism"])
+    if s["cluster"] == "slurm":
+        _remote_workers_note("slurm")
+    per_job = cfg["runs_per_gpu"] if s["gpus_per_task"] else 1
+    groups = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
+    with single_writer(params["profile"]) as uri:
+        jobs = ex.map_array(SlurmJob(), [[sp.to_dict() for sp in g] for g in groups],
+                            *([x] * len(groups) for x in (params["profile"], params, root, uri)))
+        log.info("slurm: %d jobs (%s) for %d runs, logs in %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "-",
+                 len(todo), s["folder"])
+        outcomes = []
+        for job, group in zip(jobs, groups):
+            try:
+                job.result()
+                outcomes += [(sp, None) for sp in group]
+            except Exception as e:  # noqa: BLE001 (reported below with the run's identity)
+                outcomes += [(sp, e) for sp in group]
+                log.error("job %s failed: %s", job.job_id, str(e).strip().splitlines()[-1:] or e)
+    _report(outcomes)
+
+
+RUNNERS: dict[str, Callable[[list[RunSpec], dict, dict, str], None]] = {
+    "local": run_local, "ray": run_ray, "slurm": run_slurm}
+
+
+def run_plan(todo: list[RunSpec], params: dict, root: str | Path = ".") -> None:
+    """Train every run of `todo` with the backend params.yaml names; raises if any run failed."""
+    cfg = executor_config(params)
+    if todo:
+        RUNNERS[cfg["backend"]](todo, params, cfg, str(Path(root).resolve()))

@@ -1,0 +1,120 @@
+"""Execution backends: Ray (a local instance on CPU) and Slurm (submitit's local executor) train
+a tiny plan to the same results/runs.csv as the default `local` backend, with one MLflow run
+per planned run; bad executor params fail in one line."""
+import pandas as pd
+import pytest
+import yaml
+
+from l2l.config import ConfigError
+from l2l.executor import executor_config
+from tests.conftest import REPO, smoke_params, write_npz
+from tests.test_pipeline import mlflow_runs, run_stage
+
+# Timings and the machine differ between backends; everything the runs computed must not.
+VARYING = ["train_seconds", "images_per_s"]
+
+
+def _workspace(tmp_path, monkeypatch, executor=None, seeds=(0, 1)):
+    params = smoke_params(write_npz(tmp_path / "arrays.npz"), seeds=seeds)
+    if executor is not None:
+        params["executor"] = executor
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_stage("data")
+    return tmp_path
+
+
+def _train_and_aggregate(ws):
+    for stage in ("train", "evaluate", "aggregate"):
+        run_stage(stage)
+    return pd.read_csv(ws / "results/runs.csv").drop(columns=VARYING)
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    try:
+        ws = _workspace(tmp_path_factory.mktemp("local"), mp, seeds=(0, 1, 2))
+        yield _train_and_aggregate(ws)
+    finally:
+        mp.undo()
+
+
+def _same_as_local(ws, local_runs):
+    runs = _train_and_aggregate(ws)
+    pd.testing.assert_frame_equal(runs, local_runs)
+    mruns = mlflow_runs(ws)[1]
+    assert sorted(r.data.tags["l2l.run_hash"] for r in mruns) == sorted(runs["run"])  # one per run, none twice
+    assert all(r.info.status == "FINISHED" and "final_test_acc" in r.data.metrics for r in mruns)
+
+
+@pytest.mark.slow
+def test_ray_local_instance_same_results_as_local(tmp_path, monkeypatch, local_runs):
+    ray = pytest.importorskip("ray")
+    ws = _workspace(tmp_path, monkeypatch, {"backend": "ray"}, seeds=(0, 1, 2))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # workers import this checkout
+    try:
+        _same_as_local(ws, local_runs)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_same_results_as_local(tmp_path, monkeypatch, local_runs):
+    pytest.importorskip("submitit")
+    # 3 runs, 2 per job: a job array of 2 jobs, one of them training 2 runs side by side (worker processes).
+    executor = {"backend": "slurm", "runs_per_gpu": 2, "slurm": {"cluster": "local", "gpus_per_task": 1}}
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    ws = _workspace(tmp_path, monkeypatch, executor, seeds=(0, 1, 2))
+    _same_as_local(ws, local_runs)
+    assert len(list((ws / "slurm").glob("*_result.pkl"))) == 2
+
+
+@pytest.mark.parametrize("executor, message", [
+    ({"backend": "dask"}, "executor.backend: expected one of local, ray, slurm, got 'dask'"),
+    ({"runs_per_gpu": 0}, "executor.runs_per_gpu: expected a positive integer, got 0"),
+    ({"gpus": 2}, "executor.gpus: expected one of the keys backend, ray, runs_per_gpu, slurm, got 'gpus'"),
+    ({"ray": {"address": 5}}, "executor.ray.address: expected a name or null, got 5"),
+    ({"slurm": {"cluster": "pbs"}}, "executor.slurm.cluster: expected one of slurm, local, got 'pbs'"),
+    ({"slurm": {"timeout": 10}}, "executor.slurm.timeout: expected one of the keys"),
+])
+def test_bad_executor_params_one_line(executor, message):
+    with pytest.raises(ConfigError) as e:
+        executor_config({"executor": executor})
+    assert str(e.value).startswith(f"params.yaml: {message}") and "\n" not in str(e.value)
+
+
+def test_defaults_local_one_run_per_gpu():
+    cfg = executor_config(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert cfg["backend"] == "local" and cfg["runs_per_gpu"] == 1 and cfg["ray"]["address"] is None
+
+
+def test_requeued_slurm_job_resumes_its_runs(tmp_path, monkeypatch):
+    """Preemption: submitit calls the job's checkpoint(), which resubmits the same runs; an
+    interrupted run resumes from its last epoch into the same MLflow run."""
+    pytest.importorskip("submitit")
+    import torch
+
+    from l2l import stage
+    from l2l.engine import RunContext, train_run
+    from l2l.executor import SlurmJob
+    from l2l.methods import conventional
+
+    ws = _workspace(tmp_path, monkeypatch, seeds=(0,))
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["profiles"]["smoke"]["train"]["epochs"] = 2
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    (spec,) = stage.current_plan()[1]
+    data, k = stage.DeviceDataCache(params, torch.device("cpu")).get(spec)
+    assert train_run(spec, conventional, RunContext(spec, data, k, torch.device("cpu")), ws / "runs" / spec.hash,
+                     stop_after_epochs=1) == {"interrupted": True}  # preempted after epoch 1 of 2
+    job, args = SlurmJob(), ([spec.to_dict()], "smoke", params, str(ws), None)
+    requeued = job.checkpoint(*args)
+    assert requeued.function is job and requeued.args == args
+    (result,) = requeued.result()
+    assert result["hash"] == spec.hash and (ws / "runs" / spec.hash / "result.json").exists()
+    client, (run,) = mlflow_runs(ws)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0, 1]
