@@ -231,17 +231,28 @@ def _remote_workers_note(backend: str) -> None:
                     "file system)", backend)
 
 
+def _ray_task(*args) -> dict:
+    from l2l.stage import setup_logging
+
+    setup_logging()  # progress lines reach the driver's log
+    return train_one(*args)
+
+
 def run_ray(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
     ray = _import("ray", "ray")
     address = cfg["ray"]["address"]
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, log_to_driver=False)
+    if started and address is None:  # a local instance: its workers import this checkout of l2l
+        code = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}})
+    elif started:
+        ray.init(address=address)  # the cluster's nodes need l2l installed
     if address is not None:
         _remote_workers_note("ray")
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
-        task = ray.remote(train_one).options(num_cpus=cfg["ray"]["cpus_per_run"],
+        task = ray.remote(_ray_task).options(num_cpus=cfg["ray"]["cpus_per_run"],
                                              num_gpus=1 / cfg["runs_per_gpu"] if gpus else 0)
         log.info("ray: %d runs on %s (%s GPUs)", len(todo), address or "a local instance", gpus)
         with single_writer(params["profile"]) as uri:
@@ -296,8 +307,7 @@ def run_slurm(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
     with single_writer(params["profile"]) as uri:
         jobs = ex.map_array(SlurmJob(), [[sp.to_dict() for sp in g] for g in groups],
                             *([x] * len(groups) for x in (params["profile"], params, root, uri)))
-        log.info("slurm: %d jobs (%s) for %d runs, logs in %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "-",
-                 len(todo), s["folder"])
+        log.info("slurm: %d jobs for %d runs, logs in %s", len(jobs), len(todo), s["folder"])
         outcomes = []
         for job, group in zip(jobs, groups):
             try:

@@ -1,0 +1,109 @@
+"""The ``l2l`` command. ``l2l plan``: the runs a profile implies (per experiment/model/dataset and
+per claim), which are done, and the remaining device-hours estimated from measured throughput.
+Run it from the repository root (params.yaml, claims.yaml, runs/)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from l2l.config import ConfigError, load_params
+from l2l.cost import THROUGHPUT_FILE, RunCost, load_throughput, run_costs
+
+GROUP = ("experiment", "method", "model", "dataset")
+
+
+def _hours(h: float | None) -> str:
+    return "-" if h is None else f"{h:,.1f}" if h >= 10 else f"{h:.2f}"
+
+
+def _sum(costs: list[RunCost]) -> float | None:
+    todo = [c.hours for c in costs if not c.done]
+    return None if any(h is None for h in todo) else sum(todo)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+
+
+def plan_report(params: dict, profile: str, throughput_path: Path, device: str | None, list_runs: bool,
+                claims_path: Path) -> str:
+    throughput = load_throughput(throughput_path, device)
+    costs, notes = run_costs(params, profile, throughput)
+    done = sum(c.done for c in costs)
+    out = [f"# l2l plan: profile {profile}", "",
+           f"{len(costs)} runs, {done} done, {len(costs) - done} remaining."]
+    if throughput is None:
+        out.append(f"No throughput measurement ({throughput_path} missing): no estimate. "
+                   "Run benchmarks/throughput.py --json on the training device.")
+    else:
+        out.append(f"Estimate from the measurement on {throughput.label} ({throughput_path}): device-hours of one "
+                   "run at a time on that device, not a measurement.")
+        if throughput.device != "cuda":
+            out.append(f"No GPU measurement in {throughput_path}: these are CPU hours on {throughput.device_name}; "
+                       "GPU figures are missing (run benchmarks/throughput.py --json on a GPU).")
+    out += [f"Note: {n}" for n in notes] + [""]
+
+    groups: dict[tuple, list[RunCost]] = defaultdict(list)
+    for c in costs:
+        groups[tuple(getattr(c.spec, k) for k in GROUP)].append(c)
+    rows = [[*key, len(g), sum(c.done for c in g), sum(not c.done for c in g), g[0].epochs,
+             _hours(g[0].hours), _hours(_sum(g)), g[0].basis] for key, g in groups.items()]
+    rows.append(["**total**", "", "", "", len(costs), done, len(costs) - done, "", "", _hours(_sum(costs)), ""])
+    out += _table([*GROUP, "runs", "done", "remaining", "epochs/run", "hours/run", "remaining hours", "throughput"],
+                  rows)
+    out += ["", "## Per claim", ""] + _claims(params, profile, costs, claims_path)
+    if list_runs:
+        out += ["", "## Runs", ""] + _table(["run", *GROUP, "seed", "status", "hours"], [
+            [c.spec.hash, *(getattr(c.spec, k) for k in GROUP), c.spec.seed, "done" if c.done else "to do",
+             _hours(c.hours)] for c in costs])
+    return "\n".join(out)
+
+
+def _claims(params: dict, profile: str, costs: list[RunCost], path: Path) -> list[str]:
+    if not path.exists():
+        return [f"No {path}."]
+    from l2l.claims import load_claims
+
+    claims = load_claims(params, path)
+    if not claims:
+        return [f"{path} holds no claims yet."]
+    rows = []
+    for cl in claims:
+        arms = {(a.experiment, a.model) for a in cl.arms}
+        mine = [c for c in costs if c.spec.dataset == cl.dataset and (c.spec.experiment, c.spec.model) in arms]
+        label = ", ".join(a.label for a in cl.arms)
+        if not mine:
+            rows.append([cl.id, label, cl.dataset, 0, 0, 0, f"not in profile {profile}"])
+            continue
+        n_done = sum(c.done for c in mine)
+        rows.append([cl.id, label, cl.dataset, len(mine), n_done, len(mine) - n_done, _hours(_sum(mine))])
+    return ["A run serving several claims counts in each.", ""] + _table(
+        ["claim", "arms", "dataset", "runs", "done", "remaining", "remaining hours"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="l2l", description="l2l-bench tools (run from the repository root)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="runs of a profile per experiment and per claim, done/remaining, "
+                                    "estimated device-hours")
+    p.add_argument("--profile", help="a profile of params.yaml (default: params.yaml's profile)")
+    p.add_argument("--device", help="use the throughput measured on this device (part of its name, e.g. H100); "
+                                    "default: a GPU's if any")
+    p.add_argument("--throughput", type=Path, default=THROUGHPUT_FILE)
+    p.add_argument("--claims", type=Path, default=Path("claims.yaml"))
+    p.add_argument("--runs", action="store_true", help="list every run with its status")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params()
+        profile = args.profile or params.get("profile")
+        print(plan_report(params, profile, args.throughput, args.device, args.runs, args.claims))
+    except ConfigError as e:
+        print(f"l2l: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The cost of a profile: its runs per experiment/model/dataset and per claim, which are done,
+and the remaining device-hours estimated from measured training throughput.
+
+Throughput comes from benchmarks/throughput.json (benchmarks/throughput.py, one measurement per
+device). A run's cost is its training images at the engine's measured images/s plus its
+evaluation images (validation every epoch, the evaluate stage's val and test passes of two
+checkpoints) at EVAL_SPEEDUP times that. A model the benchmark did not measure is scaled by
+FLOPs from the measured model of its architecture (or the median of all measured ones). These
+are estimates from a named measurement, never measurements themselves.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from l2l.config import ConfigError, RunSpec, plan, prepared_dir, resolve_profile, split_config
+from l2l.io import read_json
+
+THROUGHPUT_FILE = Path("benchmarks/throughput.json")
+SOURCE_TRAIN_IMAGES = 50000  # CIFAR-10/100 training sets
+OFFICIAL_TEST_IMAGES = 10000
+# A forward pass is about a third of a training step's FLOPs (the backward pass costs about twice
+# the forward): evaluation images go about 3x as fast as training images.
+EVAL_SPEEDUP = 3.0
+
+
+def train_flops_per_image(model_cfg: dict, num_classes: int = 10, batch_size: int = 128) -> float:
+    """Forward + backward FLOPs of one training image (torch.utils.flop_counter on the meta
+    device: shapes only, no compute)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from l2l.models import build_model
+
+    model = build_model(model_cfg, num_classes).to("meta")
+    x = torch.empty(batch_size, 3, 32, 32, device="meta")
+    y = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / batch_size
+
+
+# --- throughput -------------------------------------------------------------------------
+
+@dataclass
+class Throughput:
+    """One device's measurement from benchmarks/throughput.json."""
+
+    device_name: str
+    device: str
+    date: str
+    steps: int
+    models: dict  # name -> {cfg, engine_images_per_s, engine_compiled_images_per_s, train_gflop_per_image, ...}
+    others: list[str] = field(default_factory=list)  # the other devices measured
+
+    @property
+    def label(self) -> str:
+        return f"{self.device_name} ({self.device}), measured {self.date}, {self.steps} timed batches per model"
+
+    def images_per_s(self, name: str) -> float:
+        r = self.models[name]
+        return max(r.get("engine_images_per_s") or 0.0, r.get("engine_compiled_images_per_s") or 0.0)
+
+    def rate(self, model_cfg: dict, flops: dict) -> tuple[float, str]:
+        """(training images/s for this model, how it was obtained)."""
+        for name, r in self.models.items():
+            if r["cfg"] == model_cfg:
+                return self.images_per_s(name), f"measured ({name})"
+        key = json.dumps(model_cfg, sort_keys=True)
+        if key not in flops:
+            flops[key] = train_flops_per_image(model_cfg) / 1e9
+        gflop = flops[key]
+        same_arch = [n for n, r in self.models.items() if r["cfg"]["arch"] == model_cfg["arch"]]
+        if same_arch:
+            n = same_arch[0]
+            return self.images_per_s(n) * self.models[n]["train_gflop_per_image"] / gflop, f"FLOPs-scaled from {n}"
+        flop_rate = statistics.median(self.images_per_s(n) * r["train_gflop_per_image"] for n, r in self.models.items())
+        return flop_rate / gflop, "FLOPs-scaled (median of measured models)"
+
+
+def load_throughput(path: Path = THROUGHPUT_FILE, device: str | None = None) -> Throughput | None:
+    """The measurement for `device` (a part of its name), else a GPU's, else any; None if no file."""
+    if not Path(path).exists():
+        return None
+    measurements = json.loads(Path(path).read_text()).get("measurements", {})
+    if device is not None:
+        names = [n for n in measurements if device.lower() in n.lower()]
+        if not names:
+            raise ConfigError(f"{path}: no measurement for device {device!r} (measured: {', '.join(measurements)})")
+    else:
+        names = sorted(measurements, key=lambda n: measurements[n]["stamp"]["device"] != "cuda")
+    if not names:
+        return None
+    m = measurements[names[0]]
+    return Throughput(names[0], m["stamp"]["device"], m["stamp"]["date"], m["steps"], m["models"],
+                      [n for n in measurements if n != names[0]])
+
+
+# --- the plan's runs --------------------------------------------------------------------
+
+@dataclass
+class RunCost:
+    spec: RunSpec
+    done: bool
+    epochs: int
+    hours: float | None  # None without a throughput measurement
+    basis: str
+
+
+def _prepared(params: dict, profile: str) -> tuple[dict, dict, list[str]]:
+    """Per dataset: the prepared manifest when it was prepared for this profile's split."""
+    prof = resolve_profile(params, profile)
+    split = split_config(params, profile)
+    want = {"val_size": split.val_size, "test_size": split.test_size, "train_subset": split.train_subset,
+            "seed": split.seed}
+    manifests, notes = {}, []
+    for ds in prof.datasets:
+        path = prepared_dir(params, ds) / "manifest.json"
+        m = read_json(path) if path.exists() else None
+        if m is not None and m.get("split") == want:
+            manifests[ds] = m
+        else:
+            notes.append(f"{ds}: not prepared for profile {profile} (run the data stage): its runs' identities "
+                         f"are unknown, so none counts as done; sizes assume the official test set")
+    return prof.split, manifests, notes
+
+
+def split_counts(split: dict, manifest: dict | None) -> dict[str, int]:
+    if manifest is not None:
+        return {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
+    train = SOURCE_TRAIN_IMAGES - split["val_size"]
+    if split.get("train_subset"):
+        train = min(train, split["train_subset"])
+    return {"train": train, "val": split["val_size"], "test": OFFICIAL_TEST_IMAGES}
+
+
+def planned_epochs(spec: RunSpec) -> int:
+    """Passes over the training set: a method may define ``planned_epochs(spec)`` (e.g. one
+    stretch of epochs per block); else train.epochs."""
+    from l2l.methods import METHODS
+
+    hook = getattr(METHODS[spec.method], "planned_epochs", None)
+    return int(hook(spec)) if hook is not None else int(spec.train["epochs"])
+
+
+def run_costs(params: dict, profile: str, throughput: Throughput | None, runs_dir: Path = Path("runs")
+              ) -> tuple[list[RunCost], list[str]]:
+    split, manifests, notes = _prepared(params, profile)
+    specs = plan(params, {ds: m["fingerprint"] for ds, m in manifests.items()}, profile)
+    flops: dict = {}
+    out = []
+    for s in specs:
+        n = split_counts(split, manifests.get(s.dataset))
+        epochs = planned_epochs(s)
+        hours, basis = None, "no throughput measurement"
+        if throughput is not None:
+            rate, basis = throughput.rate(s.model_cfg, flops)
+            images = epochs * n["train"] + (epochs * n["val"] + 2 * (n["val"] + n["test"])) / EVAL_SPEEDUP
+            hours = images / rate / 3600
+        done = s.dataset in manifests and (runs_dir / s.hash / "result.json").exists()
+        out.append(RunCost(s, done, epochs, hours, basis))
+    return out, notes

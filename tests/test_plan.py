@@ -1,0 +1,82 @@
+"""`l2l plan`: runs per experiment and per claim, done vs remaining, and an estimate that names
+the measurement it comes from (and says so when no GPU was measured)."""
+import json
+
+import pytest
+import yaml
+
+from l2l.cli import _hours, main
+from l2l.config import load_params, plan
+from l2l.cost import EVAL_SPEEDUP, load_throughput, train_flops_per_image
+from tests.conftest import REPO, smoke_params, write_npz
+from tests.test_pipeline import CLAIMS, run_stage
+
+CPU = {"stamp": {"device": "cpu", "device_name": "Test CPU", "date": "2026-11-22"}, "steps": 3,
+       "models": {"cnn": {"cfg": {"arch": "cnn", "width": 4}, "engine_images_per_s": 0.01,
+                          "engine_compiled_images_per_s": None, "train_gflop_per_image": 0.004}}}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    params = smoke_params(write_npz(tmp_path / "arrays.npz"))
+    params["profiles"]["smoke"]["models"]["wide"] = {"arch": "cnn", "width": 8}
+    params["profiles"]["smoke"]["experiments"]["conventional"]["models"] = ["cnn", "wide"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "claims.yaml").write_text(yaml.safe_dump(CLAIMS))
+    (tmp_path / "throughput.json").write_text(json.dumps({"measurements": {"Test CPU": CPU}}))
+    monkeypatch.chdir(tmp_path)
+    run_stage("data")
+    return tmp_path
+
+
+def _plan(capsys, *args) -> str:
+    main(["plan", "--throughput", "throughput.json", *args])
+    return capsys.readouterr().out
+
+
+def test_counts_done_and_estimate_from_the_named_measurement(workspace, capsys):
+    out = _plan(capsys)
+    assert "4 runs, 0 done, 4 remaining." in out
+    assert "Test CPU (cpu), measured 2026-11-22" in out and "No GPU measurement" in out and "CPU hours" in out
+    # smoke split: train 200, val 50, test 100; 1 epoch; the measured cnn trains 0.01 images/s
+    cnn = (200 + (50 + 2 * (50 + 100)) / EVAL_SPEEDUP) / 0.01 / 3600
+    wide = cnn * train_flops_per_image({"arch": "cnn", "width": 8}) / 1e9 / 0.004  # the same FLOP/s
+    assert f"| cnn | cifar10 | 2 | 0 | 2 | 1 | {_hours(cnn)} | {_hours(2 * cnn)} | measured (cnn) |" in out
+    assert f"| wide | cifar10 | 2 | 0 | 2 | 1 | {_hours(wide)} | {_hours(2 * wide)} | FLOPs-scaled from cnn |" in out
+
+    fingerprint = json.loads((workspace / "data/prepared/cifar10/manifest.json").read_text())["fingerprint"]
+    spec = plan(load_params(), {"cifar10": fingerprint})[0]
+    (workspace / "runs" / spec.hash).mkdir(parents=True)
+    (workspace / "runs" / spec.hash / "result.json").write_text("{}")  # a finished run
+    out = _plan(capsys, "--runs")
+    assert "4 runs, 1 done, 3 remaining." in out
+    assert f"| {spec.hash} | conventional | conventional | cnn | cifar10 | 0 | done |" in out
+    assert f"| **total** |  |  |  | 4 | 1 | 3 |  |  | {_hours(cnn + 2 * wide)} |" in out
+
+
+def test_per_claim_rows(workspace, capsys):
+    out = _plan(capsys)
+    claims = out[out.index("## Per claim"):]
+    assert "| PX-C1 | conventional/cnn | cifar10 | 2 | 0 | 2 |" in claims
+    assert "| PX-C2 | conventional/cnn | cifar100 | 0 | 0 | 0 | not in profile smoke |" in claims
+
+
+def test_unknown_device_one_line_error(workspace, capsys):
+    with pytest.raises(SystemExit) as e:
+        _plan(capsys, "--device", "H100")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "l2l: error: throughput.json: no measurement for device 'H100' (measured: Test CPU)"
+
+
+def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    params = load_params()
+    n = len(plan(params, None, "paper"))
+    main(["plan", "--profile", "paper"])
+    out = capsys.readouterr().out
+    assert f"{n} runs," in out and "remaining hours" in out
+    tp = load_throughput()
+    assert tp is not None, "benchmarks/throughput.json: the benchmark's measurement is committed"
+    assert tp.label in out
+    assert ("No GPU measurement" in out) == (tp.device != "cuda")
