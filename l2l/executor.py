@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,6 +36,7 @@ BACKENDS = ("local", "ray", "slurm")
 DEFAULTS: dict[str, Any] = {
     "backend": "local",
     "runs_per_gpu": 1,
+    "cpu_threads": None,
     "ray": {"address": None, "cpus_per_run": 1},
     "slurm": {"cluster": "slurm", "partition": None, "account": None, "timeout_min": 240, "max_requeue": 3,
               "gpus_per_task": 1, "cpus_per_task": 8, "mem_gb": 32, "array_parallelism": 64, "folder": "slurm"},
@@ -61,6 +63,8 @@ def executor_config(params: dict) -> dict:
         cfg[k] = {**cfg[k], **_mapping(v, f"executor.{k}")} if isinstance(DEFAULTS[k], dict) else v
     _choice(cfg["backend"], "executor.backend", BACKENDS)
     _pos_int(cfg["runs_per_gpu"], "executor.runs_per_gpu")
+    if cfg["cpu_threads"] is not None:
+        _pos_int(cfg["cpu_threads"], "executor.cpu_threads")
     ray, slurm = cfg["ray"], cfg["slurm"]
     _keys(ray, "executor.ray", DEFAULTS["ray"])
     _optional_str(ray["address"], "executor.ray.address")
@@ -96,12 +100,22 @@ def _in_dir(root: str) -> Iterator[None]:
         os.chdir(before)
 
 
-def train_one(spec: dict, profile: str, params: dict, root: str, tracking_uri: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Worker:
+    """How a worker process trains: where, logging to which MLflow store, with how many CPU threads."""
+
+    root: str  # the repository root: runs/, the prepared data
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI or ./mlflow.db
+    # torch threads of a run on a CPU. CPU results depend on it (the order of oneDNN's reductions),
+    # so every backend uses the same number: params' executor.cpu_threads, else the train stage's.
+    cpu_threads: int | None = None
+
+
+def train_one(spec: dict, profile: str, params: dict, worker: Worker) -> dict:
     """Train one run of the plan (resuming it if interrupted): the unit every backend executes.
 
-    spec: a RunSpec as a dict; root: the repository root (runs/ and the prepared data);
-    tracking_uri: the MLflow store workers log to (default: MLFLOW_TRACKING_URI or ./mlflow.db).
-    Loads the prepared data itself, so it runs in any process. Returns {hash, images_per_s}.
+    spec: a RunSpec as a dict. Loads the prepared data itself, so it runs in any process.
+    Returns {hash, images_per_s}.
     """
     from l2l import stage
     from l2l.engine import RunContext, device_info, pick_device, train_run
@@ -109,11 +123,15 @@ def train_one(spec: dict, profile: str, params: dict, root: str, tracking_uri: s
     from l2l.methods import METHODS
     from l2l.tracking import RunTracker
 
-    if tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    if worker.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = worker.tracking_uri
     spec = RunSpec.from_dict(spec)
-    with _in_dir(root):
+    with _in_dir(worker.root):
         device = pick_device()
+        if device.type == "cpu" and worker.cpu_threads:
+            import torch
+
+            torch.set_num_threads(worker.cpu_threads)
         key = (os.getcwd(), str(device), repr(params.get("data")))
         if key not in _DATA:
             _DATA.clear()
@@ -137,11 +155,11 @@ def train_one(spec: dict, profile: str, params: dict, root: str, tracking_uri: s
     return {"hash": spec.hash, "images_per_s": result["images_per_s"]}
 
 
-def train_group(specs: list[dict], profile: str, params: dict, root: str, tracking_uri: str | None = None) -> list:
+def train_group(specs: list[dict], profile: str, params: dict, worker: Worker) -> list:
     """Several runs sharing this process's GPU concurrently (one worker process each); one run: in process."""
     if len(specs) == 1:
-        return [train_one(specs[0], profile, params, root, tracking_uri)]
-    return _pool([RunSpec.from_dict(s) for s in specs], profile, params, root, tracking_uri, slots=[None] * len(specs))
+        return [train_one(specs[0], profile, params, worker)]
+    return _pool([RunSpec.from_dict(s) for s in specs], profile, params, worker, slots=[None] * len(specs))
 
 
 # --- local ------------------------------------------------------------------------------
@@ -175,8 +193,7 @@ def _report(outcomes: list[tuple[RunSpec, BaseException | None]]) -> None:
                            f"{spec.model} {spec.dataset} seed {spec.seed}): {type(err).__name__}: {err}")
 
 
-def _pool(todo: list[RunSpec], profile: str, params: dict, root: str, tracking_uri: str | None,
-          slots: list[int | None]) -> list:
+def _pool(todo: list[RunSpec], profile: str, params: dict, worker: Worker, slots: list[int | None]) -> list:
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     queue = ctx.Queue()
     for s in slots:
@@ -185,7 +202,7 @@ def _pool(todo: list[RunSpec], profile: str, params: dict, root: str, tracking_u
     outcomes, results = [], []
     with cf.ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_claim_slot,
                                 initargs=(queue, threads)) as pool:
-        futures = {pool.submit(train_one, s.to_dict(), profile, params, root, tracking_uri): s for s in todo}
+        futures = {pool.submit(train_one, s.to_dict(), profile, params, worker): s for s in todo}
         try:
             for i, fut in enumerate(cf.as_completed(futures), 1):
                 spec, err = futures[fut], fut.exception()
@@ -200,18 +217,18 @@ def _pool(todo: list[RunSpec], profile: str, params: dict, root: str, tracking_u
     return results
 
 
-def run_local(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
+def run_local(todo: list[RunSpec], params: dict, cfg: dict, worker: Worker) -> None:
     slots = local_slots(cfg["runs_per_gpu"])
     profile = params["profile"]
     if len(slots) == 1:  # one device, one run at a time: in this process, failures stop the stage
         for i, spec in enumerate(todo, 1):
             log.info("[%d/%d] %s: %s %s %s seed %d", i, len(todo), spec.hash, spec.experiment, spec.model,
                      spec.dataset, spec.seed)
-            train_one(spec.to_dict(), profile, params, root)
+            train_one(spec.to_dict(), profile, params, worker)
         return
     log.info("local: %d worker processes (%d per GPU)", len(slots), cfg["runs_per_gpu"])
     with single_writer(profile) as uri:
-        _pool(todo, profile, params, root, uri, slots)
+        _pool(todo, profile, params, replace(worker, tracking_uri=uri), slots)
 
 
 # --- ray --------------------------------------------------------------------------------
@@ -238,7 +255,7 @@ def _ray_task(*args) -> dict:
     return train_one(*args)
 
 
-def run_ray(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
+def run_ray(todo: list[RunSpec], params: dict, cfg: dict, worker: Worker) -> None:
     ray = _import("ray", "ray")
     address = cfg["ray"]["address"]
     started = not ray.is_initialized()
@@ -256,7 +273,8 @@ def run_ray(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
                                              num_gpus=1 / cfg["runs_per_gpu"] if gpus else 0)
         log.info("ray: %d runs on %s (%s GPUs)", len(todo), address or "a local instance", gpus)
         with single_writer(params["profile"]) as uri:
-            refs = {task.remote(s.to_dict(), params["profile"], params, root, uri): s for s in todo}
+            w = replace(worker, tracking_uri=uri)
+            refs = {task.remote(s.to_dict(), params["profile"], params, w): s for s in todo}
             outcomes, pending = [], list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -280,11 +298,11 @@ class SlurmJob:
     """A submitit job: train a group of runs; on timeout or preemption, requeue the same group
     (submitit calls ``checkpoint``), whose runs then resume from their last epoch checkpoint."""
 
-    def __call__(self, specs: list[dict], profile: str, params: dict, root: str, tracking_uri: str | None) -> list:
+    def __call__(self, specs: list[dict], profile: str, params: dict, worker: Worker) -> list:
         from l2l.stage import setup_logging
 
         setup_logging()  # progress lines in the job's log
-        return train_group(specs, profile, params, root, tracking_uri)
+        return train_group(specs, profile, params, worker)
 
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
@@ -292,10 +310,10 @@ class SlurmJob:
         return DelayedSubmission(self, *args, **kwargs)  # runs/<hash>/last.pt is the checkpoint
 
 
-def run_slurm(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
+def run_slurm(todo: list[RunSpec], params: dict, cfg: dict, worker: Worker) -> None:
     submitit = _import("submitit", "slurm")
     s = cfg["slurm"]
-    ex = submitit.AutoExecutor(folder=Path(root) / s["folder"], cluster=s["cluster"],
+    ex = submitit.AutoExecutor(folder=Path(worker.root) / s["folder"], cluster=s["cluster"],
                                slurm_max_num_timeout=s["max_requeue"])
     ex.update_parameters(name="l2l-train", timeout_min=s["timeout_min"], gpus_per_node=s["gpus_per_task"],
                          cpus_per_task=s["cpus_per_task"], mem_gb=s["mem_gb"], slurm_partition=s["partition"],
@@ -305,8 +323,9 @@ def run_slurm(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
     per_job = cfg["runs_per_gpu"] if s["gpus_per_task"] else 1
     groups = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
     with single_writer(params["profile"]) as uri:
+        shared = (params["profile"], params, replace(worker, tracking_uri=uri))
         jobs = ex.map_array(SlurmJob(), [[sp.to_dict() for sp in g] for g in groups],
-                            *([x] * len(groups) for x in (params["profile"], params, root, uri)))
+                            *([x] * len(groups) for x in shared))
         log.info("slurm: %d jobs for %d runs, logs in %s", len(jobs), len(todo), s["folder"])
         outcomes = []
         for job, group in zip(jobs, groups):
@@ -319,12 +338,15 @@ def run_slurm(todo: list[RunSpec], params: dict, cfg: dict, root: str) -> None:
     _report(outcomes)
 
 
-RUNNERS: dict[str, Callable[[list[RunSpec], dict, dict, str], None]] = {
+RUNNERS: dict[str, Callable[[list[RunSpec], dict, dict, Worker], None]] = {
     "local": run_local, "ray": run_ray, "slurm": run_slurm}
 
 
 def run_plan(todo: list[RunSpec], params: dict, root: str | Path = ".") -> None:
     """Train every run of `todo` with the backend params.yaml names; raises if any run failed."""
+    import torch
+
     cfg = executor_config(params)
     if todo:
-        RUNNERS[cfg["backend"]](todo, params, cfg, str(Path(root).resolve()))
+        worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads())
+        RUNNERS[cfg["backend"]](todo, params, cfg, worker)

@@ -75,8 +75,9 @@ def test_submitit_local_executor_same_results_as_local(tmp_path, monkeypatch, lo
 @pytest.mark.parametrize("executor, message", [
     ({"backend": "dask"}, "executor.backend: expected one of local, ray, slurm, got 'dask'"),
     ({"runs_per_gpu": 0}, "executor.runs_per_gpu: expected a positive integer, got 0"),
-    ({"gpus": 2}, "executor.gpus: expected one of the keys backend, ray, runs_per_gpu, slurm, got 'gpus'"),
+    ({"gpus": 2}, "executor.gpus: expected one of the keys backend, cpu_threads, ray, runs_per_gpu, slurm, got 'gpus'"),
     ({"ray": {"address": 5}}, "executor.ray.address: expected a name or null, got 5"),
+    ({"cpu_threads": "all"}, "executor.cpu_threads: expected a positive integer, got 'all'"),
     ({"slurm": {"cluster": "pbs"}}, "executor.slurm.cluster: expected one of slurm, local, got 'pbs'"),
     ({"slurm": {"timeout": 10}}, "executor.slurm.timeout: expected one of the keys"),
 ])
@@ -99,7 +100,7 @@ def test_requeued_slurm_job_resumes_its_runs(tmp_path, monkeypatch):
 
     from l2l import stage
     from l2l.engine import RunContext, train_run
-    from l2l.executor import SlurmJob
+    from l2l.executor import SlurmJob, Worker
     from l2l.methods import conventional
 
     ws = _workspace(tmp_path, monkeypatch, seeds=(0,))
@@ -110,7 +111,7 @@ def test_requeued_slurm_job_resumes_its_runs(tmp_path, monkeypatch):
     data, k = stage.DeviceDataCache(params, torch.device("cpu")).get(spec)
     assert train_run(spec, conventional, RunContext(spec, data, k, torch.device("cpu")), ws / "runs" / spec.hash,
                      stop_after_epochs=1) == {"interrupted": True}  # preempted after epoch 1 of 2
-    job, args = SlurmJob(), ([spec.to_dict()], "smoke", params, str(ws), None)
+    job, args = SlurmJob(), ([spec.to_dict()], "smoke", params, Worker(str(ws)))
     requeued = job.checkpoint(*args)
     assert requeued.function is job and requeued.args == args
     (result,) = requeued.result()
