@@ -57,7 +57,9 @@ MODELS = {
     "cnn": {"arch": "cnn", "width": 64},
     "vgg16": {"arch": "vgg16", "width": 1.0},
     "resnet20": {"arch": "cifar_resnet", "depth": 20},
-    "layerwise_k2": {"arch": "layerwise_cnn", "preset": "k2"},  # P3's k=2 network with its last head
+    # P3's k=2 network with its last head, trained end to end: an upper bound of a layerwise phase's
+    # per-image cost (a phase trains one block + head, the earlier blocks forward only).
+    "layerwise_k2": {"arch": "layerwise_cnn", "preset": "k2"},
 }
 # The paper profile's training settings (params.yaml) that affect speed.
 TRAIN = {"epochs": 1, "batch_size": 128, "eval_batch_size": 1000, "precision": "auto",
