@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
+import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock
 from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers
@@ -109,10 +110,133 @@ def cifar_resnet(num_classes: int, depth: int = 20, width: int = 16, blocks_per_
     return model
 
 
+# --- P3: greedy layerwise CNN (Belilovsky, Eickenberg, Oyallon 2019) -------------------
+
+class ChannelMask(nn.Module):
+    """Zeroes the channels whose mask entry is 0: a pruned filter, kept in place so module
+    shapes never change (resume-safe). Zeroing the block's *output* (after BN and ReLU) is what
+    removing the filter and the next layer's matching input channels does; see
+    :func:`l2l.pruning.slice_pruned` for the physically smaller network."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.view(1, -1, 1, 1).to(x.dtype)
+
+    def kept(self) -> torch.Tensor:
+        return self.mask.nonzero().flatten()
+
+
+def aux_head(in_channels: int, num_classes: int, convs: int, width: int, batch_norm: bool,
+             pool_bn: bool = False) -> nn.Sequential:
+    """P3's auxiliary classifier: ``convs`` 3x3 convs of ``width`` (BN before each ReLU when
+    ``batch_norm``), average pooling to a 2x2 map, a linear layer. ``pool_bn``: the official
+    code's extra BatchNorm after the pooling (not in the paper's description)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for _ in range(convs):
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=not batch_norm)]
+        layers += [nn.BatchNorm2d(width)] if batch_norm else []
+        layers += [nn.ReLU(inplace=True)]
+        c = width
+    layers += [nn.AdaptiveAvgPool2d(2)] + ([nn.BatchNorm2d(c)] if pool_bn else [])
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * c, num_classes))
+
+
+# The paper's configurations (P3 Table 2 and the compression experiment). downsample_at counts
+# blocks from 0, as the paper's j does. "5x64" is the compression experiment's end-to-end baseline:
+# 3 trunk convs + the 2 convs of a k=3 head, all of width 64, no downsampling.
+LAYERWISE_PRESETS: dict[str, dict] = {
+    "k1": {"k": 1, "J": 5, "M": 256, "M_tilde": 256, "downsample_at": [1, 3]},
+    "k2": {"k": 2, "J": 4, "M": 128, "M_tilde": 256, "downsample_at": [2]},
+    "k3": {"k": 3, "J": 4, "M": 128, "M_tilde": 256, "downsample_at": [2]},
+    "compress": {"k": 3, "J": 3, "M": 128, "M_tilde": 128, "downsample_at": [], "final_M_tilde": 64},
+    "5x64": {"k": 3, "J": 3, "M": 64, "M_tilde": 64, "downsample_at": []},
+}
+
+
+def _layerwise_kwargs(preset: str | None, **kwargs) -> dict:
+    if preset is not None and preset not in LAYERWISE_PRESETS:
+        raise ValueError(f"layerwise_cnn: unknown preset {preset!r} (known: {', '.join(LAYERWISE_PRESETS)})")
+    cfg = {"k": 3, "J": 4, "M": 128, "M_tilde": 256, "downsample_at": [2], "batch_norm": None,
+           "final_M_tilde": None, "M_tilde_doubles": False, "pool_bn": False, "channel_mask": False}
+    cfg.update(LAYERWISE_PRESETS.get(preset, {}))
+    for k, v in kwargs.items():
+        if k not in cfg:
+            raise TypeError(f"layerwise_cnn() got an unexpected keyword argument '{k}'")
+        cfg[k] = v
+    if cfg["batch_norm"] is None:
+        cfg["batch_norm"] = cfg["k"] > 1  # P3: BatchNorm only with auxiliary convs
+    if cfg["k"] < 1 or cfg["J"] < 1 or any(not 0 <= j < cfg["J"] for j in cfg["downsample_at"]):
+        raise ValueError(f"layerwise_cnn: need k >= 1, J >= 1 and downsample_at within 0..J-1, got {cfg}")
+    return cfg
+
+
+def _layerwise_plan(cfg: dict) -> list[tuple[int, int, bool, int]]:
+    """(input channels, width, downsamples, head width) of blocks 0..J-1."""
+    plan, c_in, width, head_width = [], 3, cfg["M"], cfg["M_tilde"]
+    for j in range(cfg["J"]):
+        down = j in cfg["downsample_at"]
+        if down:
+            c_in *= 4  # 2x2 space-to-depth: channels x4, size /2
+            if j > 0:  # ... and the conv doubles the width
+                width *= 2
+                head_width *= 2 if cfg["M_tilde_doubles"] else 1
+        if j == cfg["J"] - 1 and cfg["final_M_tilde"] is not None:
+            head_width = cfg["final_M_tilde"]
+        plan.append((c_in, width, down, head_width))
+        c_in = width
+    return plan
+
+
+def _layerwise_block(cfg: dict, c_in: int, width: int, down: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.PixelUnshuffle(2)] if down else []
+    layers.append(nn.Conv2d(c_in, width, 3, padding=1, bias=not cfg["batch_norm"]))
+    layers += [nn.BatchNorm2d(width)] if cfg["batch_norm"] else []
+    layers.append(nn.ReLU(inplace=True))
+    layers += [ChannelMask(width)] if cfg["channel_mask"] else []
+    return nn.Sequential(*layers)
+
+
+def _layerwise_head(cfg: dict, num_classes: int, c_in: int, width: int) -> nn.Sequential:
+    return aux_head(c_in, num_classes, cfg["k"] - 1, width, cfg["batch_norm"], cfg["pool_bn"])
+
+
+def layerwise_cnn(num_classes: int, preset: str | None = None, **kwargs) -> nn.Sequential:
+    """P3's CNN: blocks ``block0..block{J-1}`` and, as ``classifier``, the last block's auxiliary head.
+
+    Block j: [2x2 space-to-depth if j in ``downsample_at``], 3x3 conv of width M (doubled by
+    each downsampling block after the first), [BatchNorm], ReLU. No pooling in the trunk.
+    Head: ``k``-1 3x3 convs of width ``M_tilde``, average pooling to 2x2, linear (:func:`aux_head`).
+
+    ``preset`` picks a paper configuration (:data:`LAYERWISE_PRESETS`); keyword arguments
+    override it. Other keywords: ``batch_norm`` (default: k > 1, as the paper), ``final_M_tilde``
+    (width of the last head; compression: 64), ``M_tilde_doubles`` (the official code doubles
+    the head width after each downsampling; paper: fixed, the default), ``pool_bn`` (the code's
+    BN after the head's pooling; paper: none, the default), ``channel_mask`` (a
+    :class:`ChannelMask` after each block, for pruning).
+    """
+    cfg = _layerwise_kwargs(preset, **kwargs)
+    plan = _layerwise_plan(cfg)
+    blocks = OrderedDict((f"block{j}", _layerwise_block(cfg, c_in, width, down))
+                         for j, (c_in, width, down, _) in enumerate(plan))
+    blocks["classifier"] = _layerwise_head(cfg, num_classes, plan[-1][1], plan[-1][3])
+    return nn.Sequential(blocks)
+
+
+def layerwise_cnn_heads(num_classes: int, preset: str | None = None, **kwargs) -> list[nn.Sequential]:
+    """Fresh auxiliary heads of blocks 0..J-2 of :func:`layerwise_cnn` (same arguments); the last
+    block's head is the network's own ``classifier``."""
+    cfg = _layerwise_kwargs(preset, **kwargs)
+    return [_layerwise_head(cfg, num_classes, width, head_width) for _, width, _, head_width in _layerwise_plan(cfg)[:-1]]
+
 ARCHS: dict[str, Callable[..., nn.Sequential]] = {
     "cnn": regular_cnn,
     "vgg16": vgg16,
     "cifar_resnet": cifar_resnet,
+    "layerwise_cnn": layerwise_cnn,
 }
 
 
@@ -127,3 +251,23 @@ def build_model(cfg: dict, num_classes: int) -> nn.Sequential:
 
 def block_names(model: nn.Sequential) -> list[str]:
     return [name for name, _ in model.named_children()]
+
+
+def stage_ends(model: nn.Sequential) -> list[int]:
+    """Where each *stage* of a model ends, as block counts: ``model[:ends[s]]`` is the trunk up to
+    stage s (layerwise training trains one stage at a time; probes read each stage's output).
+    Every named block before ``classifier`` is a stage, except that a block named ``stem`` joins
+    the block after it (a ResNet's stages are its residual stages)."""
+    names = block_names(model)[:-1]
+    return [i + 1 for i, name in enumerate(names) if name != "stem"]
+
+
+def stage_outputs(model: nn.Sequential, x, ends: list[int] | None = None) -> list:
+    """The output of every stage for input x, in one forward pass through the trunk."""
+    out, start = [], 0
+    for end in ends if ends is not None else stage_ends(model):
+        for block in list(model)[start:end]:
+            x = block(x)
+        out.append(x)
+        start = end
+    return out
