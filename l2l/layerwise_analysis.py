@@ -205,3 +205,11 @@ def stage_figure(phases: pd.DataFrame, model: str, dataset: str, layerwise: str 
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
     return fig
+
+
+def stage_figures(phases: pd.DataFrame) -> dict[str, object]:
+    """One :func:`stage_figure` per architecture (model, dataset) with both sources, named
+    ``stages_<model>_<dataset>`` (for the report and as MLflow artifacts)."""
+    return {f"stages_{p['model']}_{p['dataset']}": stage_figure(phases, p["model"], p["dataset"], p["layerwise"],
+                                                                 p["end_to_end"])
+            for p in stage_pairs(phases)}

@@ -42,14 +42,17 @@ class LinearProbe(nn.Module):
 
 
 class _Probed(nn.Module):
-    """Logits of every stage's probe, concatenated on a new leading axis (evaluation helper)."""
+    """Logits of every stage's probe and, last, of the network's own classifier, stacked on a
+    new leading axis: one forward pass evaluates them all."""
 
     def __init__(self, model: nn.Sequential, probes: nn.ModuleList, ends: list[int]):
         super().__init__()
         self.model, self.probes, self.ends = model, probes, ends
 
     def forward(self, x):
-        return torch.stack([p(f) for p, f in zip(self.probes, stage_outputs(self.model, x, self.ends))])
+        feats = stage_outputs(self.model, x, self.ends)
+        logits = [p(f).float() for p, f in zip(self.probes, feats)]
+        return torch.stack([*logits, self.model.classifier(feats[-1]).float()])
 
 
 def probe_stages(model: nn.Sequential, ctx, epochs: int, lr: float) -> dict[str, float]:
@@ -80,9 +83,9 @@ def probe_stages(model: nn.Sequential, ctx, epochs: int, lr: float) -> dict[str,
         sched.step()
     out = {}
     for split in ("train", "test"):
-        acc = _accuracies(_Probed(model, probes, ends), ctx, split, eval_bs)
+        *acc, own = _accuracies(_Probed(model, probes, ends), ctx, split, eval_bs)
         out.update({f"stage{s}_probe_{split}_acc": a for s, a in enumerate(acc, 1)})
-        out[f"model_{split}_acc"] = ctx.evaluate(model, split)["acc"]
+        out[f"model_{split}_acc"] = own
     model.train(was_training)
     log.info("probes: test acc by stage %s", [round(out[f"stage{s}_probe_test_acc"], 2) for s in range(1, len(ends) + 1)])
     return out

@@ -14,7 +14,8 @@ import torch.nn as nn
 from l2l.config import ConfigError, RunSpec, load_params, plan
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, train_run
-from l2l.layerwise_analysis import critical_stage, early_overfit, saturation, stage_figure, stage_pairs, stage_table
+from l2l.layerwise_analysis import (critical_stage, early_overfit, saturation, stage_figure, stage_figures, stage_pairs,
+                                    stage_table)
 from l2l.methods import conventional, layerwise
 from l2l.models import (LAYERWISE_PRESETS, ChannelMask, build_model, layerwise_cnn, layerwise_cnn_heads, stage_ends,
                         stage_outputs)
@@ -186,7 +187,7 @@ def test_train_run_records_stages_and_resumes_exactly(data, tmp_path):
     names = ["stage1", "stage1_pruned", "stage2", "stage2_pruned", "stage3", "stage3_pruned"]
     assert list(full["phase_metrics"]) == names
     final = full["phase_metrics"]["stage3_pruned"]
-    assert {"head_train_acc", "head_val_acc", "head_test_acc", "ensemble_test_acc", "params"} <= set(final)
+    assert set(final) == {"head_train_acc", "head_test_acc", "ensemble_test_acc", "params"}
     base = layerwise_cnn(10, preset="compress", M=3, M_tilde=3, final_M_tilde=3)  # the pruned shape
     assert final["params"] == count_parameters(base)
     # Interrupted inside a pruned phase (stage2_pruned, after its epoch 0), then resumed: bit-identical.
@@ -373,6 +374,7 @@ def test_stage_figure():
     assert len(ax_acc.lines) >= 2 and len(ax_gap.lines) == 2
     assert np.allclose(ax_acc.lines[0].get_ydata(), [51, 70, 70.5, 71.2])  # mean over seeds, pruned stage 1
     assert len(ax_acc.collections) >= 2  # the bands across seeds
+    assert list(stage_figures(synthetic_phases())) == ["stages_p3_cifar10"]
 
 
 # --- params.yaml -----------------------------------------------------------------------

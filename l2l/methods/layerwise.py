@@ -16,9 +16,10 @@ linear); any other architecture (vgg16, cifar_resnet) gets ``aux_convs`` convs o
 ``aux_width`` with the same pooling and linear layer, and its own classifier at the last stage.
 
 Per-stage measures (results/phases.csv, reporting only, nothing is selected on test):
-``head_train_acc`` (un-augmented training split), ``head_val_acc``, ``head_test_acc`` of the
-stage's predictor (stages <= s and head s), ``ensemble_val_acc`` / ``ensemble_test_acc`` (heads
-1..s, weights 2^j normalised) and ``params`` (of the stage's predictor, pruned filters removed).
+``head_train_acc`` (un-augmented training split) and ``head_test_acc`` of the stage's predictor
+(stages <= s and head s), ``ensemble_test_acc`` (heads 1..s, weights 2^j normalised) and
+``params`` (of the stage's predictor, pruned filters removed). Its validation accuracy is the
+phase's last ``val_acc`` in history.csv.
 
 Compression (P3-C5, ``prune_to`` > 0, layerwise_cnn only): after stage s is trained, its block
 is pruned to ``prune_to`` filters by Molchanov's first-order Taylor criterion (one shot, over
@@ -204,7 +205,8 @@ def _stage_metrics(ctx: RunContext, model: nn.Sequential, heads: nn.ModuleList, 
     head = [*heads, model.classifier][s]
     pred = nn.Sequential(model[:end], head)
     ens = StageEnsemble(model, heads, stages=s + 1)
-    out = {f"head_{split}_acc": ctx.evaluate(pred, split)["acc"] for split in ("train", "val", "test")}
-    out.update({f"ensemble_{split}_acc": ctx.evaluate(ens, split)["acc"] for split in ("val", "test")})
+    # (The validation accuracy of the stage's predictor is the phase's last val_acc in history.csv.)
+    out = {f"head_{split}_acc": ctx.evaluate(pred, split)["acc"] for split in ("train", "test")}
+    out["ensemble_test_acc"] = ctx.evaluate(ens, "test")["acc"]
     out["params"] = float(count_parameters(slice_pruned(pred) if ctx.spec.options["prune_to"] else pred))
     return out
