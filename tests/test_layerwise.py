@@ -167,6 +167,17 @@ def test_earlier_stages_frozen_and_heads_fresh(data):
         trained_at[s] = model_a
 
 
+def test_ensemble_predictor_is_saved_and_reloaded(data, tmp_path):
+    spec = make_spec(layerwise, TINY_K3, {"predict": "ensemble"})
+    ctx = RunContext(spec, data, 10, CPU)
+    result = train_run(spec, layerwise, ctx, tmp_path)
+    ens = layerwise.predictor(spec, 10)
+    ens.load_state_dict(torch.load(tmp_path / "final.pt"))  # what the evaluate stage does
+    assert isinstance(ens, layerwise.StageEnsemble)
+    assert ctx.evaluate(ens, "val")["acc"] == pytest.approx(result["final"]["val_acc"])
+    assert result["phase_metrics"]["stage3"]["ensemble_test_acc"] == pytest.approx(ctx.evaluate(ens, "test")["acc"])
+
+
 def test_ensemble_weights_and_output():
     assert layerwise.ensemble_weights(3) == pytest.approx([1 / 7, 2 / 7, 4 / 7])
     assert sum(layerwise.ensemble_weights(5)) == pytest.approx(1.0)

@@ -9,7 +9,8 @@ optimizer and its schedule are created anew for each stage; the head of stage s 
 behind (never trained again) when stage s+1 starts; there is no end-to-end fine-tuning.
 Prediction: the trunk and the last stage's head, which is the model's own ``classifier``, so
 the final network has exactly the architecture of its end-to-end twin (``conventional`` on
-the same model). All heads are kept (frozen) for P3's ensemble.
+the same model). All heads are kept (frozen) for P3's ensemble. The model is built before
+the heads, so for a given seed the trunk starts from its end-to-end twin's initialisation.
 
 Heads: ``layerwise_cnn`` models bring their own (k-1 convs of width M_tilde, 2x2 average pool,
 linear); any other architecture (vgg16, cifar_resnet) gets ``aux_convs`` convs of width
