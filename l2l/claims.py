@@ -80,6 +80,16 @@ CustomKind = Callable[[Claim, Context], tuple[stats.Comparison, dict]]
 CUSTOM_KINDS: dict[str, CustomKind] = {}
 
 
+def _register_layerwise_kinds() -> None:
+    # P2's per-stage claims (measures in l2l/layerwise_analysis.py, read from results/phases.csv).
+    from l2l.layerwise_analysis import early_overfit_check, saturation_check
+
+    CUSTOM_KINDS.update(saturation=saturation_check, early_overfit=early_overfit_check)
+
+
+_register_layerwise_kinds()
+
+
 def _err(cid: str, key: str, msg: str) -> ConfigError:
     return ConfigError(f"claims.yaml: {cid}.{key}: {msg}")
 

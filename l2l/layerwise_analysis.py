@@ -31,6 +31,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from l2l import stats
+from l2l.results import mean_interval
+
 STAGE_PHASE = re.compile(r"^stage(\d+)(_pruned)?$")
 PROBE_METRIC = re.compile(r"^stage(\d+)_probe_(train|test)_acc$")
 HEAD_METRIC = re.compile(r"^head_(train|test)_acc$")
@@ -150,6 +153,61 @@ def early_overfit(phases: pd.DataFrame, layerwise: Mapping[str, str], end_to_end
     return {"layerwise_gap": gap(lw), "probe_gap": gap(pr), "early_stages": e, "n_stages": n}
 
 
+def _mean_curve(groups: dict[int, pd.DataFrame]) -> list[float]:
+    """Test accuracy by stage, averaged over seeds."""
+    t = pd.concat(groups.values())
+    return t.groupby("stage").test_acc.mean().sort_index().tolist()
+
+
+def saturation_check(claim, ctx) -> tuple:
+    """The ``saturation`` claim kind for :mod:`l2l.claims` (a CustomKind): (Comparison, extra).
+
+    claim: arms a = end-to-end (with probes), b = layerwise; ``threshold`` (points per added
+    stage); ``min_effect`` (points, effect of interest). ctx: ``phases``, ``alpha``,
+    ``n_resamples``. The comparison is the paired superiority end_to_end_full > layerwise_full.
+    Saturation is judged on the seed-mean layerwise curve: if its critical stage is S (the
+    last stage still gains at least ``threshold``), the claim cannot be supported: the p-value
+    is withheld (-> inconclusive) unless the end-to-end side is significantly *worse*, which
+    contradicts the claim whatever the curve. extra: the per-seed measures of :func:`saturation`,
+    ``mean_curve`` (layerwise test accuracy by stage), ``critical_stage_of_mean``, ``saturated``.
+    """
+    threshold = claim.extra.get("threshold")
+    if not isinstance(threshold, (int, float)) or threshold <= 0:
+        raise ValueError(f"claims.yaml: {claim.id}.threshold: expected a positive number, got {threshold!r}")
+    e2e, lw = (claim.arm(n) for n in ("a", "b"))
+    r = saturation(ctx.phases, {"experiment": e2e.experiment, "model": e2e.model},
+                   {"experiment": lw.experiment, "model": lw.model}, claim.dataset, float(threshold))
+    comp = stats.compare_superiority(r["end_to_end_full"], r["layerwise_full"], alpha=ctx.alpha,
+                                     effect_of_interest=claim.min_effect, n_resamples=ctx.n_resamples)
+    groups = _by_seed(_arm(stage_table(ctx.phases), {"experiment": lw.experiment, "model": lw.model}, claim.dataset,
+                           "layerwise"))
+    curve = _mean_curve(groups) if groups else []
+    crit = critical_stage(curve, float(threshold)) if curve else None
+    saturated = crit is not None and crit < len(curve)
+    reverse = comp.p_reverse is not None and comp.p_reverse < ctx.alpha and comp.ci_high < 0
+    if not saturated and not reverse:
+        comp.p_value, comp.zero_variance = None, False
+        comp.notes.append(f"no saturation: the seed-mean layerwise curve still gains >= {threshold} points at its "
+                          f"last stage (critical stage {crit} of {len(curve)})")
+    return comp, {**r, "mean_curve": curve, "critical_stage_of_mean": crit, "saturated": saturated}
+
+
+def early_overfit_check(claim, ctx) -> tuple:
+    """The ``early_overfit`` claim kind for :mod:`l2l.claims` (a CustomKind): (Comparison, extra).
+
+    claim: arms a = layerwise, b = end-to-end (with probes); ``early_stages`` (null = half the
+    stages); ``min_effect``. The comparison is the paired superiority layerwise_gap > probe_gap
+    (train - test points over the early stages). extra: the measures of :func:`early_overfit`.
+    """
+    lw, e2e = (claim.arm(n) for n in ("a", "b"))
+    r = early_overfit(ctx.phases, {"experiment": lw.experiment, "model": lw.model},
+                      {"experiment": e2e.experiment, "model": e2e.model}, claim.dataset,
+                      claim.extra.get("early_stages"))
+    comp = stats.compare_superiority(r["layerwise_gap"], r["probe_gap"], alpha=ctx.alpha,
+                                     effect_of_interest=claim.min_effect, n_resamples=ctx.n_resamples)
+    return comp, r
+
+
 def stage_pairs(phases: pd.DataFrame) -> list[dict]:
     """Every (model, dataset) that has both layerwise heads and end-to-end probes, with the
     experiments that hold them: [{"model", "dataset", "layerwise", "end_to_end"}]."""
@@ -163,8 +221,6 @@ def stage_pairs(phases: pd.DataFrame) -> list[dict]:
 
 
 def _band(values: pd.Series) -> tuple[float, float, float]:
-    from l2l.results import mean_interval
-
     mean, _, lo, hi = mean_interval(values)
     return mean, lo, hi
 

@@ -7,6 +7,7 @@ Models are built from torchvision parts where they exist.
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Callable
 
@@ -157,17 +158,15 @@ LAYERWISE_PRESETS: dict[str, dict] = {
 }
 
 
-def _layerwise_kwargs(preset: str | None, **kwargs) -> dict:
-    if preset is not None and preset not in LAYERWISE_PRESETS:
+def _layerwise_cfg(args: dict) -> dict:
+    """layerwise_cnn's arguments -> its full configuration: the preset, with every argument that
+    is not None overriding it."""
+    preset = args["preset"]
+    if preset not in LAYERWISE_PRESETS:
         raise ValueError(f"layerwise_cnn: unknown preset {preset!r} (known: {', '.join(LAYERWISE_PRESETS)})")
-    cfg = {"k": 3, "J": 4, "M": 128, "M_tilde": 256, "downsample_at": [2], "batch_norm": None,
-           "final_M_tilde": None, "M_tilde_doubles": False, "pool_bn": False, "channel_mask": False}
-    cfg.update(LAYERWISE_PRESETS.get(preset, {}))
-    for k, v in kwargs.items():
-        if k not in cfg:
-            raise TypeError(f"layerwise_cnn() got an unexpected keyword argument '{k}'")
-        cfg[k] = v
-    if cfg["batch_norm"] is None:
+    cfg = {"final_M_tilde": None, **LAYERWISE_PRESETS[preset]}
+    cfg.update({k: v for k, v in args.items() if v is not None and k not in ("num_classes", "preset")})
+    if cfg.get("batch_norm") is None:
         cfg["batch_norm"] = cfg["k"] > 1  # P3: BatchNorm only with auxiliary convs
     if cfg["k"] < 1 or cfg["J"] < 1 or any(not 0 <= j < cfg["J"] for j in cfg["downsample_at"]):
         raise ValueError(f"layerwise_cnn: need k >= 1, J >= 1 and downsample_at within 0..J-1, got {cfg}")
@@ -204,21 +203,24 @@ def _layerwise_head(cfg: dict, num_classes: int, c_in: int, width: int) -> nn.Se
     return aux_head(c_in, num_classes, cfg["k"] - 1, width, cfg["batch_norm"], cfg["pool_bn"])
 
 
-def layerwise_cnn(num_classes: int, preset: str | None = None, **kwargs) -> nn.Sequential:
+def layerwise_cnn(num_classes: int, preset: str = "k3", k: int | None = None, J: int | None = None,
+                  M: int | None = None, M_tilde: int | None = None, downsample_at: list[int] | None = None,
+                  batch_norm: bool | None = None, final_M_tilde: int | None = None, M_tilde_doubles: bool = False,
+                  pool_bn: bool = False, channel_mask: bool = False) -> nn.Sequential:
     """P3's CNN: blocks ``block0..block{J-1}`` and, as ``classifier``, the last block's auxiliary head.
 
     Block j: [2x2 space-to-depth if j in ``downsample_at``], 3x3 conv of width M (doubled by
     each downsampling block after the first), [BatchNorm], ReLU. No pooling in the trunk.
     Head: ``k``-1 3x3 convs of width ``M_tilde``, average pooling to 2x2, linear (:func:`aux_head`).
 
-    ``preset`` picks a paper configuration (:data:`LAYERWISE_PRESETS`); keyword arguments
-    override it. Other keywords: ``batch_norm`` (default: k > 1, as the paper), ``final_M_tilde``
+    ``preset`` picks a paper configuration (:data:`LAYERWISE_PRESETS`); k, J, M, M_tilde and
+    downsample_at given (not None) override it. Other keywords: ``batch_norm`` (default: k > 1, as the paper), ``final_M_tilde``
     (width of the last head; compression: 64), ``M_tilde_doubles`` (the official code doubles
     the head width after each downsampling; paper: fixed, the default), ``pool_bn`` (the code's
     BN after the head's pooling; paper: none, the default), ``channel_mask`` (a
     :class:`ChannelMask` after each block, for pruning).
     """
-    cfg = _layerwise_kwargs(preset, **kwargs)
+    cfg = _layerwise_cfg(locals())
     plan = _layerwise_plan(cfg)
     blocks = OrderedDict((f"block{j}", _layerwise_block(cfg, c_in, width, down))
                          for j, (c_in, width, down, _) in enumerate(plan))
@@ -226,10 +228,12 @@ def layerwise_cnn(num_classes: int, preset: str | None = None, **kwargs) -> nn.S
     return nn.Sequential(blocks)
 
 
-def layerwise_cnn_heads(num_classes: int, preset: str | None = None, **kwargs) -> list[nn.Sequential]:
+def layerwise_cnn_heads(num_classes: int, **kwargs) -> list[nn.Sequential]:
     """Fresh auxiliary heads of blocks 0..J-2 of :func:`layerwise_cnn` (same arguments); the last
     block's head is the network's own ``classifier``."""
-    cfg = _layerwise_kwargs(preset, **kwargs)
+    args = inspect.signature(layerwise_cnn).bind(num_classes, **kwargs)
+    args.apply_defaults()
+    cfg = _layerwise_cfg(args.arguments)
     return [_layerwise_head(cfg, num_classes, width, head_width) for _, width, _, head_width in _layerwise_plan(cfg)[:-1]]
 
 ARCHS: dict[str, Callable[..., nn.Sequential]] = {

@@ -403,3 +403,33 @@ def test_profiles_plan_and_build(profile):
         k3 = next(s for s in specs if s.model == "p3_k3" and s.method == "layerwise")
         assert k3.train["epochs"] == 50 and k3.train["schedule"] == {"name": "step", "step_size": 15, "gamma": 0.2}
         assert k3.train["optimizer"]["lr"] == 0.1 and math.isclose(k3.train["optimizer"]["weight_decay"], 5e-4)
+
+
+# --- claims records ----------------------------------------------------------------------
+
+def test_claims_records_load_and_check(tmp_path):
+    import yaml
+
+    from l2l.claims import check, load_claims
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = {"papers": yaml.safe_load((repo / "claims.yaml").read_text())["papers"],
+           "claims": yaml.safe_load((repo / "claims" / "layerwise.yaml").read_text())}
+    (tmp_path / "claims.yaml").write_text(yaml.safe_dump(doc))
+    claims = {c.id: c for c in load_claims(load_params(repo / "params.yaml"), tmp_path / "claims.yaml")}
+    assert {"P3-C1", "P3-C2", "P3-C3", "P3-C4", "P3-C5", "P2-C1-vgg16", "P2-C2-resnet20"} <= set(claims)
+    assert claims["P3-C5"].margin == 1.0 and claims["P2-C1-p3cnn"].extra["threshold"] == 0.5
+
+    phases = synthetic_phases().assign(model="p3_k1")
+    runs = pd.DataFrame([{"run": f"{r}{s}", "experiment": e, "model": "p3_k1", "dataset": "cifar10", "seed": s,
+                          "final_test_acc": 70.0 + s} for s in (0, 1, 2)
+                         for r, e in (("lw", "layerwise"), ("e", "layerwise_e2e"))])
+    picked = [claims["P2-C1-p3cnn"], claims["P2-C2-p3cnn"], claims["P2-C1-vgg16"]]
+    recs = {r["id"]: r for r in check(picked, runs, phases, None, "paper", 0.05, 2, 999)}
+    # seed-mean layerwise curve 51, 70, 70.5, 71.2: still +0.7 at the last stage -> no saturation at 0.5
+    assert recs["P2-C1-p3cnn"]["saturated"] is False and recs["P2-C1-p3cnn"]["verdict"] == "inconclusive"
+    assert recs["P2-C2-p3cnn"]["verdict"] == "supported"  # early gaps ~31 vs 2.5 points
+    assert recs["P2-C1-vgg16"]["status"] == "not run"
+    claims["P2-C1-p3cnn"].extra["threshold"] = 1.0  # now the curve saturates after stage 2
+    rec = check([claims["P2-C1-p3cnn"]], runs, phases, None, "paper", 0.05, 2, 999)[0]
+    assert rec["saturated"] is True and rec["critical_stage_of_mean"] == 2 and rec["verdict"] == "supported"
