@@ -269,3 +269,57 @@ def stage_figures(phases: pd.DataFrame) -> dict[str, object]:
     return {f"stages_{p['model']}_{p['dataset']}": stage_figure(phases, p["model"], p["dataset"], p["layerwise"],
                                                                  p["end_to_end"])
             for p in stage_pairs(phases)}
+
+
+# Which arm of a per-stage claim record is the layerwise one and which the end-to-end one.
+_ROLES = {"saturation": ("b", "a"), "early_overfit": ("a", "b")}
+
+
+def record_stage_figure(rec: dict, phases: pd.DataFrame):
+    """The per-stage figure of a checked saturation / early_overfit claim record of
+    results/claims.json (its MLflow artifact); None for other kinds or claims not run."""
+    roles = _ROLES.get(rec["kind"])
+    if roles is None or rec.get("status") != "run":
+        return None
+    lw, e2e = (rec["arms"][r] for r in roles)
+    return stage_figure(phases, lw["model"], rec["dataset"], lw["experiment"], e2e["experiment"])
+
+
+def stage_means(phases: pd.DataFrame, pair: dict) -> pd.DataFrame:
+    """Per stage of one architecture: mean (over seeds) test accuracy and train - test gap of the
+    layerwise heads and of the end-to-end probes."""
+    t = stage_table(phases)
+    cols = {}
+    for key, source in (("layerwise", "layerwise"), ("end_to_end", "probe")):
+        g = _arm(t, {"experiment": pair[key], "model": pair["model"]}, pair["dataset"], source).groupby("stage")
+        name = "layerwise head" if source == "layerwise" else "end-to-end probe"
+        cols[f"{name}: test acc"] = g.test_acc.mean()
+        cols[f"{name}: train - test"] = g.gap.mean()
+        cols[f"{name}: n"] = g.seed.nunique()
+    df = pd.DataFrame(cols).rename_axis("stage").reset_index()
+    counts = ["stage"] + [c for c in df if c.endswith(": n")]
+    df[counts] = df[counts].astype("Int64").astype(str)  # counts stay integers in the rendered table
+    return df
+
+
+def report_section(doc, results) -> None:
+    """Report section "Per-stage analysis (P2, P3)": per architecture, a table of the per-stage
+    means and :func:`stage_figure`. ``doc`` is l2l.report's Doc; reads results/phases.csv."""
+    path = results / "phases.csv"
+    phases = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    pairs = stage_pairs(phases) if not phases.empty else []
+    if not pairs:
+        return
+    doc.h(2, "Per-stage analysis (P2, P3)")
+    doc.p("Stage s = the network up to its s-th stage (P3 block, VGG pooling block, ResNet residual stage). "
+          "Layerwise: the test and train accuracy of the auxiliary head trained with stage s. End-to-end: a linear "
+          "probe (2x2 average pool, standardised, linear) on the frozen stage-s features of the network trained "
+          "whole. Train accuracy on the un-augmented training split; means over seeds, in %.")
+    for pair in pairs:
+        doc.h(3, f"{pair['model']} on {pair['dataset']} ({pair['layerwise']} vs {pair['end_to_end']})")
+        doc.table(stage_means(phases, pair))
+        doc.figure(f"stages_{pair['model']}_{pair['dataset']}",
+                   stage_figure(phases, pair["model"], pair["dataset"], pair["layerwise"], pair["end_to_end"]),
+                   f"{pair['model']} on {pair['dataset']}: test accuracy and train - test gap by stage, layerwise "
+                   "heads vs end-to-end linear probes (star: the end-to-end network); mean across seeds, band = 95% "
+                   "t-interval")

@@ -170,3 +170,11 @@ def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
                 c.set_tag(by_hash[h], f"l2l.claim.{rec['id']}", key.split(":")[0])
         out[rec["id"]] = run_id
     return out
+
+
+def log_figure(run_id: str, fig, name: str) -> None:
+    """A matplotlib figure as a PNG artifact of an MLflow run (then closed)."""
+    import matplotlib.pyplot as plt
+
+    client().log_figure(run_id, fig, name)
+    plt.close(fig)

@@ -14,8 +14,8 @@ import torch.nn as nn
 from l2l.config import ConfigError, RunSpec, load_params, plan
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, train_run
-from l2l.layerwise_analysis import (critical_stage, early_overfit, saturation, stage_figure, stage_figures, stage_pairs,
-                                    stage_table)
+from l2l.layerwise_analysis import (critical_stage, early_overfit, record_stage_figure, report_section, saturation,
+                                    stage_figure, stage_figures, stage_pairs, stage_table)
 from l2l.methods import conventional, layerwise
 from l2l.models import (LAYERWISE_PRESETS, ChannelMask, build_model, layerwise_cnn, layerwise_cnn_heads, stage_ends,
                         stage_outputs)
@@ -433,3 +433,21 @@ def test_claims_records_load_and_check(tmp_path):
     claims["P2-C1-p3cnn"].extra["threshold"] = 1.0  # now the curve saturates after stage 2
     rec = check([claims["P2-C1-p3cnn"]], runs, phases, None, "paper", 0.05, 2, 999)[0]
     assert rec["saturated"] is True and rec["critical_stage_of_mean"] == 2 and rec["verdict"] == "supported"
+
+
+def test_report_section_and_claim_figure(tmp_path):
+    from l2l.report import Doc
+
+    synthetic_phases().to_csv(tmp_path / "phases.csv", index=False)
+    doc = Doc()
+    report_section(doc, tmp_path)
+    assert list(doc.figures) == ["stages_p3_cifar10"]
+    table = next(b[1] for b in doc.blocks if b[0] == "table")
+    assert table["stage"].tolist() == ["1", "2", "3", "4"]
+    assert table["layerwise head: test acc"].tolist() == pytest.approx([51, 70, 70.5, 71.2])
+    report_section(empty := Doc(), tmp_path / "missing")  # no per-stage results: no section
+    assert not empty.blocks
+    rec = {"kind": "saturation", "status": "run", "dataset": "cifar10",
+           "arms": {"a": {"experiment": "layerwise_e2e", "model": "p3"}, "b": {"experiment": "layerwise", "model": "p3"}}}
+    assert len(record_stage_figure(rec, synthetic_phases()).axes) == 2
+    assert record_stage_figure({**rec, "kind": "superiority"}, synthetic_phases()) is None
