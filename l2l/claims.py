@@ -104,6 +104,15 @@ def load_claims(params: dict, path: Path = CLAIMS_FILE) -> list[Claim]:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("claims"), list) or not isinstance(doc.get("papers"), dict):
         raise ConfigError(f"{path}: expected a mapping with 'papers' (id -> citation) and 'claims' (a list)")
+    for inc in doc.get("include") or []:  # per-topic files of records, beside claims.yaml
+        inc_path = Path(path).parent / inc
+        try:
+            records = yaml.safe_load(inc_path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: include {inc}: cannot read ({str(e).splitlines()[0]})") from None
+        if not isinstance(records, list):
+            raise ConfigError(f"{inc_path}: expected a list of claim records")
+        doc["claims"] = doc["claims"] + records
     experiments = {}
     for name in params["profiles"]:
         prof = resolve_profile(params, name)
