@@ -113,6 +113,12 @@ class RunTracker:
         self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
                                                if v is not None])
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def log_artifacts(self, *paths: Path) -> None:
         for p in paths:
             self.c.log_artifact(self.run_id, str(p))

@@ -41,6 +41,7 @@ def run() -> None:
             raise
         tracker.log_metrics({"train_seconds": result["train_seconds"], "best_val_acc": result["best"]["val_acc"],
                              "final_val_acc": result["final"]["val_acc"]})
+        tracker.set_tags(result["tags"])
         tracker.log_artifacts(run_dir / "history.csv", run_dir / "final.pt")
         tracker.finish()
 
