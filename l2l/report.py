@@ -245,14 +245,23 @@ def claims_sections(doc: Doc, results: Path) -> None:
     if data["profile"] == "smoke":
         doc.p("Smoke scale cannot support any verdict: every checked claim reads \"inconclusive (smoke scale)\"; "
               "its reason gives what the statistics alone would say, to show the machinery works.")
-    doc.table(verdict_table(records))
+    checked = [r for r in records if r.get("comparison") is not None]
+    not_run = [r for r in records if r.get("comparison") is None]
+    if checked:
+        doc.table(verdict_table(checked))
+    else:
+        doc.p("No claim has its arms in this profile.")
     doc.p(f"alpha = {st['alpha']}, at least {st['min_seeds']} seeds per arm, {st['bootstrap_resamples']} bootstrap "
           "resamples; p-values Holm-adjusted across all claims checked here. Differences are arm a minus arm b "
           "(the last minus the first arm for an ordering), in accuracy points.")
     doc.h(3, "How a verdict is decided")
     doc.p(_rule_as_list(data["verdict_rule"]))
-    doc.h(2, "Claims")
-    for rec in records:
+    if not_run:
+        doc.h(3, f"Not run in profile {data['profile']} ({len(not_run)} claims)")
+        doc.table(pd.DataFrame([{"claim": r["id"], "claim text": r["claim"], "paper's number": r["reported_text"],
+                                 "why not run": r["reason"]} for r in not_run]))
+    doc.h(2, "Claims checked")
+    for rec in checked:
         doc.h(3, f"{rec['id']}: {rec['claim']}")
         doc.p(f"Source: {rec['citation']}. Paper's number: {rec['reported_text']}"
               + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "") + ".")
@@ -261,9 +270,6 @@ def claims_sections(doc: Doc, results: Path) -> None:
                               "per seed": ", ".join(f"s{s}: {v:.2f}" for s, v in a["values"].items())}
                              for n, a in rec["arms"].items()])
         doc.table(arms)
-        if rec.get("comparison") is None:
-            doc.p(f"**Not run**: {rec['reason']}.")
-            continue
         c = rec["comparison"]
         details = [f"verdict: **{rec['verdict']}** ({rec['reason']})",
                    f"{'paired by seed' if c['paired'] else 'unpaired'}; difference {_difference(rec)}",
