@@ -42,28 +42,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def latency(model: nn.Module, batch_size: int, input_shape: tuple[int, ...], warmup: int = 5, repeats: int = 20,
-            autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-            memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+def latencies(models: dict[str, nn.Module], batch_size: int, input_shape: tuple[int, ...], warmup: int = 5,
+              repeats: int = 20, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+              memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, dict[str, float]]:
     """Median (and interquartile range) in milliseconds of one forward pass of a batch of
-    `batch_size` random inputs, after `warmup` untimed passes. `autocast` is the run's
-    precision context (RunContext.autocast), so the timing is of the precision it trains in."""
+    `batch_size` random inputs, per model, after `warmup` untimed passes. The models are timed
+    in turn within each repetition (A, B, A, B, ...), so a slow spell of a shared machine hits
+    all of them alike and their ratios stay fair. `autocast` is the run's precision context
+    (RunContext.autocast): the timing is of the precision the run trains in."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"latency: need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    device = _device(model)
-    was_training = model.training
-    model.eval()
+    modes = {name: m.training for name, m in models.items()}
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, *input_shape, generator=g).to(device).contiguous(memory_format=memory_format)
-    times = []
+    inputs = {name: torch.randn(batch_size, *input_shape, generator=g).to(_device(m))
+              .contiguous(memory_format=memory_format) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode(), autocast():
         for i in range(warmup + repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            model(x)
-            _sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    model.train(was_training)
-    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    return {"median_ms": statistics.median(times), "iqr_ms": q3 - q1}
+            for name, m in models.items():
+                m.eval()
+                device = _device(m)
+                _sync(device)
+                t0 = time.perf_counter()
+                m(inputs[name])
+                _sync(device)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, m in models.items():
+        m.train(modes[name])
+        t = times[name]
+        q1, _, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
+        out[name] = {"median_ms": statistics.median(t), "iqr_ms": q3 - q1}
+    return out
+
+
+def latency(model: nn.Module, batch_size: int, input_shape: tuple[int, ...], **kwargs) -> dict[str, float]:
+    """latencies() of one model."""
+    return latencies({"model": model}, batch_size, input_shape, **kwargs)["model"]

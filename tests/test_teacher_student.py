@@ -5,6 +5,7 @@ resumed run equals an uninterrupted one; the distilled students of a seed share 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from l2l.losses import (confidence_penalty_ce, entropy, kd_loss, kd_objective, l
 from l2l.methods import conventional, distill, generations
 from l2l.methods.teaching import profile
 from l2l.models import cifar_resnet, count_params
-from l2l.profiling import flops, latency
+from l2l.profiling import flops, latencies, latency
 
 TINY = {"arch": "cifar_resnet", "depth": 8, "width": 4}
 TRAIN = {"epochs": 1, "batch_size": 32, "eval_batch_size": 100,
@@ -146,12 +147,32 @@ def test_flops_of_a_cifar_resnet_hand_count():
     assert count_params(model) == convs + bns + 4 * w * k + k
 
 
-def test_latency_measures_and_restores_mode():
-    model = cifar_resnet(10, depth=8, width=4).train()
-    t = latency(model, 4, (3, 16, 16), warmup=1, repeats=5)
-    assert t["median_ms"] > 0 and t["iqr_ms"] >= 0 and model.training
+class Sleeper(nn.Module):
+    """A model whose forward pass takes at least `ms` milliseconds and logs its calls."""
+
+    def __init__(self, ms: float, log: list):
+        super().__init__()
+        self.ms, self.log, self.p = ms, log, nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.log.append((self.ms, self.training, torch.is_inference_mode_enabled()))
+        time.sleep(self.ms / 1e3)
+        return x
+
+
+def test_latencies_time_each_model_in_turn():
+    calls = []
+    models = {"slow": Sleeper(6.0, calls).eval(), "fast": Sleeper(1.0, calls).train()}
+    t = latencies(models, 2, (3, 4, 4), warmup=2, repeats=5)
+    assert [c[0] for c in calls] == [6.0, 1.0] * 7  # interleaved: warm-up and timed passes alike
+    assert all(not training and inference for _, training, inference in calls)
+    assert t["slow"]["median_ms"] >= 6.0 and t["fast"]["median_ms"] >= 1.0
+    assert t["slow"]["median_ms"] > t["fast"]["median_ms"] and t["slow"]["iqr_ms"] >= 0
+    assert models["fast"].training and not models["slow"].training  # modes restored
+    one = latency(cifar_resnet(10, depth=8, width=4), 4, (3, 16, 16), warmup=1, repeats=3)
+    assert one["median_ms"] > 0
     with pytest.raises(ValueError, match="repeats"):
-        latency(model, 1, (3, 16, 16), repeats=0)
+        latency(models["fast"], 1, (3, 4, 4), repeats=0)
 
 
 # ---------------------------------------------------------------- methods
@@ -224,6 +245,16 @@ def test_generation_teacher_is_the_previous_checkpoint_frozen(tmp_path):
                 "flops"} <= set(m)
         assert 0 < m["confidence"] <= 1 and 0 <= m["entropy"] <= math.log(10)
     assert metrics["gen0"]["ensemble_final_test_acc"] == metrics["gen0"]["final_test_acc"]
+    # the ensemble of generations 0..2: mean softmax of the three finished networks, recomputed here
+    nets = [cifar_resnet(10, depth=8, width=4) for _ in range(3)]
+    for net, st in zip(nets, (spy.finished[2]["gen0"], spy.finished[2]["gen1"], spy.finished[2]["model"])):
+        net.load_state_dict(st)
+        net.eval()
+    x = ctx.data.normalise(ctx.data.x["test"])
+    with torch.no_grad():
+        probs = sum(net(x).softmax(1) for net in nets)
+    expected = 100.0 * (probs.argmax(1) == ctx.data.y["test"]).float().mean().item()
+    assert metrics["gen2"]["ensemble_final_test_acc"] == pytest.approx(expected)
     # the run's final model is the last generation
     final = load_checkpoint(tmp_path / "run" / "final.pt")
     assert_same_state(final, spy.finished[2]["model"])
@@ -304,8 +335,10 @@ def test_distilled_students_share_the_teacher(tmp_path):
 
 def test_profile_keys_carry_the_dtype():
     spec, ctx = make(distill, {})
-    p = profile(ctx, cifar_resnet(10, depth=8, width=2), batches=[1, 2], warmup=0, repeats=2)
-    assert set(p) == {"params", "flops", "latency_fp32_b1_ms", "latency_fp32_b1_iqr_ms", "latency_fp32_b2_ms",
+    p = profile(ctx, {"a": cifar_resnet(10, depth=8, width=2), "b": cifar_resnet(10, depth=8, width=4)},
+                batches=[1, 2], warmup=0, repeats=2)
+    assert p["a"]["flops"] < p["b"]["flops"]
+    assert set(p) == {"a", "b"} and set(p["a"]) == {"params", "flops", "latency_fp32_b1_ms", "latency_fp32_b1_iqr_ms", "latency_fp32_b2_ms",
                       "latency_fp32_b2_iqr_ms"}
 
 

@@ -16,8 +16,7 @@ Options (the paper's values are not public; the harness's documented choices):
 - latency_batches ([1, 256]), latency_warmup (10), latency_repeats (30): the latency
   measurement (l2l.profiling.latency) at the end of the run, on the run's device and precision.
 
-Measures (results/phases.csv): phase "teacher": the teacher's final_{val,test}_acc, confidence,
-entropy. Phase "student": the student's final_{val,test}_acc, params, flops,
+Measures (results/phases.csv): phase "teacher": the teacher's final_{val,test}_acc. Phase "student": the student's final_{val,test}_acc, params, flops,
 latency_<dtype>_b<N>_ms (+ _iqr_ms); the same for the teacher prefixed teacher_; and the
 student / teacher ratios flops_ratio, params_ratio, latency_ratio_b<N>.
 """
@@ -34,7 +33,7 @@ from l2l.config import RunSpec
 from l2l.engine import Phase, RunContext
 from l2l.methods.options import validate
 from l2l.methods.teaching import (check_kd_options, cross_entropy, final_accuracies, freeze, kd_step, loss_step,
-                                  option_error, output_measures, profile, split_logits, train_mode)
+                                  option_error, profile, train_mode)
 from l2l.models import ARCHS, build_model
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,6 @@ def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
 
 def _teacher_measures(ctx: RunContext, teacher: nn.Module) -> dict[str, float]:
     out, _ = final_accuracies(ctx, teacher)
-    out.update(output_measures(split_logits(ctx, teacher, "train")))
     log.info("teacher: test acc %.2f", out["final_test_acc"])
     return out
 
@@ -84,7 +82,8 @@ def _student_measures(ctx: RunContext, student: nn.Module, teacher: nn.Module) -
     o = ctx.spec.options
     out, _ = final_accuracies(ctx, student)
     measure = dict(batches=o["latency_batches"], warmup=o["latency_warmup"], repeats=o["latency_repeats"])
-    s, t = profile(ctx, student, **measure), profile(ctx, teacher, **measure)
+    costs = profile(ctx, {"student": student, "teacher": teacher}, **measure)
+    s, t = costs["student"], costs["teacher"]
     out.update(s)
     out.update({f"teacher_{k}": v for k, v in t.items()})
     out["params_ratio"], out["flops_ratio"] = s["params"] / t["params"], s["flops"] / t["flops"]

@@ -133,13 +133,19 @@ class CachedTeacher:
         return self.logits[idx]
 
 
-def _measures(ctx: RunContext, models: list[nn.Module], g: int) -> dict[str, float]:
+def _measures(ctx: RunContext, models: list[nn.Module], g: int, probs: dict) -> dict[str, float]:
+    """Generation g's measures. `probs` keeps each finished generation's val/test softmax for the
+    later ensembles (after a resume, missing ones are recomputed from the checkpointed models)."""
     model = models[g]
     out, logits = final_accuracies(ctx, model)
     out.update(output_measures(split_logits(ctx, model, "train")))
     for split in ("val", "test"):
-        probs = sum(split_logits(ctx, m, split).softmax(1) for m in models[:g]) + logits[split].softmax(1)
-        out[f"ensemble_final_{split}_acc"] = accuracy(probs, ctx.data.y[split])
+        probs[g, split] = logits[split].softmax(1)
+        for i in range(g):
+            if (i, split) not in probs:
+                probs[i, split] = split_logits(ctx, models[i], split).softmax(1)
+        ensemble = sum(probs[i, split] for i in range(g + 1))
+        out[f"ensemble_final_{split}_acc"] = accuracy(ensemble, ctx.data.y[split])
     out["params"] = float(count_params(model))
     out["flops"] = float(flops(model, tuple(ctx.data.x["train"].shape[1:])))
     log.info("gen%d: test acc %.2f (ensemble of %d: %.2f), confidence %.3f, entropy %.3f, %d params, %.3g FLOPs",
@@ -159,6 +165,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     patriarch_loss = teacher_loss(o)
     student_loss = patriarch_loss if o["tolerant_in_students"] else cross_entropy
     epochs = spec.train["epochs"]
+    probs: dict[tuple[int, str], torch.Tensor] = {}
     for g, model in enumerate(models):
         elders = [freeze(m) for m in models[:g]]
         opt = ctx.optimizer(model.parameters())
@@ -177,4 +184,4 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
         yield Phase(f"gen{g}", epochs, {**{f"gen{i}": m for i, m in enumerate(elders)}, "model": model},
                     {"sgd": opt}, step, predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)},
                     train_mode=train_mode(model, elders), on_epoch_start=on_epoch_start,
-                    on_end=lambda g=g: _measures(ctx, models, g))
+                    on_end=lambda g=g: _measures(ctx, models, g, probs))

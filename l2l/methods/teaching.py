@@ -13,7 +13,7 @@ from l2l.config import ConfigError
 from l2l.engine import RunContext, StepFn
 from l2l.losses import entropy, kd_objective
 from l2l.models import count_params
-from l2l.profiling import flops, latency
+from l2l.profiling import flops, latencies
 
 LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (normalised images, labels) -> teacher logits
@@ -108,18 +108,20 @@ def final_accuracies(ctx: RunContext, model: nn.Module) -> tuple[dict[str, float
     return {f"final_{s}_acc": accuracy(v, ctx.data.y[s]) for s, v in logits.items()}, logits
 
 
-def profile(ctx: RunContext, model: nn.Module, batches: list[int], warmup: int, repeats: int) -> dict[str, float]:
-    """params, FLOPs per image, and latency per batch size on the run's device, in its precision.
-    The latency keys carry the dtype (latency_fp32_b1_ms, latency_bf16_b256_ms, ...); the
-    device is the run's (results/runs.csv: device, device_name)."""
+def profile(ctx: RunContext, models: dict[str, nn.Module], batches: list[int], warmup: int, repeats: int
+            ) -> dict[str, dict[str, float]]:
+    """Per model: params, FLOPs per image, and latency per batch size on the run's device in its
+    precision (models timed in turn, l2l.profiling.latencies). The latency keys carry the dtype
+    (latency_fp32_b1_ms, latency_bf16_b256_ms, ...); the device is the run's (results/runs.csv:
+    device, device_name)."""
     shape = tuple(ctx.data.x["train"].shape[1:])
     dtype = "bf16" if ctx.amp else "fp32"
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    out = {"params": float(count_params(model)), "flops": float(flops(model, shape))}
+    out = {name: {"params": float(count_params(m)), "flops": float(flops(m, shape))} for name, m in models.items()}
     for b in batches:
-        t = latency(model, b, shape, warmup, repeats, autocast=ctx.autocast, memory_format=fmt)
-        out[f"latency_{dtype}_b{b}_ms"] = t["median_ms"]
-        out[f"latency_{dtype}_b{b}_iqr_ms"] = t["iqr_ms"]
+        for name, t in latencies(models, b, shape, warmup, repeats, autocast=ctx.autocast, memory_format=fmt).items():
+            out[name][f"latency_{dtype}_b{b}_ms"] = t["median_ms"]
+            out[name][f"latency_{dtype}_b{b}_iqr_ms"] = t["iqr_ms"]
     return out
 
 
