@@ -167,7 +167,10 @@ def load_voc(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[np.nda
         pair = []
         for part, dtype, shape in (("x", np.uint8, (3, size, size)), ("y", np.int8, (len(CLASSES),))):
             path = Path(out_dir) / f"{s}_{part}.npy"
-            a = np.load(path, allow_pickle=False)
+            try:
+                a = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise DataError(f"{path}: unreadable array ({type(e).__name__}: {e})") from None
             if a.dtype != dtype or a.shape != (entry["count"], *shape):
                 raise DataError(f"{path}: expected {np.dtype(dtype)} {(entry['count'], *shape)}, got {a.dtype} {a.shape}")
             if verify and _sha256(a) != entry[f"sha256_{part}"]:

@@ -142,6 +142,11 @@ def test_tampered_array_is_detected(tmp_path):
     np.save(path, y)
     with pytest.raises(DataError, match="train_y.npy: sha256 mismatch"):
         load_voc(tmp_path / "out")
+    (tmp_path / "out" / "test_x.npy").write_bytes(b"truncated")
+    with pytest.raises(DataError, match="test_x.npy: unreadable array"):
+        load_voc(tmp_path / "out", verify=False)
+    with pytest.raises(DataError, match="manifest.json: not found"):
+        load_voc(tmp_path / "nothing")
 
 
 def test_download_goes_through_torchvision_with_md5(tmp_path, monkeypatch):
