@@ -332,11 +332,6 @@ def build_model(cfg: dict, num_classes: int) -> nn.Sequential:
         raise ValueError(f"params.yaml: models.{cfg['arch']}: {e}") from None
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (weights and biases; BatchNorm running statistics are buffers, not counted)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def block_names(model: nn.Sequential) -> list[str]:
     return [name for name, _ in model.named_children()]
 

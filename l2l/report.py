@@ -194,6 +194,11 @@ def verdict_table(records: list[dict]) -> pd.DataFrame:
         "verdict": r["verdict"]} for r in records])
 
 
+def _arm_model(arm: dict) -> str:
+    """The arm's model, with the phase whose metric it reads (e.g. a generation) when it names one."""
+    return arm["model"] + (f" [{arm['phase']}]" if arm.get("phase") else "")
+
+
 def claim_figure(rec: dict):
     """Per-seed points of each arm with its mean and 95% t-interval; the paper's number dashed."""
     from l2l.results import mean_interval
@@ -214,7 +219,7 @@ def claim_figure(rec: dict):
         ax.axhline(rec["reported"]["value"], ls="--", color="tab:red", label="paper")
         ax.legend(fontsize=7)
     ax.set_xticks(range(len(rec["arms"])))
-    ax.set_xticklabels([f"{n}\n{a['experiment']}\n{a['model']}" for n, a in rec["arms"].items()], fontsize=7)
+    ax.set_xticklabels([f"{n}\n{a['experiment']}\n{_arm_model(a)}" for n, a in rec["arms"].items()], fontsize=7)
     ax.set_ylabel(rec["metric"])
     ax.set_title(rec["id"], fontsize=9)
     ax.grid(alpha=0.3)
@@ -266,7 +271,7 @@ def claims_sections(doc: Doc, results: Path) -> None:
         doc.p(f"Source: {rec['citation']}. Paper's number: {rec['reported_text']}"
               + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "") + ".")
         doc.p(f"Protocol here: {rec['protocol']}")
-        arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": a["model"], "n": len(a["values"]),
+        arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": _arm_model(a), "n": len(a["values"]),
                               "per seed": ", ".join(f"s{s}: {v:.2f}" for s, v in a["values"].items())}
                              for n, a in rec["arms"].items()])
         doc.table(arms)

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from l2l.report import Doc, _interval  # noqa: E402
 from l2l.results import mean_interval  # noqa: E402
@@ -132,6 +133,7 @@ def accuracy_latency_figure(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> F
                         mfc="none" if baseline else color, label=f"{r['model']}: {r['role']} ({r['dataset']})")
         dtype, batch = LATENCY.match(col).groups()
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor log ticks' labels collide
         ax.set_xlabel(f"latency, batch {batch}, {dtype} (ms, median)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3, which="both")

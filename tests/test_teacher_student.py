@@ -20,8 +20,9 @@ from l2l.losses import (confidence_penalty_ce, entropy, kd_loss, kd_objective, l
                         multilabel_kd_loss, tsd)
 from l2l.methods import conventional, distill, generations
 from l2l.methods.teaching import profile
-from l2l.models import cifar_resnet, count_params
+from l2l.models import cifar_resnet
 from l2l.profiling import flops, latencies, latency
+from l2l.pruning import count_parameters
 
 TINY = {"arch": "cifar_resnet", "depth": 8, "width": 4}
 TRAIN = {"epochs": 1, "batch_size": 32, "eval_batch_size": 100,
@@ -129,7 +130,7 @@ def test_flops_and_params_of_a_known_small_model():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     # conv: 4 out x 3 in x 3 x 3 taps x 8 x 8 positions multiply-adds; linear: 4 x 10; 2 FLOPs each
     assert flops(model, (3, 8, 8)) == 2 * (4 * 3 * 9 * 64 + 4 * 10)
-    assert count_params(model) == 4 * 3 * 9 + 2 * 4 + 4 * 10 + 10
+    assert count_parameters(model) == 4 * 3 * 9 + 2 * 4 + 4 * 10 + 10
 
 
 def test_flops_of_a_cifar_resnet_hand_count():
@@ -144,7 +145,7 @@ def test_flops_of_a_cifar_resnet_hand_count():
     convs = 3 * w * 9 + 2 * w * w * 9 + (w * 2 * w * 9 + 4 * w * w * 9 + 2 * w * w) \
         + (8 * w * w * 9 + 16 * w * w * 9 + 8 * w * w)
     bns = 2 * (w + 2 * w + 3 * 2 * w + 3 * 4 * w)  # stem, 2 per block, 1 per projection
-    assert count_params(model) == convs + bns + 4 * w * k + k
+    assert count_parameters(model) == convs + bns + 4 * w * k + k
 
 
 class Sleeper(nn.Module):
@@ -177,7 +178,7 @@ def test_latencies_time_each_model_in_turn():
 
 # ---------------------------------------------------------------- methods
 
-def tiny_data(n: int = 96, k: int = 10, size: int = 16) -> DeviceData:
+def small_data(n: int = 96, k: int = 10, size: int = 16) -> DeviceData:
     rng = np.random.default_rng(0)
     arrays = {s: (rng.integers(0, 256, (m, 3, size, size), dtype=np.uint8), np.arange(m) % k)
               for s, m in (("train", n), ("val", 40), ("test", 50))}
@@ -188,7 +189,7 @@ def make(method, options: dict, model_cfg: dict = TINY, seed: int = 0, data: Dev
          train: dict = TRAIN) -> tuple[RunSpec, RunContext]:
     opts = method.validate_options(options, "test")
     spec = RunSpec("e", method.__name__.rsplit(".", 1)[-1], "m", "cifar10", seed, model_cfg, train, opts, {})
-    return spec, RunContext(spec, data or tiny_data(), 10, torch.device("cpu"))
+    return spec, RunContext(spec, data or small_data(), 10, torch.device("cpu"))
 
 
 def state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -284,7 +285,7 @@ def test_generations_resume_equals_uninterrupted(tmp_path):
 
 
 def test_cached_teacher_serves_the_images_of_each_batch():
-    data = tiny_data()
+    data = small_data()
     spec, ctx = make(generations, {"generations": 1, "teacher_on_the_fly": False}, data=data)
     phases = generations.phases(spec, ctx)
     next(phases)
@@ -330,7 +331,8 @@ def test_distilled_students_share_the_teacher(tmp_path):
                 "teacher_flops", "teacher_latency_fp32_b8_ms", "flops_ratio", "latency_ratio_b1", "latency_ratio_b8"):
         assert key in m, key
     assert m["flops_ratio"] == pytest.approx(m["flops"] / m["teacher_flops"]) and m["flops_ratio"] < 1
-    assert m["params"] == count_params(cifar_resnet(10, depth=14, width=2))
+    assert m["params"] == count_parameters(cifar_resnet(10, depth=14, width=2))
+    assert res_a["tags"]["latency_dtype"] == "fp32" and res_a["tags"]["latency_device"]
 
 
 def test_profile_keys_carry_the_dtype():

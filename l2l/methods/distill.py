@@ -18,7 +18,8 @@ Options (the paper's values are not public; the harness's documented choices):
 
 Measures (results/phases.csv): phase "teacher": the teacher's final_{val,test}_acc. Phase "student": the student's final_{val,test}_acc, params, flops,
 latency_<dtype>_b<N>_ms (+ _iqr_ms); the same for the teacher prefixed teacher_; and the
-student / teacher ratios flops_ratio, params_ratio, latency_ratio_b<N>.
+student / teacher ratios flops_ratio, params_ratio, latency_ratio_b<N>. The run's tags (result.json,
+MLflow) stamp latency_device and latency_dtype.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from l2l.config import RunSpec
-from l2l.engine import Phase, RunContext
+from l2l.engine import Phase, RunContext, device_info
 from l2l.methods.options import validate
 from l2l.methods.teaching import (check_kd_options, cross_entropy, final_accuracies, freeze, kd_step, loss_step,
                                   option_error, profile, train_mode)
@@ -115,4 +116,6 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     step = kd_step(ctx, student, opt, lambda x, y: teacher(x), cross_entropy, o["temperature"], o["kd_weight"])
     yield Phase("student", epochs, {"teacher": teacher, "student": student}, {"sgd": opt}, step,
                 predictor=student, schedulers={"lr": ctx.scheduler(opt, epochs)},
-                train_mode=train_mode(student, [teacher]), on_end=lambda: _student_measures(ctx, student, teacher))
+                train_mode=train_mode(student, [teacher]), on_end=lambda: _student_measures(ctx, student, teacher),
+                tags={"latency_device": device_info(ctx.device)["device_name"],
+                      "latency_dtype": "bf16" if ctx.amp else "fp32"})

@@ -52,8 +52,9 @@ from l2l.methods.options import validate
 from l2l.methods.teaching import (LabelLoss, accuracy, check_kd_options, check_number, cross_entropy,
                                   final_accuracies, freeze, kd_step, loss_step, option_error, output_measures,
                                   split_logits, train_mode)
-from l2l.models import build_model, count_params
+from l2l.models import build_model
 from l2l.profiling import flops
+from l2l.pruning import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def _measures(ctx: RunContext, models: list[nn.Module], g: int, probs: dict) -> 
                 probs[i, split] = split_logits(ctx, models[i], split).softmax(1)
         ensemble = sum(probs[i, split] for i in range(g + 1))
         out[f"ensemble_final_{split}_acc"] = accuracy(ensemble, ctx.data.y[split])
-    out["params"] = float(count_params(model))
+    out["params"] = float(count_parameters(model))
     out["flops"] = float(flops(model, tuple(ctx.data.x["train"].shape[1:])))
     log.info("gen%d: test acc %.2f (ensemble of %d: %.2f), confidence %.3f, entropy %.3f, %d params, %.3g FLOPs",
              g, out["final_test_acc"], g + 1, out["ensemble_final_test_acc"], out["confidence"], out["entropy"],

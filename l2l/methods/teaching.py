@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from l2l.config import ConfigError
 from l2l.engine import RunContext, StepFn
 from l2l.losses import entropy, kd_objective
-from l2l.models import count_params
 from l2l.profiling import flops, latencies
+from l2l.pruning import count_parameters
 
 LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (normalised images, labels) -> teacher logits
@@ -117,7 +117,7 @@ def profile(ctx: RunContext, models: dict[str, nn.Module], batches: list[int], w
     shape = tuple(ctx.data.x["train"].shape[1:])
     dtype = "bf16" if ctx.amp else "fp32"
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    out = {name: {"params": float(count_params(m)), "flops": float(flops(m, shape))} for name, m in models.items()}
+    out = {name: {"params": float(count_parameters(m)), "flops": float(flops(m, shape))} for name, m in models.items()}
     for b in batches:
         for name, t in latencies(models, b, shape, warmup, repeats, autocast=ctx.autocast, memory_format=fmt).items():
             out[name][f"latency_{dtype}_b{b}_ms"] = t["median_ms"]
