@@ -30,10 +30,11 @@ class Arm:
     name: str
     experiment: str
     model: str
+    phase: str | None = None  # set: the metric of this phase of the runs, from results/phases.csv
 
     @property
     def label(self) -> str:
-        return f"{self.experiment}/{self.model}"
+        return f"{self.experiment}/{self.model}" + (f"[{self.phase}]" if self.phase else "")
 
 
 @dataclass
@@ -80,6 +81,16 @@ CustomKind = Callable[[Claim, Context], tuple[stats.Comparison, dict]]
 CUSTOM_KINDS: dict[str, CustomKind] = {}
 
 
+def _register_layerwise_kinds() -> None:
+    # P2's per-stage claims (measures in l2l/layerwise_analysis.py, read from results/phases.csv).
+    from l2l.layerwise_analysis import early_overfit_check, saturation_check
+
+    CUSTOM_KINDS.update(saturation=saturation_check, early_overfit=early_overfit_check)
+
+
+_register_layerwise_kinds()
+
+
 def _err(cid: str, key: str, msg: str) -> ConfigError:
     return ConfigError(f"claims.yaml: {cid}.{key}: {msg}")
 
@@ -94,6 +105,15 @@ def load_claims(params: dict, path: Path = CLAIMS_FILE) -> list[Claim]:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("claims"), list) or not isinstance(doc.get("papers"), dict):
         raise ConfigError(f"{path}: expected a mapping with 'papers' (id -> citation) and 'claims' (a list)")
+    for inc in doc.get("include") or []:  # per-topic files of records, beside claims.yaml
+        inc_path = Path(path).parent / inc
+        try:
+            records = yaml.safe_load(inc_path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: include {inc}: cannot read ({str(e).splitlines()[0]})") from None
+        if not isinstance(records, list):
+            raise ConfigError(f"{inc_path}: expected a list of claim records")
+        doc["claims"] = doc["claims"] + records
     experiments = {}
     for name in params["profiles"]:
         prof = resolve_profile(params, name)
@@ -153,13 +173,22 @@ def _arms(cid: str, rec: dict, experiments: dict[str, set]) -> list[Arm]:
             raise _err(cid, f"arms.{name}.experiment", f"unknown experiment {a['experiment']!r} (params.yaml)")
         if a["model"] not in experiments[a["experiment"]]:
             raise _err(cid, f"arms.{name}.model", f"model {a['model']!r} is not trained by {a['experiment']}")
-        arms.append(Arm(name, a["experiment"], a["model"]))
+        if not isinstance(a.get("phase", ""), str) or set(a) - {"experiment", "model", "phase"}:
+            raise _err(cid, f"arms.{name}", "expected {experiment, model} and optionally phase (a phase name)")
+        arms.append(Arm(name, a["experiment"], a["model"], a.get("phase")))
     return arms
 
 
 # --- checking -----------------------------------------------------------------------------
 
-def arm_values(runs: pd.DataFrame, claim: Claim, arm: Arm) -> dict[int, float]:
+def arm_values(runs: pd.DataFrame, claim: Claim, arm: Arm, phases: pd.DataFrame | None = None) -> dict[int, float]:
+    """seed -> the claim's metric: a column of runs.csv, or for an arm with a phase, that phase's
+    metric in phases.csv (e.g. generation 0 of a run that trains several)."""
+    if arm.phase is not None:
+        p = phases if phases is not None else pd.DataFrame(columns=["experiment", "model", "dataset", "phase", "metric"])
+        rows = p[(p["experiment"] == arm.experiment) & (p["model"] == arm.model) & (p["dataset"] == claim.dataset)
+                 & (p["phase"] == arm.phase) & (p["metric"] == claim.metric)]
+        return {int(s): float(v) for s, v in zip(rows["seed"], rows["value"])}
     rows = runs[(runs["experiment"] == arm.experiment) & (runs["model"] == arm.model)
                 & (runs["dataset"] == claim.dataset)]
     return {int(s): float(v) for s, v in zip(rows["seed"], rows[claim.metric])}
@@ -173,7 +202,8 @@ def arm_runs(runs: pd.DataFrame, claim: Claim, arm: Arm) -> dict[int, str]:
 
 def _mcnemar(claim: Claim, runs: pd.DataFrame, preds: Any) -> float | None:
     """Per-seed McNemar on the final test predictions of paired runs, combined across seeds."""
-    if claim.kind not in TWO_ARM_KINDS or preds is None or claim.metric != "final_test_acc":
+    if claim.kind not in TWO_ARM_KINDS or preds is None or claim.metric != "final_test_acc" \
+            or any(a.phase for a in claim.arms):  # the saved predictions are of the final model, not a phase's
         return None
     ra, rb = (arm_runs(runs, claim, claim.arm(n)) for n in ("a", "b"))
     y = preds.get(f"y_test__{claim.dataset}")
@@ -191,7 +221,7 @@ def _effect_of_interest(claim: Claim) -> float | None:
 
 def _compare(claim: Claim, ctx: Context) -> tuple[stats.Comparison, list[stats.Comparison], dict]:
     """-> (comparison, ordering steps, extra numbers)."""
-    vals = {a.name: arm_values(ctx.runs, claim, a) for a in claim.arms}
+    vals = {a.name: arm_values(ctx.runs, claim, a, ctx.phases) for a in claim.arms}
     kw = {"alpha": ctx.alpha, "n_resamples": ctx.n_resamples}
     if claim.kind == "superiority":
         return stats.compare_superiority(vals["a"], vals["b"], effect_of_interest=_effect_of_interest(claim),
@@ -219,8 +249,8 @@ def check(claims: list[Claim], runs: pd.DataFrame, phases: pd.DataFrame, preds: 
         rec = {"id": claim.id, "paper": claim.paper, "citation": claim.citation, "claim": claim.claim,
                "kind": claim.kind, "metric": claim.metric, "dataset": claim.dataset, "protocol": claim.protocol,
                "reported": claim.reported, "reported_text": claim.reported_text, "margin": claim.margin,
-               "arms": {a.name: {"experiment": a.experiment, "model": a.model,
-                                 "values": arm_values(runs, claim, a), "runs": arm_runs(runs, claim, a)}
+               "arms": {a.name: {"experiment": a.experiment, "model": a.model, "phase": a.phase,
+                                 "values": arm_values(runs, claim, a, phases), "runs": arm_runs(runs, claim, a)}
                         for a in claim.arms}, **claim.extra}
         missing = [a for a in claim.arms if not rec["arms"][a.name]["values"]]
         if missing:

@@ -56,6 +56,7 @@ class Phase:
     train_mode: Callable[[], None] | None = None  # default: every module in train mode
     on_epoch_start: Callable[[int], None] | None = None
     on_end: Callable[[], dict[str, float]] | None = None  # extra metrics recorded for the phase
+    tags: dict[str, str] = field(default_factory=dict)  # what the method resolved (e.g. a split point): MLflow tags
 
 
 class Method(Protocol):
@@ -274,8 +275,10 @@ def train_run(spec: RunSpec, method: Method, ctx: RunContext, run_dir: Path,
     torch.manual_seed(spec.seed)  # initialisation; data order and augmentation have their own streams
     epochs_done_now = 0
     phase = None
+    tags: dict[str, str] = {}
     updates = history[-1]["updates"] if history else 0
     for pi, phase in enumerate(method.phases(spec, ctx)):
+        tags.update(phase.tags)
         start_epoch = 0
         if resume is not None:
             if pi < resume["phase"]:
@@ -318,7 +321,7 @@ def train_run(spec: RunSpec, method: Method, ctx: RunContext, run_dir: Path,
               "best": best, "final_sha256": final_sha, "epochs": len(history), "updates": updates,
               "train_seconds": float(sum(r["epoch_seconds"] for r in history)),
               "images_per_s": float(np.median([r["images_per_s"] for r in history])),
-              "phase_metrics": phase_metrics}
+              "phase_metrics": phase_metrics, "tags": tags}
     write_json(run_dir / "result.json", result)
     last_path.unlink()  # the run is complete; the resume state (with optimizer moments) is no longer needed
     return result

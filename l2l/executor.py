@@ -150,6 +150,7 @@ def train_one(spec: dict, profile: str, params: dict, worker: Worker) -> dict:
             raise
         tracker.log_metrics({"train_seconds": result["train_seconds"], "best_val_acc": result["best"]["val_acc"],
                              "final_val_acc": result["final"]["val_acc"]})
+        tracker.set_tags(result["tags"])
         tracker.log_artifacts(run_dir / "history.csv", run_dir / "final.pt")
         tracker.finish()
     return {"hash": spec.hash, "images_per_s": result["images_per_s"]}

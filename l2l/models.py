@@ -7,11 +7,14 @@ Models are built from torchvision parts where they exist.
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Callable
 
+import torch
 import torch.nn as nn
-from torchvision.models.resnet import BasicBlock
+from torchvision.models.densenet import _DenseBlock, _Transition
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers
 
 
@@ -72,6 +75,37 @@ def _torchvision_vgg_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    """The CIFAR stem: a 3x3 convolution (stride 1, no max-pool: 32x32 inputs keep their size)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def _residual_stage(block: type[BasicBlock] | type[Bottleneck], c_in: int, planes: int, n: int, stride: int,
+                    **block_kwargs) -> tuple[nn.Sequential, int]:
+    """n torchvision residual blocks, the first one with `stride`; shortcuts that change shape use
+    torchvision's 1x1 conv + BN projection. Returns the stage and its output channels."""
+    c_out = planes * block.expansion
+    layers = []
+    for j in range(n):
+        s = stride if j == 0 else 1
+        down = None
+        if s != 1 or c_in != c_out:
+            down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=s, bias=False), nn.BatchNorm2d(c_out))
+        layers.append(block(c_in, planes, stride=s, downsample=down, **block_kwargs))
+        c_in = c_out
+    return nn.Sequential(*layers), c_out
+
+
+def _torchvision_resnet_init(model: nn.Module) -> None:
+    # The initialisation torchvision.models.ResNet applies (zero_init_residual=False).
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def cifar_resnet(num_classes: int, depth: int = 20, width: int = 16, blocks_per_stage: int | None = None
                  ) -> nn.Sequential:
     """He et al. (2016) CIFAR ResNet family: a 3x3 stem, three stages of torchvision BasicBlocks
@@ -85,34 +119,207 @@ def cifar_resnet(num_classes: int, depth: int = 20, width: int = 16, blocks_per_
     n = blocks_per_stage if blocks_per_stage is not None else (depth - 2) // 6
     if n < 1 or (blocks_per_stage is None and (depth - 2) % 6):
         raise ValueError(f"cifar_resnet: depth must be 6n+2 with n >= 1, got {depth}")
-    blocks = OrderedDict(stem=nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                            nn.ReLU(inplace=True)))
+    blocks = OrderedDict(stem=_conv_bn_relu(3, width))
     c_in = width
     for i, (c, stride) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2)), start=1):
-        layers = []
-        for j in range(n):
-            s = stride if j == 0 else 1
-            down = None
-            if s != 1 or c_in != c:
-                down = nn.Sequential(nn.Conv2d(c_in, c, 1, stride=s, bias=False), nn.BatchNorm2d(c))
-            layers.append(BasicBlock(c_in, c, stride=s, downsample=down))
-            c_in = c
-        blocks[f"stage{i}"] = nn.Sequential(*layers)
+        blocks[f"stage{i}"], c_in = _residual_stage(BasicBlock, c_in, c, n, stride)
     blocks["classifier"] = _classifier(c_in, num_classes)
     model = nn.Sequential(blocks)
-    for m in model.modules():  # torchvision ResNet's initialisation
+    _torchvision_resnet_init(model)
+    return model
+
+
+def resnext(num_classes: int, layers: list[int] = (3, 4, 6, 3), groups: int = 32, width_per_group: int = 4,
+            planes: int = 64) -> nn.Sequential:
+    """ResNeXt from torchvision's definition (defaults: ``resnext50_32x4d``, no weights) adapted to
+    32x32 inputs: a 3x3 stride-1 stem of ``planes`` channels and no initial max-pool, then
+    len(layers) stages of torchvision Bottlenecks (cardinality ``groups``, ``width_per_group``
+    channels per group at planes=64) with planes p, 2p, 4p, ... (strides 1, 2, 2, 2: 32 -> 4
+    pixels), global pooling and a linear classifier. Smaller ``layers`` / ``planes`` give the
+    CIFAR-sized smoke variant."""
+    layers = list(layers)
+    if not layers or min(layers) < 1 or int(planes * width_per_group / 64) * groups < 1:
+        raise ValueError(f"resnext: need layers >= 1 per stage and a positive bottleneck width "
+                         f"(planes * width_per_group / 64 >= 1), got layers={layers}, planes={planes}, "
+                         f"width_per_group={width_per_group}")
+    blocks = OrderedDict(stem=_conv_bn_relu(3, planes))
+    c_in = planes
+    for i, n in enumerate(layers):
+        blocks[f"stage{i + 1}"], c_in = _residual_stage(Bottleneck, c_in, planes * 2 ** i, n, 1 if i == 0 else 2,
+                                                        groups=groups, base_width=width_per_group)
+    blocks["classifier"] = _classifier(c_in, num_classes)
+    model = nn.Sequential(blocks)
+    _torchvision_resnet_init(model)
+    return model
+
+
+def densenet(num_classes: int, growth_rate: int = 32, block_config: list[int] = (6, 12, 24, 16),
+             num_init_features: int = 64, bn_size: int = 4) -> nn.Sequential:
+    """DenseNet-BC from torchvision's definition (defaults: ``densenet121``, no weights) adapted to
+    32x32 inputs: torchvision's stem (conv0, norm0, relu0) with a 3x3 stride-1 conv0 and no pool0.
+    Block ``stage<i>`` is torchvision's _DenseBlock followed by its _Transition (1x1 conv halving
+    the channels, 2x2 average pool: 32 -> 4 pixels); the last stage ends with torchvision's
+    norm5 + ReLU instead; then global pooling and a linear classifier. No dropout (torchvision's
+    default drop_rate=0)."""
+    block_config = list(block_config)
+    if not block_config or min(block_config) < 1:
+        raise ValueError(f"densenet: block_config needs at least one layer per block, got {block_config}")
+    blocks = OrderedDict(stem=_conv_bn_relu(3, num_init_features))
+    c = num_init_features
+    for i, n in enumerate(block_config):
+        parts = OrderedDict(denseblock=_DenseBlock(n, c, bn_size=bn_size, growth_rate=growth_rate, drop_rate=0.0))
+        c += n * growth_rate
+        if i < len(block_config) - 1:
+            parts["transition"] = _Transition(c, c // 2)
+            c //= 2
+        else:
+            parts["norm"], parts["relu"] = nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        blocks[f"stage{i + 1}"] = nn.Sequential(parts)
+    blocks["classifier"] = _classifier(c, num_classes)
+    model = nn.Sequential(blocks)
+    for m in model.modules():  # torchvision DenseNet's initialisation
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
     return model
 
+
+# --- P3: greedy layerwise CNN (Belilovsky, Eickenberg, Oyallon 2019) -------------------
+
+class ChannelMask(nn.Module):
+    """Zeroes the channels whose mask entry is 0: a pruned filter, kept in place so module
+    shapes never change (resume-safe). Zeroing the block's *output* (after BN and ReLU) is what
+    removing the filter and the next layer's matching input channels does; see
+    :func:`l2l.pruning.slice_pruned` for the physically smaller network."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.view(1, -1, 1, 1).to(x.dtype)
+
+    def kept(self) -> torch.Tensor:
+        return self.mask.nonzero().flatten()
+
+
+def aux_head(in_channels: int, num_classes: int, convs: int, width: int, batch_norm: bool,
+             pool_bn: bool = False) -> nn.Sequential:
+    """P3's auxiliary classifier: ``convs`` 3x3 convs of ``width`` (BN before each ReLU when
+    ``batch_norm``), average pooling to a 2x2 map, a linear layer. ``pool_bn``: the official
+    code's extra BatchNorm after the pooling (not in the paper's description)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for _ in range(convs):
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=not batch_norm)]
+        layers += [nn.BatchNorm2d(width)] if batch_norm else []
+        layers += [nn.ReLU(inplace=True)]
+        c = width
+    layers += [nn.AdaptiveAvgPool2d(2)] + ([nn.BatchNorm2d(c)] if pool_bn else [])
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * c, num_classes))
+
+
+# The paper's configurations (P3 Table 2 and the compression experiment). downsample_at counts
+# blocks from 0, as the paper's j does. "5x64" is the compression experiment's end-to-end baseline:
+# 3 trunk convs + the 2 convs of a k=3 head, all of width 64, no downsampling.
+LAYERWISE_PRESETS: dict[str, dict] = {
+    "k1": {"k": 1, "J": 5, "M": 256, "M_tilde": 256, "downsample_at": [1, 3]},
+    "k2": {"k": 2, "J": 4, "M": 128, "M_tilde": 256, "downsample_at": [2]},
+    "k3": {"k": 3, "J": 4, "M": 128, "M_tilde": 256, "downsample_at": [2]},
+    "compress": {"k": 3, "J": 3, "M": 128, "M_tilde": 128, "downsample_at": [], "final_M_tilde": 64},
+    "5x64": {"k": 3, "J": 3, "M": 64, "M_tilde": 64, "downsample_at": []},
+}
+
+
+def _layerwise_cfg(args: dict) -> dict:
+    """layerwise_cnn's arguments -> its full configuration: the preset, with every argument that
+    is not None overriding it."""
+    preset = args["preset"]
+    if preset not in LAYERWISE_PRESETS:
+        raise ValueError(f"layerwise_cnn: unknown preset {preset!r} (known: {', '.join(LAYERWISE_PRESETS)})")
+    cfg = {"final_M_tilde": None, **LAYERWISE_PRESETS[preset]}
+    cfg.update({k: v for k, v in args.items() if v is not None and k not in ("num_classes", "preset")})
+    if cfg.get("batch_norm") is None:
+        cfg["batch_norm"] = cfg["k"] > 1  # P3: BatchNorm only with auxiliary convs
+    if cfg["k"] < 1 or cfg["J"] < 1 or any(not 0 <= j < cfg["J"] for j in cfg["downsample_at"]):
+        raise ValueError(f"layerwise_cnn: need k >= 1, J >= 1 and downsample_at within 0..J-1, got {cfg}")
+    return cfg
+
+
+def _layerwise_plan(cfg: dict) -> list[tuple[int, int, bool, int]]:
+    """(input channels, width, downsamples, head width) of blocks 0..J-1."""
+    plan, c_in, width, head_width = [], 3, cfg["M"], cfg["M_tilde"]
+    for j in range(cfg["J"]):
+        down = j in cfg["downsample_at"]
+        if down:
+            c_in *= 4  # 2x2 space-to-depth: channels x4, size /2
+            if j > 0:  # ... and the conv doubles the width
+                width *= 2
+                head_width *= 2 if cfg["M_tilde_doubles"] else 1
+        if j == cfg["J"] - 1 and cfg["final_M_tilde"] is not None:
+            head_width = cfg["final_M_tilde"]
+        plan.append((c_in, width, down, head_width))
+        c_in = width
+    return plan
+
+
+def _layerwise_block(cfg: dict, c_in: int, width: int, down: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.PixelUnshuffle(2)] if down else []
+    layers.append(nn.Conv2d(c_in, width, 3, padding=1, bias=not cfg["batch_norm"]))
+    layers += [nn.BatchNorm2d(width)] if cfg["batch_norm"] else []
+    layers.append(nn.ReLU(inplace=True))
+    layers += [ChannelMask(width)] if cfg["channel_mask"] else []
+    return nn.Sequential(*layers)
+
+
+def _layerwise_head(cfg: dict, num_classes: int, c_in: int, width: int) -> nn.Sequential:
+    return aux_head(c_in, num_classes, cfg["k"] - 1, width, cfg["batch_norm"], cfg["pool_bn"])
+
+
+def layerwise_cnn(num_classes: int, preset: str = "k3", k: int | None = None, J: int | None = None,
+                  M: int | None = None, M_tilde: int | None = None, downsample_at: list[int] | None = None,
+                  batch_norm: bool | None = None, final_M_tilde: int | None = None, M_tilde_doubles: bool = False,
+                  pool_bn: bool = False, channel_mask: bool = False) -> nn.Sequential:
+    """P3's CNN: blocks ``block0..block{J-1}`` and, as ``classifier``, the last block's auxiliary head.
+
+    Block j: [2x2 space-to-depth if j in ``downsample_at``], 3x3 conv of width M (doubled by
+    each downsampling block after the first), [BatchNorm], ReLU. No pooling in the trunk.
+    Head: ``k``-1 3x3 convs of width ``M_tilde``, average pooling to 2x2, linear (:func:`aux_head`).
+
+    ``preset`` picks a paper configuration (:data:`LAYERWISE_PRESETS`); k, J, M, M_tilde and
+    downsample_at given (not None) override it. Other keywords: ``batch_norm`` (default: k > 1, as the paper), ``final_M_tilde``
+    (width of the last head; compression: 64), ``M_tilde_doubles`` (the official code doubles
+    the head width after each downsampling; paper: fixed, the default), ``pool_bn`` (the code's
+    BN after the head's pooling; paper: none, the default), ``channel_mask`` (a
+    :class:`ChannelMask` after each block, for pruning).
+    """
+    cfg = _layerwise_cfg(locals())
+    plan = _layerwise_plan(cfg)
+    blocks = OrderedDict((f"block{j}", _layerwise_block(cfg, c_in, width, down))
+                         for j, (c_in, width, down, _) in enumerate(plan))
+    blocks["classifier"] = _layerwise_head(cfg, num_classes, plan[-1][1], plan[-1][3])
+    return nn.Sequential(blocks)
+
+
+def layerwise_cnn_heads(num_classes: int, **kwargs) -> list[nn.Sequential]:
+    """Fresh auxiliary heads of blocks 0..J-2 of :func:`layerwise_cnn` (same arguments); the last
+    block's head is the network's own ``classifier``."""
+    args = inspect.signature(layerwise_cnn).bind(num_classes, **kwargs)
+    args.apply_defaults()
+    cfg = _layerwise_cfg(args.arguments)
+    return [_layerwise_head(cfg, num_classes, width, head_width) for _, width, _, head_width in _layerwise_plan(cfg)[:-1]]
 
 ARCHS: dict[str, Callable[..., nn.Sequential]] = {
     "cnn": regular_cnn,
     "vgg16": vgg16,
     "cifar_resnet": cifar_resnet,
+    "layerwise_cnn": layerwise_cnn,
+    "resnext": resnext,
+    "densenet": densenet,
 }
 
 
@@ -127,3 +334,23 @@ def build_model(cfg: dict, num_classes: int) -> nn.Sequential:
 
 def block_names(model: nn.Sequential) -> list[str]:
     return [name for name, _ in model.named_children()]
+
+
+def stage_ends(model: nn.Sequential) -> list[int]:
+    """Where each *stage* of a model ends, as block counts: ``model[:ends[s]]`` is the trunk up to
+    stage s (layerwise training trains one stage at a time; probes read each stage's output).
+    Every named block before ``classifier`` is a stage, except that a block named ``stem`` joins
+    the block after it (a ResNet's stages are its residual stages)."""
+    names = block_names(model)[:-1]
+    return [i + 1 for i, name in enumerate(names) if name != "stem"]
+
+
+def stage_outputs(model: nn.Sequential, x, ends: list[int] | None = None) -> list:
+    """The output of every stage for input x, in one forward pass through the trunk."""
+    out, start = [], 0
+    for end in ends if ends is not None else stage_ends(model):
+        for block in list(model)[start:end]:
+            x = block(x)
+        out.append(x)
+        start = end
+    return out

@@ -194,6 +194,11 @@ def verdict_table(records: list[dict]) -> pd.DataFrame:
         "verdict": r["verdict"]} for r in records])
 
 
+def _arm_model(arm: dict) -> str:
+    """The arm's model, with the phase whose metric it reads (e.g. a generation) when it names one."""
+    return arm["model"] + (f" [{arm['phase']}]" if arm.get("phase") else "")
+
+
 def claim_figure(rec: dict):
     """Per-seed points of each arm with its mean and 95% t-interval; the paper's number dashed."""
     from l2l.results import mean_interval
@@ -214,7 +219,7 @@ def claim_figure(rec: dict):
         ax.axhline(rec["reported"]["value"], ls="--", color="tab:red", label="paper")
         ax.legend(fontsize=7)
     ax.set_xticks(range(len(rec["arms"])))
-    ax.set_xticklabels([f"{n}\n{a['experiment']}\n{a['model']}" for n, a in rec["arms"].items()], fontsize=7)
+    ax.set_xticklabels([f"{n}\n{a['experiment']}\n{_arm_model(a)}" for n, a in rec["arms"].items()], fontsize=7)
     ax.set_ylabel(rec["metric"])
     ax.set_title(rec["id"], fontsize=9)
     ax.grid(alpha=0.3)
@@ -245,25 +250,31 @@ def claims_sections(doc: Doc, results: Path) -> None:
     if data["profile"] == "smoke":
         doc.p("Smoke scale cannot support any verdict: every checked claim reads \"inconclusive (smoke scale)\"; "
               "its reason gives what the statistics alone would say, to show the machinery works.")
-    doc.table(verdict_table(records))
+    checked = [r for r in records if r.get("comparison") is not None]
+    not_run = [r for r in records if r.get("comparison") is None]
+    if checked:
+        doc.table(verdict_table(checked))
+    else:
+        doc.p("No claim has its arms in this profile.")
     doc.p(f"alpha = {st['alpha']}, at least {st['min_seeds']} seeds per arm, {st['bootstrap_resamples']} bootstrap "
           "resamples; p-values Holm-adjusted across all claims checked here. Differences are arm a minus arm b "
           "(the last minus the first arm for an ordering), in accuracy points.")
     doc.h(3, "How a verdict is decided")
     doc.p(_rule_as_list(data["verdict_rule"]))
-    doc.h(2, "Claims")
-    for rec in records:
+    if not_run:
+        doc.h(3, f"Not run in profile {data['profile']} ({len(not_run)} claims)")
+        doc.table(pd.DataFrame([{"claim": r["id"], "claim text": r["claim"], "paper's number": r["reported_text"],
+                                 "why not run": r["reason"]} for r in not_run]))
+    doc.h(2, "Claims checked")
+    for rec in checked:
         doc.h(3, f"{rec['id']}: {rec['claim']}")
         doc.p(f"Source: {rec['citation']}. Paper's number: {rec['reported_text']}"
               + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "") + ".")
         doc.p(f"Protocol here: {rec['protocol']}")
-        arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": a["model"], "n": len(a["values"]),
+        arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": _arm_model(a), "n": len(a["values"]),
                               "per seed": ", ".join(f"s{s}: {v:.2f}" for s, v in a["values"].items())}
                              for n, a in rec["arms"].items()])
         doc.table(arms)
-        if rec.get("comparison") is None:
-            doc.p(f"**Not run**: {rec['reason']}.")
-            continue
         c = rec["comparison"]
         details = [f"verdict: **{rec['verdict']}** ({rec['reason']})",
                    f"{'paired by seed' if c['paired'] else 'unpaired'}; difference {_difference(rec)}",

@@ -120,6 +120,12 @@ class RunTracker:
         self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
                                                if v is not None])
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def log_artifacts(self, *paths: Path) -> None:
         for p in paths:
             self.c.log_artifact(self.run_id, str(p))
@@ -177,6 +183,14 @@ def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
                 c.set_tag(by_hash[h], f"l2l.claim.{rec['id']}", key.split(":")[0])
         out[rec["id"]] = run_id
     return out
+
+
+def log_figure(run_id: str, fig, name: str) -> None:
+    """A matplotlib figure as a PNG artifact of an MLflow run (then closed)."""
+    import matplotlib.pyplot as plt
+
+    client().log_figure(run_id, fig, name)
+    plt.close(fig)
 
 
 # --- one writer for several worker processes ----------------------------------------------

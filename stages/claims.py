@@ -6,8 +6,9 @@ from l2l import stage
 from l2l.claims import check, load_claims, load_predictions
 from l2l.config import load_params
 from l2l.io import write_json
+from l2l.layerwise_analysis import record_stage_figure
 from l2l.stats import __doc__ as VERDICT_RULE
-from l2l.tracking import log_claims
+from l2l.tracking import log_claims, log_figure
 
 
 def run() -> None:
@@ -20,6 +21,10 @@ def run() -> None:
                     alpha=settings["alpha"], min_seeds=settings["min_seeds"],
                     n_resamples=settings["bootstrap_resamples"])
     mlflow_ids = log_claims(params["profile"], records)
+    for rec in records:  # per-stage claims carry their architecture's per-stage figure
+        fig = record_stage_figure(rec, phases)
+        if fig is not None:
+            log_figure(mlflow_ids[rec["id"]], fig, f"stages_{rec['id']}.png")
     for rec in records:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])
     rule = VERDICT_RULE[VERDICT_RULE.index("Verdict rule"):].strip()

@@ -60,4 +60,6 @@ def smoke_params(npz: Path, seeds=(0, 1), experiments=None) -> dict:
     smoke["models"] = {"cnn": {"arch": "cnn", "width": 4}}
     smoke["train"] = {"epochs": 1, "batch_size": 50, "optimizer": {"lr": 0.05}}
     smoke["experiments"] = experiments or {"conventional": {"method": "conventional", "models": ["cnn"]}}
+    # smoke extends paper, whose experiments would merge in (at paper model sizes): only these train
+    params["profiles"]["paper"]["experiments"] = {}
     return params

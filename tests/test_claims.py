@@ -125,3 +125,30 @@ def test_mcnemar_from_predictions(tmp_path, params):
     # exact McNemar per seed with b=12, c=0: p = 2 * 0.5**12; Fisher-combined over the two seeds
     from scipy.stats import combine_pvalues
     assert rec["comparison"]["mcnemar_p"] == pytest.approx(combine_pvalues([2 * 0.5 ** 12] * 2).pvalue)
+
+
+def test_phase_arms_read_phases_csv(tmp_path, params):
+    """An arm naming a phase reads the claim's metric of that phase from phases.csv (e.g. generation 0
+    of a run that trains several), never the run's final value from runs.csv; no McNemar for it."""
+    doc = {"papers": CLAIMS["papers"], "claims": [
+        {"id": "PX-C9", "paper": "PX", "claim": "gen0 of better beats base.", "kind": "superiority",
+         "metric": "final_test_acc", "dataset": "cifar10",
+         "arms": {"a": {"experiment": "better", "model": "cnn", "phase": "gen0"},
+                  "b": {"experiment": "base", "model": "cnn"}},
+         "reported": "not public", "min_effect": 1.0, "protocol": "test"}]}
+    claims = load_claims(params, write(tmp_path, doc))
+    assert claims[0].arm("a").phase == "gen0" and claims[0].arm("a").label == "better/cnn[gen0]"
+    runs = runs_frame()
+    phases = pd.DataFrame([{"run": f"better{s}", "experiment": "better", "method": "conventional", "model": "cnn",
+                            "dataset": "cifar10", "seed": s, "phase": ph, "metric": m, "value": v}
+                           for s in range(6) for ph, m, v in (("gen0", "final_test_acc", 10.0 + s),
+                                                               ("gen1", "final_test_acc", 99.0),
+                                                               ("gen0", "confidence", 0.5))])
+    preds = {r: np.zeros(4, np.int16) for r in runs["run"]} | {"y_test__cifar10": np.zeros(4, np.int64)}
+    rec = check(claims, runs, phases, preds, "paper", alpha=0.05, min_seeds=2, n_resamples=999)[0]
+    assert rec["arms"]["a"]["values"] == {s: 10.0 + s for s in range(6)}
+    assert rec["arms"]["a"]["phase"] == "gen0" and rec["arms"]["b"]["phase"] is None
+    assert rec["verdict"] == "contradicted" and rec["comparison"]["mcnemar_p"] is None
+    doc["claims"][0]["arms"]["a"]["phase"] = 0
+    with pytest.raises(ConfigError, match=r"PX-C9\.arms\.a: expected .*phase"):
+        load_claims(params, write(tmp_path, doc))

@@ -6,8 +6,12 @@
 - ``predictor(spec, num_classes)``: an untrained module shaped like the final predictor,
   into which the saved ``final.pt`` / ``best.pt`` state loads (for evaluation).
 """
-from l2l.methods import conventional
+from l2l.methods import conventional, distill, generations, l2l, layerwise
 
 METHODS = {
     "conventional": conventional,
+    "l2l": l2l,
+    "layerwise": layerwise,
+    "generations": generations,
+    "distill": distill,
 }

@@ -1,20 +1,35 @@
-"""Conventional end-to-end training: the whole network, cross-entropy, one update per batch."""
+"""Conventional end-to-end training: the whole network, cross-entropy, one update per batch.
+
+Option ``probe_epochs`` > 0 adds, after training, a linear probe on every stage's frozen
+features (:mod:`l2l.probe`): per-stage probe train/test accuracy lands in results/phases.csv
+(phase ``end_to_end``), the end-to-end twin's side of P2's per-stage comparison with
+layerwise training. The probes never change the trained network.
+"""
 from __future__ import annotations
 
 from typing import Iterator
 
 import torch.nn as nn
 
-from l2l.config import RunSpec
+from l2l.config import ConfigError, RunSpec
 from l2l.engine import Phase, RunContext
 from l2l.methods.options import validate
 from l2l.models import build_model
+from l2l.probe import probe_stages
 
-OPTIONS: dict = {}
+OPTIONS: dict = {
+    "probe_epochs": 0,  # 0: no probes; else epochs of linear-probe training per stage after training
+    "probe_lr": 0.1,  # the probes' SGD learning rate (cosine to 0), on standardised features
+}
 
 
 def validate_options(options: dict, path: str) -> dict:
-    return validate(options, OPTIONS, path)
+    out = validate(options, OPTIONS, path)
+    if out["probe_epochs"] < 0:
+        raise ConfigError(f"params.yaml: {path}.probe_epochs: expected a non-negative integer, got {out['probe_epochs']}")
+    if out["probe_lr"] <= 0:
+        raise ConfigError(f"params.yaml: {path}.probe_lr: expected a positive number, got {out['probe_lr']}")
+    return out
 
 
 def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
@@ -25,5 +40,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     model = ctx.prepare(predictor(spec, ctx.num_classes))
     opt = ctx.optimizer(model.parameters())
     epochs = spec.train["epochs"]
+    probe_epochs = spec.options.get("probe_epochs", 0)
+    on_end = (lambda: probe_stages(model, ctx, probe_epochs, spec.options["probe_lr"])) if probe_epochs else None
     yield Phase("end_to_end", epochs, {"model": model}, {"sgd": opt}, ctx.cross_entropy_step(model, opt),
-                predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)})
+                predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)}, on_end=on_end)

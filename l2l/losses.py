@@ -1,0 +1,77 @@
+"""The losses of teacher-student training (P4 generations, P5 distillation), in one home.
+
+Every function takes raw logits (any dtype; computed in float32, so bf16 autocast is safe)
+and returns the batch mean, so they add up into one objective.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TSD_NORMS = ("K-1", "K")
+
+
+def tsd(logits: torch.Tensor, k: int, norm: str = "K-1") -> torch.Tensor:
+    """Top score difference (P4, as best understood): with p the softmax sorted descending,
+    TSD = p(1) - (p(2) + ... + p(K)) / d, d = K-1 (the mean of the K-1 runners-up) or K.
+
+    Minimised next to cross-entropy (teacher loss CE + eta * TSD) it lowers the top score and
+    raises the K-1 next classes, so the teacher keeps a few secondary classes alive. For a
+    correctly ranked training example whose remaining probability sits in the K-1 runners-up,
+    the logit gradients of CE (p(1) - 1) and of eta * TSD (eta * p(1) * (1 - p(1)) * (d + 1) / d)
+    cancel at p(1) = d / (eta * (d + 1)): 0.8 for eta = 1, K = 5, d = K-1. Below
+    eta = d / (d + 1), TSD only slows the growth of p(1).
+    """
+    if norm not in TSD_NORMS:
+        raise ValueError(f"tsd: norm must be one of {TSD_NORMS}, got {norm!r}")
+    top = logits.float().softmax(1).topk(k, dim=1).values
+    d = k - 1 if norm == "K-1" else k
+    return (top[:, 0] - top[:, 1:].sum(1) / d).mean()
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-example entropy (nats) of softmax(logits)."""
+    logp = logits.float().log_softmax(1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def label_smoothing_ce(logits: torch.Tensor, y: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Cross-entropy against (1 - epsilon) * one-hot + epsilon / C (Szegedy et al. 2016)."""
+    return F.cross_entropy(logits.float(), y, label_smoothing=epsilon)
+
+
+def confidence_penalty_ce(logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """Cross-entropy + beta * negative entropy of the output (Pereyra et al. 2017)."""
+    return F.cross_entropy(logits.float(), y) - beta * entropy(logits).mean()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. (2015): T^2 * KL(softmax(t/T) || softmax(s/T)), mean over the batch.
+
+    The T^2 factor keeps its gradients on the scale of the cross-entropy's as T changes.
+    """
+    t = temperature
+    return F.kl_div((student_logits.float() / t).log_softmax(1), (teacher_logits.float() / t).log_softmax(1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def kd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label_loss: torch.Tensor,
+                 temperature: float, kd_weight: float) -> torch.Tensor:
+    """(1 - w) * label_loss + w * KD: the student's loss in both methods (w = kd_weight)."""
+    return (1.0 - kd_weight) * label_loss + kd_weight * kd_loss(student_logits, teacher_logits, temperature)
+
+
+def multilabel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+                       ) -> torch.Tensor:
+    """KD for multi-label outputs (sigmoid per class, e.g. Pascal VOC): T^2 * the binary KL
+    between sigmoid(t/T) and sigmoid(s/T), summed over classes, mean over the batch.
+
+    Written as BCE(s/T, q) - BCE(t/T, q) with q = sigmoid(t/T) (the second term is q's entropy),
+    so it is zero for identical logits and numerically stable for large ones.
+    """
+    t = temperature
+    s, te = student_logits.float() / t, teacher_logits.float() / t
+    q = te.sigmoid()
+    kl = (F.binary_cross_entropy_with_logits(s, q, reduction="none")
+          - F.binary_cross_entropy_with_logits(te, q, reduction="none"))
+    return kl.sum(1).mean() * t * t

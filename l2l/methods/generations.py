@@ -1,0 +1,188 @@
+"""Training in generations with a (more or less) tolerant teacher (P4, Yang et al. 2019).
+
+Generation 0, the patriarch, learns from the labels with the chosen teacher loss. Generation m
+(m = 1..`generations`) has the same architecture and learns from the labels plus the softened
+output of generation m-1 (Hinton KD), then teaches m+1. One phase per generation, named gen<m>.
+
+Every earlier generation is a frozen module (no gradients, eval mode) inside each later phase's
+`modules` ("gen0", ..., "gen<m-1>"; the one in training is "model"), so a resumed run reloads
+the exact teacher from the checkpoint, and the ensemble of generations can be measured.
+
+Options (params.yaml experiments.<name>.options; the paper does not publish its values, so all
+of these are the harness's documented choices):
+- generations (2): the number of generations after the patriarch (2 = gen0, gen1, gen2).
+- teacher_loss (tolerant): the patriarch's loss. strict: cross-entropy. tolerant: CE + eta * TSD
+  (l2l.losses.tsd). label_smoothing: CE against smoothed labels (epsilon). confidence_penalty:
+  CE - beta * entropy of the output.
+- eta (1.0): weight of TSD. It holds the top-1 probability of a fitted training image near
+  (K-1) / (eta * K) = 0.8 (l2l.losses.tsd), the rest on the K-1 secondary classes: a
+  visibly tolerant teacher that still ranks the label first.
+- tsd_k (5): K, the top classes TSD looks at (the top one and K-1 secondary classes).
+- tsd_norm ("K-1"): the divisor of the secondary classes' sum: "K-1" (their mean) or "K".
+- epsilon (0.1): label-smoothing weight (Szegedy et al.'s value).
+- beta (0.1): confidence-penalty weight.
+- temperature (4.0), kd_weight (0.9): student loss (1 - w) * label loss + w * T^2 KL at
+  temperature T (the common CIFAR-100 KD setting, e.g. Tian et al. 2020's benchmark).
+- tolerant_in_students (false): whether generations >= 1 keep the patriarch's extra term
+  (their label loss becomes the teacher loss instead of plain CE). Default false: the
+  abstract of arXiv 1805.05551v2 says the students are "gradually fine-tuned to fit one-hot
+  distributions".
+- teacher_on_the_fly (true): the teacher's logits are computed on the student's augmented batch
+  at every step. false: computed once per generation on the un-augmented training images and
+  looked up per image (cheaper; the teacher then never sees the student's crops and flips).
+
+Per-generation measures (results/phases.csv, phase gen<m>): final_val_acc, final_test_acc of
+generation m after its last epoch; confidence (mean top-1 softmax probability) and entropy (mean,
+nats) of its outputs on the un-augmented training images, i.e. how tolerant it is as the next
+generation's teacher; ensemble_final_{val,test}_acc of the average softmax of generations 0..m;
+params and flops of the architecture.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from l2l.config import ConfigError, RunSpec
+from l2l.engine import Phase, RunContext
+from l2l.losses import TSD_NORMS, confidence_penalty_ce, label_smoothing_ce, tsd
+from l2l.methods.options import validate
+from l2l.methods.teaching import (LabelLoss, accuracy, check_kd_options, check_number, cross_entropy,
+                                  final_accuracies, freeze, kd_step, loss_step, option_error, output_measures,
+                                  split_logits, train_mode)
+from l2l.models import build_model
+from l2l.profiling import flops
+from l2l.pruning import count_parameters
+
+log = logging.getLogger(__name__)
+
+TEACHER_LOSSES = ("strict", "tolerant", "label_smoothing", "confidence_penalty")
+OPTIONS: dict = {
+    "generations": 2,
+    "teacher_loss": "tolerant",
+    "eta": 1.0,
+    "tsd_k": 5,
+    "tsd_norm": "K-1",
+    "epsilon": 0.1,
+    "beta": 0.1,
+    "temperature": 4.0,
+    "kd_weight": 0.9,
+    "tolerant_in_students": False,
+    "teacher_on_the_fly": True,
+}
+
+
+def validate_options(options: dict, path: str) -> dict:
+    o = validate(options, OPTIONS, path)
+    if o["generations"] < 0:
+        raise option_error(path, "generations", "a non-negative integer", o["generations"])
+    if o["teacher_loss"] not in TEACHER_LOSSES:
+        raise option_error(path, "teacher_loss", "one of " + ", ".join(TEACHER_LOSSES), o["teacher_loss"])
+    if o["tsd_k"] < 2:
+        raise option_error(path, "tsd_k", "an integer >= 2 (the top class and at least one more)", o["tsd_k"])
+    if o["tsd_norm"] not in TSD_NORMS:
+        raise option_error(path, "tsd_norm", "one of " + ", ".join(TSD_NORMS), o["tsd_norm"])
+    check_number(o, "eta", path, 0.0)
+    check_number(o, "epsilon", path, 0.0, 1.0, high_open=True)
+    check_number(o, "beta", path, 0.0)
+    check_kd_options(o, path)
+    return o
+
+
+def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
+    return build_model(spec.model_cfg, num_classes)
+
+
+def teacher_loss(o: dict) -> LabelLoss:
+    """The patriarch's label loss for options `o`."""
+    name = o["teacher_loss"]
+    if name == "tolerant":
+        return lambda logits, y: cross_entropy(logits, y) + o["eta"] * tsd(logits, o["tsd_k"], o["tsd_norm"])
+    if name == "label_smoothing":
+        return lambda logits, y: label_smoothing_ce(logits, y, o["epsilon"])
+    if name == "confidence_penalty":
+        return lambda logits, y: confidence_penalty_ce(logits, y, o["beta"])
+    return cross_entropy
+
+
+class CachedTeacher:
+    """The teacher's logits on the un-augmented training images, computed once per phase (after
+    a resume too) and served in the order in which the engine streams each epoch
+    (DeviceData.epoch_plan(seed, phase, epoch), the plan train_batches follows)."""
+
+    def __init__(self, ctx: RunContext, teacher: nn.Module, phase_index: int):
+        self.ctx, self.teacher, self.phase_index = ctx, teacher, phase_index
+        self.logits: torch.Tensor | None = None
+        self.order, self.pos, self.checked = None, 0, False
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.logits is None:
+            self.logits = split_logits(self.ctx, self.teacher, "train")
+        self.order = self.ctx.data.epoch_plan(self.ctx.spec.seed, self.phase_index, epoch)[0]
+        self.pos, self.checked = 0, False
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        idx = self.order[self.pos:self.pos + len(x)]
+        self.pos += len(x)
+        if not self.checked:  # once per epoch (one host sync): the stream must be the plan's
+            if not torch.equal(self.ctx.data.y["train"][idx], y):
+                raise RuntimeError("generations: the training stream does not follow DeviceData.epoch_plan; "
+                                   "cached teacher outputs would be misaligned (use teacher_on_the_fly: true)")
+            self.checked = True
+        return self.logits[idx]
+
+
+def _measures(ctx: RunContext, models: list[nn.Module], g: int, probs: dict) -> dict[str, float]:
+    """Generation g's measures. `probs` keeps each finished generation's val/test softmax for the
+    later ensembles (after a resume, missing ones are recomputed from the checkpointed models)."""
+    model = models[g]
+    out, logits = final_accuracies(ctx, model)
+    out.update(output_measures(split_logits(ctx, model, "train")))
+    for split in ("val", "test"):
+        probs[g, split] = logits[split].softmax(1)
+        for i in range(g):
+            if (i, split) not in probs:
+                probs[i, split] = split_logits(ctx, models[i], split).softmax(1)
+        ensemble = sum(probs[i, split] for i in range(g + 1))
+        out[f"ensemble_final_{split}_acc"] = accuracy(ensemble, ctx.data.y[split])
+    out["params"] = float(count_parameters(model))
+    out["flops"] = float(flops(model, tuple(ctx.data.x["train"].shape[1:])))
+    log.info("gen%d: test acc %.2f (ensemble of %d: %.2f), confidence %.3f, entropy %.3f, %d params, %.3g FLOPs",
+             g, out["final_test_acc"], g + 1, out["ensemble_final_test_acc"], out["confidence"], out["entropy"],
+             out["params"], out["flops"])
+    return out
+
+
+def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
+    o = spec.options
+    if o["tsd_k"] > ctx.num_classes:
+        raise ConfigError(f"params.yaml: experiments.{spec.experiment}.options.tsd_k: expected at most the "
+                          f"{ctx.num_classes} classes of {spec.dataset}, got {o['tsd_k']}")
+    # All generations are built up front: each one's initialisation depends on the seed only
+    # (gen0's equals a conventional run's), never on how long the earlier ones trained.
+    models = [ctx.prepare(build_model(spec.model_cfg, ctx.num_classes)) for _ in range(o["generations"] + 1)]
+    patriarch_loss = teacher_loss(o)
+    student_loss = patriarch_loss if o["tolerant_in_students"] else cross_entropy
+    epochs = spec.train["epochs"]
+    probs: dict[tuple[int, str], torch.Tensor] = {}
+    for g, model in enumerate(models):
+        elders = [freeze(m) for m in models[:g]]
+        opt = ctx.optimizer(model.parameters())
+        on_epoch_start = None
+        if g == 0:
+            step = loss_step(ctx, model, opt, patriarch_loss)
+        else:
+            teacher = elders[-1]
+            if o["teacher_on_the_fly"]:
+                def teacher_fn(x, y, teacher=teacher):
+                    return teacher(x)
+            else:
+                teacher_fn = CachedTeacher(ctx, teacher, g)
+                on_epoch_start = teacher_fn.on_epoch_start
+            step = kd_step(ctx, model, opt, teacher_fn, student_loss, o["temperature"], o["kd_weight"])
+        yield Phase(f"gen{g}", epochs, {**{f"gen{i}": m for i, m in enumerate(elders)}, "model": model},
+                    {"sgd": opt}, step, predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)},
+                    train_mode=train_mode(model, elders), on_epoch_start=on_epoch_start,
+                    on_end=lambda g=g: _measures(ctx, models, g, probs))

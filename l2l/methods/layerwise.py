@@ -1,0 +1,213 @@
+"""Greedy layerwise training (P3: Belilovsky, Eickenberg, Oyallon 2019; P2 applies it across
+architectures).
+
+The network's stages (:func:`l2l.models.stage_ends`) are trained one after another, one phase
+per stage ``stage1..stageS``. Stage s is trained with its own fresh auxiliary head on the
+cross-entropy of the labels while stages < s are frozen: no gradient, eval mode (BatchNorm
+statistics frozen too), recomputed on every batch (the augmentation differs each epoch). The
+optimizer and its schedule are created anew for each stage; the head of stage s is left
+behind (never trained again) when stage s+1 starts; there is no end-to-end fine-tuning.
+Prediction: the trunk and the last stage's head, which is the model's own ``classifier``, so
+the final network has exactly the architecture of its end-to-end twin (``conventional`` on
+the same model). All heads are kept (frozen) for P3's ensemble. The model is built before
+the heads, so for a given seed the trunk starts from its end-to-end twin's initialisation.
+
+Heads: ``layerwise_cnn`` models bring their own (k-1 convs of width M_tilde, 2x2 average pool,
+linear); any other architecture (vgg16, cifar_resnet) gets ``aux_convs`` convs of width
+``aux_width`` with the same pooling and linear layer, and its own classifier at the last stage.
+
+Per-stage measures (results/phases.csv, reporting only, nothing is selected on test):
+``head_train_acc`` (un-augmented training split) and ``head_test_acc`` of the stage's predictor
+(stages <= s and head s), ``ensemble_test_acc`` (heads 1..s, weights 2^j normalised) and
+``params`` (of the stage's predictor, pruned filters removed). Its validation accuracy is the
+phase's last ``val_acc`` in history.csv.
+
+Compression (P3-C5, ``prune_to`` > 0, layerwise_cnn only): after stage s is trained, its block
+is pruned to ``prune_to`` filters by Molchanov's first-order Taylor criterion (one shot, over
+the un-augmented training split, block and head in eval mode), then its head is fine-tuned
+for ``prune_finetune_epochs`` with the block frozen: an extra phase ``stage{s}_pruned``.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from l2l.config import ConfigError, RunSpec
+from l2l.engine import Phase, RunContext
+from l2l.methods.options import validate
+from l2l.models import ChannelMask, aux_head, build_model, layerwise_cnn_heads, stage_ends, stage_outputs
+from l2l.pruning import count_parameters, prune_lowest, slice_pruned, taylor_scores
+
+OPTIONS: dict = {
+    # The run's predictor: "last" (trunk + last head, P3's prediction) or "ensemble" (all heads,
+    # weights 2^j normalised; P3 reports it too, and it is always measured per stage).
+    "predict": "last",
+    # Heads of architectures without their own (not layerwise_cnn): number of 3x3 convs before the
+    # 2x2 pooling and linear layer (0 = P3's k=1 head, the same form as the end-to-end probes) and
+    # their width (0 = the stage's own width).
+    "aux_convs": 0,
+    "aux_width": 0,
+    # P3's code re-creates the optimizer at every learning-rate drop (momentum restarts); the paper
+    # is silent. true = the code; false = one optimizer per stage.
+    "restart_optimizer_at_decay": True,
+    # P3-C5 compression: filters kept per block after its training (0 = no pruning) and the epochs
+    # of head fine-tuning that follow each pruning.
+    "prune_to": 0,
+    "prune_finetune_epochs": 20,
+}
+PREDICTS = ("last", "ensemble")
+
+
+def validate_options(options: dict, path: str) -> dict:
+    out = validate(options, OPTIONS, path)
+    if out["predict"] not in PREDICTS:
+        raise ConfigError(f"params.yaml: {path}.predict: expected one of {', '.join(PREDICTS)}, got {out['predict']!r}")
+    for key in ("aux_convs", "aux_width", "prune_to"):
+        if out[key] < 0:
+            raise ConfigError(f"params.yaml: {path}.{key}: expected a non-negative integer, got {out[key]}")
+    if out["prune_to"] and out["prune_finetune_epochs"] < 1:
+        raise ConfigError(f"params.yaml: {path}.prune_finetune_epochs: expected a positive integer with prune_to, "
+                          f"got {out['prune_finetune_epochs']}")
+    return out
+
+
+def ensemble_weights(n: int) -> list[float]:
+    """P3's ensemble weights of heads 0..n-1: 2^j / sum_i 2^i."""
+    total = float(2 ** n - 1)
+    return [2 ** j / total for j in range(n)]
+
+
+class StageEnsemble(nn.Module):
+    """Weighted sum of the logits of the heads of the first ``stages`` stages (default: all)."""
+
+    def __init__(self, model: nn.Sequential, heads: nn.ModuleList, stages: int | None = None):
+        super().__init__()
+        self.model, self.heads = model, heads
+        ends = stage_ends(model)
+        self.ends = ends[:stages] if stages else ends
+        self.weights = ensemble_weights(len(self.ends))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = [*self.heads, self.model.classifier]
+        outs = stage_outputs(self.model, x, self.ends)
+        return sum(w * heads[s](f) for s, (w, f) in enumerate(zip(self.weights, outs)))
+
+
+def _model_cfg(spec: RunSpec) -> dict:
+    if spec.options["prune_to"]:
+        if spec.model_cfg["arch"] != "layerwise_cnn":
+            raise ConfigError(f"params.yaml: experiments.{spec.experiment}.options.prune_to: pruning needs a "
+                              f"layerwise_cnn model, got {spec.model}")
+        return {**spec.model_cfg, "channel_mask": True}
+    return spec.model_cfg
+
+
+def build(spec: RunSpec, num_classes: int) -> tuple[nn.Sequential, nn.ModuleList]:
+    """The model and the fresh auxiliary heads of all stages but the last."""
+    cfg = _model_cfg(spec)
+    model = build_model(cfg, num_classes)
+    if cfg["arch"] == "layerwise_cnn":
+        heads = layerwise_cnn_heads(num_classes, **{k: v for k, v in cfg.items() if k != "arch"})
+    else:
+        with torch.no_grad():
+            was = model.training
+            widths = [f.shape[1] for f in stage_outputs(model.eval(), torch.zeros(1, 3, 32, 32))]
+            model.train(was)
+        o = spec.options
+        bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        heads = [aux_head(c, num_classes, o["aux_convs"], o["aux_width"] or c, bn) for c in widths[:-1]]
+    return model, nn.ModuleList(heads)
+
+
+def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
+    model, heads = build(spec, num_classes)
+    return StageEnsemble(model, heads) if spec.options["predict"] == "ensemble" else model
+
+
+def _decay_epochs(train: dict, epochs: int) -> set[int]:
+    """Epochs at whose start the step schedules have lowered the learning rate."""
+    s = train["schedule"]
+    if s["name"] == "step":
+        return set(range(s["step_size"], epochs, s["step_size"]))
+    if s["name"] == "multistep":
+        return set(s["milestones"])
+    return set()
+
+
+def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
+    o = spec.options
+    model, heads = build(spec, ctx.num_classes)
+    model, heads = ctx.prepare(model), ctx.prepare(heads)
+    all_heads = [*heads, model.classifier]
+    ends = stage_ends(model)
+    modules = {"model": model, "heads": heads}  # everything, so any phase's checkpoint restores the run
+    final = StageEnsemble(model, heads) if o["predict"] == "ensemble" else model
+    for s, end in enumerate(ends):
+        start = ends[s - 1] if s else 0
+        last = s == len(ends) - 1
+        stage_pred = final if last else nn.Sequential(model[:end], all_heads[s])
+        yield _train_phase(f"stage{s + 1}", spec, ctx, modules, frozen=model[:start],
+                           trained=nn.Sequential(model[start:end], all_heads[s]), predictor=stage_pred,
+                           epochs=spec.train["epochs"],
+                           on_end=lambda s=s, end=end: _stage_metrics(ctx, model, heads, s, end))
+        if o["prune_to"]:
+            block, head = model[start:end], all_heads[s]
+            yield _train_phase(f"stage{s + 1}_pruned", spec, ctx, modules, frozen=model[:end], trained=head,
+                               predictor=stage_pred, epochs=o["prune_finetune_epochs"],
+                               before=lambda block=block, end=end, head=head: _prune(ctx, model[:end], block, head,
+                                                                                       o["prune_to"]),
+                               on_end=lambda s=s, end=end: _stage_metrics(ctx, model, heads, s, end))
+
+
+def _train_phase(name: str, spec: RunSpec, ctx: RunContext, modules: dict, frozen: nn.Module, trained: nn.Module,
+                 predictor: nn.Module, epochs: int, on_end, before=None) -> Phase:
+    """Train ``trained`` (a stage and its head, or a head alone) on the frozen ``frozen``'s output."""
+    opt = ctx.optimizer(trained.parameters())
+    restarts = _decay_epochs(spec.train, epochs) if spec.options["restart_optimizer_at_decay"] else set()
+
+    def step(x, y):
+        with torch.no_grad(), ctx.autocast():
+            h = frozen(x)
+        with ctx.autocast():
+            logits = trained(h)
+            loss = F.cross_entropy(logits, y)
+        ctx.update(opt, loss)
+        return loss, logits
+
+    def train_mode():
+        for m in modules.values():
+            m.eval()  # frozen stages and left-behind heads: BatchNorm statistics stay as they are
+        trained.train()
+
+    def on_epoch_start(epoch: int):
+        if epoch == 0 and before is not None:
+            before()  # runs once: a resumed phase restarts after epoch 0 with the state it left
+        if epoch in restarts:
+            opt.state.clear()  # a new optimizer at the new learning rate, as the official code does
+
+    return Phase(name, epochs, modules, {"sgd": opt}, step, predictor, schedulers={"lr": ctx.scheduler(opt, epochs)},
+                 train_mode=train_mode, on_epoch_start=on_epoch_start, on_end=on_end)
+
+
+def _prune(ctx: RunContext, prefix: nn.Sequential, block: nn.Sequential, head: nn.Module, keep: int) -> None:
+    mask = next(m for m in block.modules() if isinstance(m, ChannelMask))
+    was = prefix.training, head.training
+    prefix.eval(), head.eval()
+    batches = ctx.data.eval_batches("train", ctx.spec.train.get("eval_batch_size", 1000))
+    prune_lowest(mask, taylor_scores(prefix, head, batches, ctx.autocast), keep)
+    prefix.train(was[0]), head.train(was[1])
+
+
+def _stage_metrics(ctx: RunContext, model: nn.Sequential, heads: nn.ModuleList, s: int, end: int) -> dict[str, float]:
+    """Accuracy (%) of stage s's head and of the ensemble of heads 1..s; reporting only."""
+    head = [*heads, model.classifier][s]
+    pred = nn.Sequential(model[:end], head)
+    ens = StageEnsemble(model, heads, stages=s + 1)
+    # (The validation accuracy of the stage's predictor is the phase's last val_acc in history.csv.)
+    out = {f"head_{split}_acc": ctx.evaluate(pred, split)["acc"] for split in ("train", "test")}
+    out["ensemble_test_acc"] = ctx.evaluate(ens, "test")["acc"]
+    out["params"] = float(count_parameters(slice_pruned(pred) if ctx.spec.options["prune_to"] else pred))
+    return out

@@ -1,0 +1,129 @@
+"""What the teacher-student methods (generations, distill) share: frozen teachers, the
+supervised and the distillation step, whole-split outputs and their measures, model profiles,
+and the checks of their common options."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from l2l.config import ConfigError
+from l2l.engine import RunContext, StepFn
+from l2l.losses import entropy, kd_objective
+from l2l.profiling import flops, latencies
+from l2l.pruning import count_parameters
+
+LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (normalised images, labels) -> teacher logits
+
+
+def option_error(path: str, key: str, expected: str, got) -> ConfigError:
+    return ConfigError(f"params.yaml: {path}.{key}: expected {expected}, got {got!r}")
+
+
+def check_number(o: dict, key: str, path: str, low: float, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """o[key] must lie in the interval low..high (open ends where asked)."""
+    v = o[key]
+    ok = (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
+    if not ok:
+        interval = ("(" if low_open else "[") + f"{low}, " + ("inf)" if high is None else f"{high}" +
+                                                              (")" if high_open else "]"))
+        raise option_error(path, key, f"a number in {interval}", v)
+
+
+def check_kd_options(o: dict, path: str) -> None:
+    check_number(o, "temperature", path, 0.0, low_open=True)
+    check_number(o, "kd_weight", path, 0.0, 1.0)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """A finished model used as a teacher: no gradients, eval mode (BatchNorm statistics fixed)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def train_mode(trainable: nn.Module, frozen: list[nn.Module]) -> Callable[[], None]:
+    def set_modes() -> None:
+        trainable.train()
+        for m in frozen:
+            m.eval()
+    return set_modes
+
+
+def loss_step(ctx: RunContext, model: nn.Module, opt: torch.optim.Optimizer, label_loss: LabelLoss) -> StepFn:
+    """One update of `model` on a label loss (plain or regularised cross-entropy)."""
+    def step(x, y):
+        with ctx.autocast():
+            logits = model(x)
+        loss = label_loss(logits, y)
+        ctx.update(opt, loss)
+        return loss, logits
+    return step
+
+
+def kd_step(ctx: RunContext, student: nn.Module, opt: torch.optim.Optimizer, teacher: TeacherFn,
+            label_loss: LabelLoss, temperature: float, kd_weight: float) -> StepFn:
+    """One update of `student` on (1 - w) * label loss + w * Hinton KD from the teacher's logits."""
+    def step(x, y):
+        with torch.no_grad(), ctx.autocast():
+            t = teacher(x, y)
+        with ctx.autocast():
+            logits = student(x)
+        loss = kd_objective(logits, t, label_loss(logits, y), temperature, kd_weight)
+        ctx.update(opt, loss)
+        return loss, logits
+    return step
+
+
+@torch.no_grad()
+def split_logits(ctx: RunContext, model: nn.Module, split: str) -> torch.Tensor:
+    """float32 logits of `model` (eval mode) for every image of a split, un-augmented, in order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for x, _ in ctx.data.eval_batches(split, ctx.spec.train.get("eval_batch_size", 1000)):
+        with ctx.autocast():
+            out.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy(probs_or_logits: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * (probs_or_logits.argmax(1) == y).float().mean().item()
+
+
+def output_measures(logits: torch.Tensor) -> dict[str, float]:
+    """How peaked a model's outputs are: mean top-1 softmax probability and mean entropy (nats)."""
+    return {"confidence": logits.softmax(1).max(1).values.mean().item(),
+            "entropy": entropy(logits).mean().item()}
+
+
+def final_accuracies(ctx: RunContext, model: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """final_{val,test}_acc of a model at the end of its phase (same names as results/runs.csv),
+    and its logits on those splits."""
+    logits = {s: split_logits(ctx, model, s) for s in ("val", "test")}
+    return {f"final_{s}_acc": accuracy(v, ctx.data.y[s]) for s, v in logits.items()}, logits
+
+
+def profile(ctx: RunContext, models: dict[str, nn.Module], batches: list[int], warmup: int, repeats: int
+            ) -> dict[str, dict[str, float]]:
+    """Per model: params, FLOPs per image, and latency per batch size on the run's device in its
+    precision (models timed in turn, l2l.profiling.latencies). The latency keys carry the dtype
+    (latency_fp32_b1_ms, latency_bf16_b256_ms, ...); the device is the run's (results/runs.csv:
+    device, device_name)."""
+    shape = tuple(ctx.data.x["train"].shape[1:])
+    dtype = "bf16" if ctx.amp else "fp32"
+    fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    out = {name: {"params": float(count_parameters(m)), "flops": float(flops(m, shape))} for name, m in models.items()}
+    for b in batches:
+        for name, t in latencies(models, b, shape, warmup, repeats, autocast=ctx.autocast, memory_format=fmt).items():
+            out[name][f"latency_{dtype}_b{b}_ms"] = t["median_ms"]
+            out[name][f"latency_{dtype}_b{b}_iqr_ms"] = t["iqr_ms"]
+    return out
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y)

@@ -1,0 +1,82 @@
+"""Compute and speed of a model: FLOPs (torch.utils.flop_counter) and measured latency.
+
+FLOPs follow torch.utils.flop_counter's rules: 2 per multiply-accumulate of convolutions and
+matrix products (the linear layer included); BatchNorm, activations, pooling and the residual
+additions are not counted (a few per cent of a ResNet's).
+
+Latency is wall time of one forward pass in inference mode on the model's device, in the
+precision the run trains in: warm-up passes first (allocator, cuDNN algorithm choice, caches),
+then `repeats` passes each timed alone between device synchronisations; the median is
+reported with the spread (interquartile range), so one slow outlier does not move it.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Forward FLOPs of ONE input of shape `input_shape` (C, H, W), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *input_shape, device=_device(model))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latencies(models: dict[str, nn.Module], batch_size: int, input_shape: tuple[int, ...], warmup: int = 5,
+              repeats: int = 20, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+              memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, dict[str, float]]:
+    """Median (and interquartile range) in milliseconds of one forward pass of a batch of
+    `batch_size` random inputs, per model, after `warmup` untimed passes. The models are timed
+    in turn within each repetition (A, B, A, B, ...), so a slow spell of a shared machine hits
+    all of them alike and their ratios stay fair. `autocast` is the run's precision context
+    (RunContext.autocast): the timing is of the precision the run trains in."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"latency: need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    modes = {name: m.training for name, m in models.items()}
+    g = torch.Generator().manual_seed(0)
+    inputs = {name: torch.randn(batch_size, *input_shape, generator=g).to(_device(m))
+              .contiguous(memory_format=memory_format) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode(), autocast():
+        for i in range(warmup + repeats):
+            for name, m in models.items():
+                m.eval()
+                device = _device(m)
+                _sync(device)
+                t0 = time.perf_counter()
+                m(inputs[name])
+                _sync(device)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, m in models.items():
+        m.train(modes[name])
+        t = times[name]
+        q1, _, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
+        out[name] = {"median_ms": statistics.median(t), "iqr_ms": q3 - q1}
+    return out
+
+
+def latency(model: nn.Module, batch_size: int, input_shape: tuple[int, ...], **kwargs) -> dict[str, float]:
+    """latencies() of one model."""
+    return latencies({"model": model}, batch_size, input_shape, **kwargs)["model"]

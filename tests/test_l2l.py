@@ -1,0 +1,243 @@
+"""Layer-to-layer training (P1): exact split, frozen parts, mutual losses, incremental schedule,
+split-point errors, and the ResNeXt / DenseNet models built from torchvision parts."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from l2l.config import ConfigError, RunSpec
+from l2l.device_data import DeviceData
+from l2l.engine import RunContext, load_checkpoint, train_run
+from l2l.methods import conventional, l2l
+from l2l.models import block_names, build_model
+
+TINY = {
+    "cnn": {"arch": "cnn", "width": 4},
+    "vgg16": {"arch": "vgg16", "width": 0.0625},
+    "resnext": {"arch": "resnext", "layers": [1, 1, 1, 1], "groups": 2, "width_per_group": 32, "planes": 4},
+    "densenet": {"arch": "densenet", "growth_rate": 4, "block_config": [1, 2, 1, 1], "num_init_features": 8,
+                 "bn_size": 2},
+}
+TRAIN = {"epochs": 2, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9,
+                                                      "weight_decay": 5e-4},
+         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}
+
+
+def make_data(n_train: int = 64, n_val: int = 32) -> DeviceData:
+    rng = np.random.default_rng(0)
+    arrays = {s: (rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n))
+              for s, n in (("train", n_train), ("val", n_val))}
+    return DeviceData(arrays, "cifar10", torch.device("cpu"))
+
+
+def make_spec(options: dict | None = None, model: str = "cnn", method: str = "l2l", epochs: int = 2) -> RunSpec:
+    opts = (l2l if method == "l2l" else conventional).validate_options(options or {}, "options")
+    return RunSpec("t", method, model, "cifar10", 0, TINY[model], {**TRAIN, "epochs": epochs}, opts, {})
+
+
+def first_phase(spec: RunSpec, data: DeviceData):
+    torch.manual_seed(spec.seed)  # as the engine does before a run's phases
+    ctx = RunContext(spec, data, 10, torch.device("cpu"))
+    phase = next((l2l if spec.method == "l2l" else conventional).phases(spec, ctx))
+    return phase, phase.step.__self__ if spec.method == "l2l" else None
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters AND buffers (BatchNorm running statistics, batch counters)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def momentum(opt, params) -> list[torch.Tensor]:
+    return [opt.state[p]["momentum_buffer"].clone() for p in params]
+
+
+def identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def all_changed(a: dict, b: dict) -> bool:
+    """Every floating tensor (weights and running statistics) changed."""
+    return all(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+# --- models ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ours, theirs", [("resnext", torchvision.models.resnext50_32x4d),
+                                          ("densenet", torchvision.models.densenet121)])
+def test_full_models_are_torchvisions_with_a_cifar_stem(ours, theirs):
+    """Same parameters as torchvision's model except the stem's 7x7 conv, which is 3x3 here."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(build_model({"arch": ours}, 10)) == count(theirs(num_classes=10)) - 3 * 64 * (49 - 9)
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_student_then_teacher_is_the_unsplit_forward_bit_for_bit(model):
+    torch.manual_seed(0)
+    net = build_model(TINY[model], 10)
+    x = torch.randn(4, 3, 32, 32)
+    for k in range(1, len(block_names(net))):
+        for train in (True, False):  # batch statistics and running statistics
+            a, b = copy.deepcopy(net).train(train), copy.deepcopy(net).train(train)
+            split = b[k:](b[:k](x))
+            assert torch.equal(a(x), split), (model, k, train)
+            assert identical(a.state_dict(), b.state_dict())  # the same running-statistics updates
+
+
+def test_l2l_starts_from_the_conventional_initialisation():
+    data = make_data()
+    conv, _ = first_phase(make_spec(method="conventional"), data)
+    mutual, _ = first_phase(make_spec({"reading": "mutual"}), data)
+    assert identical(state(conv.predictor), state(mutual.predictor))
+
+
+# --- frozen parts ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, reading, frozen_bn", [
+    *[("cnn", r, bn) for r in ("alternating", "mutual") for bn in ("batch_stats", "eval")],
+    *[(m, r, "batch_stats") for m in ("vgg16", "resnext", "densenet") for r in ("alternating", "mutual")]])
+def test_frozen_part_is_bit_identical_after_the_other_parts_update(model, reading, frozen_bn):
+    data = make_data()
+    phase, trainer = first_phase(make_spec({"reading": reading, "frozen_bn": frozen_bn}, model=model), data)
+    phase.on_epoch_start(0)
+    x, y = next(data.train_batches(0, 0, 0, 16))
+    trainer.step(x, y)  # every part has momentum now
+    student = torch.nn.ModuleList([trainer.student] + ([trainer.head] if trainer.head is not None else []))
+    for active, frozen, update in ((student, trainer.teacher, trainer.student_update),
+                                   (trainer.teacher, student, trainer.teacher_update)):
+        frozen_before, active_before = state(frozen), state(active)
+        frozen_momentum = momentum(trainer.opt, list(frozen.parameters()))
+        update(x, y)
+        assert identical(state(frozen), frozen_before)  # weights and BatchNorm statistics
+        assert all(torch.equal(a, b) for a, b in zip(momentum(trainer.opt, list(frozen.parameters())),
+                                                     frozen_momentum))
+        assert all_changed(active_before, state(active))
+
+
+def test_mutual_losses_give_no_gradient_to_the_frozen_side():
+    data = make_data()
+    phase, trainer = first_phase(make_spec({"reading": "mutual"}), data)
+    phase.on_epoch_start(0)
+    x, y = next(data.train_batches(0, 0, 0, 16))
+    student_side = [*trainer.student.parameters(), *trainer.head.parameters()]
+    for loss_fn, active, frozen in ((trainer.student_loss, student_side, list(trainer.teacher.parameters())),
+                                    (trainer.teacher_loss, list(trainer.teacher.parameters()), student_side)):
+        trainer.opt.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(x, y)
+        loss.backward()  # unrestricted: whatever the graph reaches gets a gradient
+        assert all(p.grad is None for p in frozen)
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in active)
+
+
+def test_distillation_loss_weights():
+    logits, target, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(l2l.distillation_loss(logits, target, y, 0.0, 4.0), ce)
+    assert l2l.distillation_loss(logits, logits, y, 1.0, 4.0).abs() < 1e-6  # KL of a distribution to itself
+
+
+# --- incremental ----------------------------------------------------------------------
+
+def test_incremental_schedule():
+    names = ["stage1", "stage2", "stage3", "classifier"]
+    opts = lambda **o: l2l.validate_options({"reading": "incremental", **o}, "o")  # noqa: E731
+    assert l2l.split_schedule(opts(), names, 6) == [1, 1, 2, 2, 3, 3]  # every boundary, evenly
+    assert l2l.split_schedule(opts(incremental_epochs=[1, 4]), names, 6) == [1, 2, 2, 2, 3, 3]
+    assert l2l.split_schedule(opts(incremental_splits=["stage1", "middle"]), names, 4) == [1, 1, 2, 2]
+    assert l2l.split_schedule(l2l.validate_options({"split": "stage3"}, "o"), names, 3) == [3, 3, 3]
+    for bad in (opts(incremental_splits=[2, 1]), opts(incremental_epochs=[1]), opts(incremental_epochs=[2, 6])):
+        with pytest.raises(ConfigError):
+            l2l.split_schedule(bad, names, 6)
+    with pytest.raises(ConfigError, match="too few epochs"):
+        l2l.split_schedule(opts(), names, 2)
+
+
+@pytest.mark.parametrize("optimizer_state", ["keep", "reset"])
+def test_incremental_moves_the_split_at_the_scheduled_epochs(optimizer_state):
+    """Driven epoch by epoch: the trainer's split follows the schedule and only the current
+    split's student head learns (so the move really changes what is trained)."""
+    data = make_data(n_train=32)
+    spec = make_spec({"reading": "incremental", "incremental_step": "mutual", "incremental_epochs": [1, 2],
+                      "optimizer_state": optimizer_state}, epochs=3)
+    phase, trainer = first_phase(spec, data)
+    for epoch, k in enumerate([1, 2, 3]):
+        heads_before = {h: state(m) for h, m in trainer.heads.items()}
+        had_state = len(trainer.opt.state) > 0
+        phase.on_epoch_start(epoch)
+        assert trainer.k == k and len(trainer.student) == k
+        assert (len(trainer.opt.state) > 0) == (had_state and (optimizer_state == "keep" or epoch == 0))
+        for x, y in data.train_batches(0, 0, epoch, 16):
+            phase.step(x, y)
+        for h, before in heads_before.items():
+            assert identical(before, state(trainer.heads[h])) == (h != str(k)), (epoch, h)
+
+
+# --- split-point errors ---------------------------------------------------------------
+
+@pytest.mark.parametrize("split", [0, -1, True, "", 2.5])
+def test_invalid_split_options_fail_with_one_line(split):
+    with pytest.raises(ConfigError) as e:
+        l2l.validate_options({"split": split}, "profiles.p.experiments.e.options")
+    assert "experiments.e.options.split" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("split, message", [(4, "leaves no teacher"), ("classifier", "leaves no teacher"),
+                                            ("stage9", "unknown block 'stage9'")])
+def test_split_points_the_model_lacks_fail_with_one_line(split, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        first_phase(make_spec({"split": split}), make_data())  # cnn: stage1..3, classifier
+    assert "\n" not in str(e.value) and "experiments.t.options.split" in str(e.value)
+
+
+def test_bad_option_values_fail():
+    for bad in ({"reading": "sideways"}, {"frozen_bn": "train"}, {"temperature": 0}, {"student_kd_weight": 1.5},
+                {"incremental_epochs": [3, 2]}, {"incremental_splits": [0]}, {"optimiser_state": "keep"}):
+        with pytest.raises(ConfigError):
+            l2l.validate_options(bad, "o")
+
+
+# --- through the engine ---------------------------------------------------------------
+
+def test_engine_run_counts_two_updates_per_batch_tags_the_split_and_resumes_exactly(tmp_path):
+    data = make_data()
+    spec = make_spec({"reading": "incremental", "incremental_step": "mutual", "optimizer_state": "reset",
+                      "incremental_splits": [1, "middle"]}, epochs=2)
+    ctx = RunContext(spec, data, 10, torch.device("cpu"))
+    whole = train_run(spec, l2l, ctx, tmp_path / "whole")
+    assert whole["updates"] == 2 * 2 * (64 // 16)  # = conventional training's at twice the epochs
+    assert whole["tags"] == {"l2l.reading": "incremental", "l2l.split": "stage1@0>stage2@1",
+                             "l2l.split_index": "1>2"}
+    assert whole["phase_metrics"]["incremental"]["final_split"] == 2
+    assert train_run(spec, l2l, ctx, tmp_path / "cut", stop_after_epochs=1) == {"interrupted": True}
+    resumed = train_run(spec, l2l, ctx, tmp_path / "cut")
+    final = [load_checkpoint(tmp_path / d / "final.pt") for d in ("whole", "cut")]
+    assert identical(*final) and resumed["final"] == whole["final"]
+
+
+# --- claims records -------------------------------------------------------------------
+
+def test_claims_records_name_experiments_and_models_of_the_profiles():
+    from pathlib import Path
+
+    import yaml
+
+    from l2l.config import load_params, resolve_profile
+
+    root = Path(__file__).resolve().parents[1]
+    records = yaml.safe_load((root / "claims" / "l2l.yaml").read_text())
+    params = load_params(root / "params.yaml")
+    paper, smoke = resolve_profile(params, "paper"), resolve_profile(params, "smoke")
+    assert len({r["id"] for r in records}) == len(records) == 4 * 2 * 3 * 2
+    in_smoke = set()
+    for r in records:
+        assert r["kind"] == "superiority" and r["reported"] == "not public" and r["dataset"] in paper.datasets
+        for arm in r["arms"].values():
+            assert arm["model"] in paper.experiments[arm["experiment"]].get("models", paper.models)
+        if r["dataset"] in smoke.datasets and all(
+                arm["model"] in smoke.experiments[arm["experiment"]].get("models", smoke.models)
+                for arm in r["arms"].values()):
+            in_smoke.add(r["id"].split("/")[0])
+    assert in_smoke == {"P1-C2"}  # what the smoke profile's comment promises

@@ -1,0 +1,371 @@
+"""Teacher-student training (P4 generations, P5 distillation): the losses against their
+definitions and hand-computed values, FLOP/parameter counts against hand counts, and what the
+methods promise (the teacher is exactly the previous generation's checkpoint, frozen; a
+resumed run equals an uninterrupted one; the distilled students of a seed share one teacher)."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from l2l.config import ConfigError, RunSpec
+from l2l.device_data import DeviceData
+from l2l.engine import RunContext, load_checkpoint, train_run
+from l2l.losses import (confidence_penalty_ce, entropy, kd_loss, kd_objective, label_smoothing_ce,
+                        multilabel_kd_loss, tsd)
+from l2l.methods import conventional, distill, generations
+from l2l.methods.teaching import profile
+from l2l.models import cifar_resnet
+from l2l.profiling import flops, latencies, latency
+from l2l.pruning import count_parameters
+
+TINY = {"arch": "cifar_resnet", "depth": 8, "width": 4}
+TRAIN = {"epochs": 1, "batch_size": 32, "eval_batch_size": 100,
+         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 2, "flip": True}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on shared cores: one intra-op thread is several times faster than oversubscribing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def logits_of(*probs) -> torch.Tensor:
+    """Logits whose softmax is exactly the given probability rows."""
+    return torch.tensor(probs, dtype=torch.float64).log()
+
+
+# ---------------------------------------------------------------- losses
+
+def test_tsd_hand_computed():
+    a = logits_of([0.5, 0.2, 0.15, 0.1, 0.05])
+    b = logits_of([0.1, 0.6, 0.3, 0.0 + 1e-300, 1e-300])  # unsorted: the top score is class 1
+    assert tsd(a, 3, "K-1").item() == pytest.approx(0.5 - (0.2 + 0.15) / 2)
+    assert tsd(a, 3, "K").item() == pytest.approx(0.5 - (0.2 + 0.15) / 3)
+    assert tsd(a, 5, "K-1").item() == pytest.approx(0.5 - 0.5 / 4)
+    assert tsd(b, 2, "K-1").item() == pytest.approx(0.6 - 0.3)
+    assert tsd(torch.cat([a, b]), 2, "K-1").item() == pytest.approx(((0.5 - 0.2) + (0.6 - 0.3)) / 2)
+    with pytest.raises(ValueError, match="norm"):
+        tsd(a, 3, "k-1")
+
+
+def test_minimising_tsd_lowers_the_top_probability():
+    z = torch.tensor([[3.0, 1.0, 0.5, 0.0, -1.0, -2.0]], requires_grad=True)
+    p0 = z.softmax(1).detach()
+    tsd(z, 3).backward()
+    p1 = (z - 0.5 * z.grad).softmax(1).detach()  # one gradient-descent step
+    assert p1[0, 0] < p0[0, 0]  # the top score falls
+    assert p1[0, 1:3].sum() > p0[0, 1:3].sum()  # the K-1 runners-up rise
+
+
+def test_tolerant_teacher_equilibrium():
+    """CE + eta * TSD holds the label's probability at (K-1) / (eta K) (the docstring's claim)."""
+    z = torch.tensor([[2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2, -0.3]], requires_grad=True)
+    opt = torch.optim.SGD([z], lr=2.0)
+    for _ in range(1000):
+        loss = F.cross_entropy(z, torch.tensor([0])) + 1.5 * tsd(z, 5, "K-1")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = z.softmax(1)[0].detach()
+    assert p[0].item() == pytest.approx(4 / (1.5 * 5), abs=0.01)
+    assert p[0] == p.max()  # still ranks the label first
+
+
+def test_label_smoothing_definition():
+    z = torch.randn(6, 7, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3, 4, 6])
+    logp = z.log_softmax(1)
+    eps = 0.2
+    target = torch.full((6, 7), eps / 7).scatter(1, y[:, None], 1 - eps + eps / 7)
+    assert label_smoothing_ce(z, y, eps).item() == pytest.approx(-(target * logp).sum(1).mean().item(), rel=1e-6)
+    assert label_smoothing_ce(z, y, 0.0).item() == pytest.approx(F.cross_entropy(z, y).item())
+
+
+def test_confidence_penalty_definition():
+    z = logits_of([0.5, 0.25, 0.25], [0.8, 0.1, 0.1]).float()
+    y = torch.tensor([0, 1])
+    ce = (-math.log(0.5) - math.log(0.1)) / 2
+    h = (-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) - (0.8 * math.log(0.8) + 2 * 0.1 * math.log(0.1))) / 2
+    assert entropy(z).mean().item() == pytest.approx(h, rel=1e-6)
+    assert confidence_penalty_ce(z, y, 0.3).item() == pytest.approx(ce - 0.3 * h, rel=1e-6)
+
+
+def test_kd_loss_is_the_kl_formula():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    for temp in (1.0, 4.0):
+        q, p = (t / temp).softmax(1).numpy(), (s / temp).softmax(1).numpy()
+        expected = temp ** 2 * (q * np.log(q / p)).sum(1).mean()
+        assert kd_loss(s, t, temp).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-7)
+    ce = F.cross_entropy(s, torch.tensor([0, 1, 2, 3, 0]))
+    assert kd_objective(s, t, ce, 4.0, 0.9).item() == pytest.approx(0.1 * ce.item() + 0.9 * kd_loss(s, t, 4.0).item())
+
+
+def test_multilabel_kd_is_the_binary_kl():
+    g = torch.Generator().manual_seed(2)
+    s, t = 5 * torch.randn(3, 20, generator=g), 5 * torch.randn(3, 20, generator=g)
+    temp = 2.0
+    q, p = torch.sigmoid(t / temp).double(), torch.sigmoid(s / temp).double()
+    kl = q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()
+    assert multilabel_kd_loss(s, t, temp).item() == pytest.approx(temp ** 2 * kl.sum(1).mean().item(), rel=1e-4)
+    assert multilabel_kd_loss(t, t, temp).item() == pytest.approx(0.0, abs=1e-5)
+    assert multilabel_kd_loss(s, t, temp) > 0
+
+
+# ---------------------------------------------------------------- counting and timing
+
+def test_flops_and_params_of_a_known_small_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    # conv: 4 out x 3 in x 3 x 3 taps x 8 x 8 positions multiply-adds; linear: 4 x 10; 2 FLOPs each
+    assert flops(model, (3, 8, 8)) == 2 * (4 * 3 * 9 * 64 + 4 * 10)
+    assert count_parameters(model) == 4 * 3 * 9 + 2 * 4 + 4 * 10 + 10
+
+
+def test_flops_of_a_cifar_resnet_hand_count():
+    w, n, k = 4, 1, 10  # depth 8: one BasicBlock per stage, 16x16 input
+    model = cifar_resnet(k, depth=8, width=w)
+    macs = 3 * w * 9 * 16 * 16  # stem
+    macs += 2 * (w * w * 9 * 16 * 16)  # stage 1 block (no projection)
+    macs += (w * 2 * w * 9 + 2 * w * 2 * w * 9 + w * 2 * w) * 8 * 8  # stage 2: two convs + 1x1 projection, 8x8
+    macs += (2 * w * 4 * w * 9 + 4 * w * 4 * w * 9 + 2 * w * 4 * w) * 4 * 4  # stage 3 at 4x4
+    macs += 4 * w * k
+    assert flops(model, (3, 16, 16)) == 2 * macs
+    convs = 3 * w * 9 + 2 * w * w * 9 + (w * 2 * w * 9 + 4 * w * w * 9 + 2 * w * w) \
+        + (8 * w * w * 9 + 16 * w * w * 9 + 8 * w * w)
+    bns = 2 * (w + 2 * w + 3 * 2 * w + 3 * 4 * w)  # stem, 2 per block, 1 per projection
+    assert count_parameters(model) == convs + bns + 4 * w * k + k
+
+
+class Sleeper(nn.Module):
+    """A model whose forward pass takes at least `ms` milliseconds and logs its calls."""
+
+    def __init__(self, ms: float, log: list):
+        super().__init__()
+        self.ms, self.log, self.p = ms, log, nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.log.append((self.ms, self.training, torch.is_inference_mode_enabled()))
+        time.sleep(self.ms / 1e3)
+        return x
+
+
+def test_latencies_time_each_model_in_turn():
+    calls = []
+    models = {"slow": Sleeper(6.0, calls).eval(), "fast": Sleeper(1.0, calls).train()}
+    t = latencies(models, 2, (3, 4, 4), warmup=2, repeats=5)
+    assert [c[0] for c in calls] == [6.0, 1.0] * 7  # interleaved: warm-up and timed passes alike
+    assert all(not training and inference for _, training, inference in calls)
+    assert t["slow"]["median_ms"] >= 6.0 and t["fast"]["median_ms"] >= 1.0
+    assert t["slow"]["median_ms"] > t["fast"]["median_ms"] and t["slow"]["iqr_ms"] >= 0
+    assert models["fast"].training and not models["slow"].training  # modes restored
+    one = latency(cifar_resnet(10, depth=8, width=4), 4, (3, 16, 16), warmup=1, repeats=3)
+    assert one["median_ms"] > 0
+    with pytest.raises(ValueError, match="repeats"):
+        latency(models["fast"], 1, (3, 4, 4), repeats=0)
+
+
+# ---------------------------------------------------------------- methods
+
+def small_data(n: int = 96, k: int = 10, size: int = 16) -> DeviceData:
+    rng = np.random.default_rng(0)
+    arrays = {s: (rng.integers(0, 256, (m, 3, size, size), dtype=np.uint8), np.arange(m) % k)
+              for s, m in (("train", n), ("val", 40), ("test", 50))}
+    return DeviceData(arrays, "cifar10", torch.device("cpu"), crop_padding=2, flip=True)
+
+
+def make(method, options: dict, model_cfg: dict = TINY, seed: int = 0, data: DeviceData | None = None,
+         train: dict = TRAIN) -> tuple[RunSpec, RunContext]:
+    opts = method.validate_options(options, "test")
+    spec = RunSpec("e", method.__name__.rsplit(".", 1)[-1], "m", "cifar10", seed, model_cfg, train, opts, {})
+    return spec, RunContext(spec, data or small_data(), 10, torch.device("cpu"))
+
+
+def state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class Spy:
+    """Wraps a method: records each phase and each finished phase's module states, and checks
+    the modes of the modules at every step."""
+
+    def __init__(self, method, frozen_keys=lambda phase: []):
+        self.method, self.frozen_keys = method, frozen_keys
+        self.OPTIONS, self.validate_options, self.predictor = method.OPTIONS, method.validate_options, method.predictor
+        self.phases_seen, self.finished, self.step_modes = [], [], []
+
+    def phases(self, spec, ctx):
+        for phase in self.method.phases(spec, ctx):
+            self.phases_seen.append(phase)
+            inner, keys = phase.step, self.frozen_keys(phase)
+
+            def step(x, y, phase=phase, inner=inner, keys=keys):
+                self.step_modes.append([phase.modules[k].training for k in keys])
+                return inner(x, y)
+            phase.step = step
+            yield phase
+            self.finished.append({k: state(m) for k, m in phase.modules.items()})
+
+
+def test_generation_teacher_is_the_previous_checkpoint_frozen(tmp_path):
+    spec, ctx = make(generations, {"generations": 2, "teacher_loss": "tolerant"})
+    spy = Spy(generations, lambda phase: [k for k in phase.modules if k != "model"])
+    result = train_run(spec, spy, ctx, tmp_path / "run")
+    p = spy.phases_seen
+    assert [ph.name for ph in p] == ["gen0", "gen1", "gen2"]
+    assert list(p[2].modules) == ["gen0", "gen1", "model"]
+    for g in (1, 2):
+        teacher = p[g].modules[f"gen{g - 1}"]
+        assert teacher is p[g - 1].modules["model"]  # generation g-1's network, not a copy
+        assert not teacher.training and not any(q.requires_grad for q in teacher.parameters())
+        # its weights AND BatchNorm statistics are those generation g-1 ended with, before and after teaching
+        assert_same_state(spy.finished[g - 1]["model"], spy.finished[g][f"gen{g - 1}"])
+    assert spy.step_modes and all(m == [False] * len(m) for m in spy.step_modes)  # frozen ones in eval at every step
+    assert_same_state(spy.finished[0]["model"], spy.finished[2]["gen0"])
+    metrics = result["phase_metrics"]
+    assert list(metrics) == ["gen0", "gen1", "gen2"]
+    for g, m in enumerate(metrics.values()):
+        assert {"final_val_acc", "final_test_acc", "confidence", "entropy", "ensemble_final_test_acc", "params",
+                "flops"} <= set(m)
+        assert 0 < m["confidence"] <= 1 and 0 <= m["entropy"] <= math.log(10)
+    assert metrics["gen0"]["ensemble_final_test_acc"] == metrics["gen0"]["final_test_acc"]
+    # the ensemble of generations 0..2: mean softmax of the three finished networks, recomputed here
+    nets = [cifar_resnet(10, depth=8, width=4) for _ in range(3)]
+    for net, st in zip(nets, (spy.finished[2]["gen0"], spy.finished[2]["gen1"], spy.finished[2]["model"])):
+        net.load_state_dict(st)
+        net.eval()
+    x = ctx.data.normalise(ctx.data.x["test"])
+    with torch.no_grad():
+        probs = sum(net(x).softmax(1) for net in nets)
+    expected = 100.0 * (probs.argmax(1) == ctx.data.y["test"]).float().mean().item()
+    assert metrics["gen2"]["ensemble_final_test_acc"] == pytest.approx(expected)
+    # the run's final model is the last generation
+    final = load_checkpoint(tmp_path / "run" / "final.pt")
+    assert_same_state(final, spy.finished[2]["model"])
+
+
+def test_generation_teacher_loss_is_the_chosen_one():
+    o = generations.validate_options({"teacher_loss": "tolerant", "eta": 0.7, "tsd_k": 3}, "x")
+    z, y = torch.randn(4, 10, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 3])
+    assert generations.teacher_loss(o)(z, y).item() == pytest.approx(
+        (F.cross_entropy(z, y) + 0.7 * tsd(z, 3)).item())
+    o = generations.validate_options({"teacher_loss": "confidence_penalty", "beta": 0.2}, "x")
+    assert generations.teacher_loss(o)(z, y).item() == pytest.approx(confidence_penalty_ce(z, y, 0.2).item())
+    o = generations.validate_options({"teacher_loss": "label_smoothing", "epsilon": 0.3}, "x")
+    assert generations.teacher_loss(o)(z, y).item() == pytest.approx(label_smoothing_ce(z, y, 0.3).item())
+    o = generations.validate_options({"teacher_loss": "strict"}, "x")
+    assert generations.teacher_loss(o)(z, y).item() == pytest.approx(F.cross_entropy(z, y).item())
+
+
+def test_generations_resume_equals_uninterrupted(tmp_path):
+    spec, ctx = make(generations, {"generations": 2}, train={**TRAIN, "epochs": 2})
+    full = train_run(spec, generations, ctx, tmp_path / "full")
+    spec, ctx = make(generations, {"generations": 2}, train={**TRAIN, "epochs": 2})
+    assert train_run(spec, generations, ctx, tmp_path / "cut", stop_after_epochs=3) == {"interrupted": True}
+    resumed = train_run(spec, generations, ctx, tmp_path / "cut")  # resumes inside gen1: its teacher from last.pt
+    assert_same_state(load_checkpoint(tmp_path / "full" / "final.pt"), load_checkpoint(tmp_path / "cut" / "final.pt"))
+    assert resumed["phase_metrics"] == full["phase_metrics"]
+
+
+def test_cached_teacher_serves_the_images_of_each_batch():
+    data = small_data()
+    spec, ctx = make(generations, {"generations": 1, "teacher_on_the_fly": False}, data=data)
+    phases = generations.phases(spec, ctx)
+    next(phases)
+    gen1 = next(phases)
+    teacher_fn = gen1.on_epoch_start.__self__  # the CachedTeacher the step reads from
+    assert isinstance(teacher_fn, generations.CachedTeacher)
+    gen1.on_epoch_start(0)
+    teacher = gen1.modules["gen0"]
+    order = data.epoch_plan(spec.seed, 1, 0)[0]
+    seen = 0
+    for x, y in data.train_batches(spec.seed, 1, 0, 32):
+        idx = order[seen:seen + len(y)]
+        with torch.no_grad():
+            expected = teacher(data.normalise(data.x["train"][idx]))  # un-augmented images, in the batch's order
+        torch.testing.assert_close(teacher_fn(x, y), expected)
+        seen += len(y)
+    gen1.on_epoch_start(1)
+    with pytest.raises(RuntimeError, match="epoch_plan"):
+        teacher_fn(torch.zeros(32, 3, 16, 16), torch.full((32,), -1))  # a stream that is not the plan's
+
+
+def test_distilled_students_share_the_teacher(tmp_path):
+    teacher_cfg = {"arch": "cifar_resnet", "depth": 14, "width": 4}
+    opts = {"teacher": teacher_cfg, "latency_batches": [1, 8], "latency_warmup": 1, "latency_repeats": 3}
+    runs = {}
+    for name, cfg in (("narrow_deep", {"arch": "cifar_resnet", "depth": 14, "width": 2}), ("plain", TINY)):
+        spec, ctx = make(distill, opts, model_cfg=cfg)
+        spy = Spy(distill, lambda phase: ["teacher"] if phase.name == "student" else [])
+        runs[name] = (spy, train_run(spec, spy, ctx, tmp_path / name))
+    (spy_a, res_a), (spy_b, res_b) = runs.values()
+    # one teacher per seed: same initialisation and data stream whatever the student
+    assert_same_state(spy_a.finished[0]["teacher"], spy_b.finished[0]["teacher"])
+    assert res_a["phase_metrics"]["teacher"] == res_b["phase_metrics"]["teacher"]
+    # ... and it is what a conventional run of the teacher's architecture with that seed trains
+    spec, ctx = make(conventional, {}, model_cfg=teacher_cfg)
+    train_run(spec, conventional, ctx, tmp_path / "conv")
+    assert_same_state(load_checkpoint(tmp_path / "conv" / "final.pt"), spy_a.finished[0]["teacher"])
+    # frozen while teaching, unchanged by it
+    assert spy_a.step_modes and all(m == [False] for m in spy_a.step_modes if m)
+    assert_same_state(spy_a.finished[0]["teacher"], spy_a.finished[1]["teacher"])
+    m = res_a["phase_metrics"]["student"]
+    for key in ("final_test_acc", "params", "flops", "latency_fp32_b1_ms", "latency_fp32_b8_ms",
+                "teacher_flops", "teacher_latency_fp32_b8_ms", "flops_ratio", "latency_ratio_b1", "latency_ratio_b8"):
+        assert key in m, key
+    assert m["flops_ratio"] == pytest.approx(m["flops"] / m["teacher_flops"]) and m["flops_ratio"] < 1
+    assert m["params"] == count_parameters(cifar_resnet(10, depth=14, width=2))
+    assert res_a["tags"]["latency_dtype"] == "fp32" and res_a["tags"]["latency_device"]
+
+
+def test_profile_keys_carry_the_dtype():
+    spec, ctx = make(distill, {})
+    p = profile(ctx, {"a": cifar_resnet(10, depth=8, width=2), "b": cifar_resnet(10, depth=8, width=4)},
+                batches=[1, 2], warmup=0, repeats=2)
+    assert p["a"]["flops"] < p["b"]["flops"]
+    assert set(p) == {"a", "b"} and set(p["a"]) == {"params", "flops", "latency_fp32_b1_ms", "latency_fp32_b1_iqr_ms", "latency_fp32_b2_ms",
+                      "latency_fp32_b2_iqr_ms"}
+
+
+@pytest.mark.parametrize("method,options,key", [
+    (generations, {"teacher_loss": "lenient"}, "teacher_loss"),
+    (generations, {"tsd_norm": "k"}, "tsd_norm"),
+    (generations, {"tsd_k": 1}, "tsd_k"),
+    (generations, {"kd_weight": 1.5}, "kd_weight"),
+    (generations, {"temperature": 0}, "temperature"),
+    (generations, {"epsilon": 1.0}, "epsilon"),
+    (generations, {"generations": -1}, "generations"),
+    (generations, {"eta": "high"}, "eta"),
+    (generations, {"teacher": {}}, "teacher"),
+    (distill, {"teacher": {"arch": "resnet"}}, "teacher.arch"),
+    (distill, {"teacher": {"arch": "cifar_resnet", "depht": 110}}, "teacher"),
+    (distill, {"latency_batches": [1, 0]}, "latency_batches"),
+    (distill, {"latency_repeats": 0}, "latency_repeats"),
+])
+def test_bad_options_name_the_key(method, options, key):
+    with pytest.raises(ConfigError, match=rf"exp\.options\.{key}\b") as e:
+        method.validate_options(options, "exp.options")
+    assert "\n" not in str(e.value)
+
+
+def test_tsd_k_larger_than_the_classes():
+    spec, ctx = make(generations, {"tsd_k": 11})
+    with pytest.raises(ConfigError, match="tsd_k: expected at most the 10 classes"):
+        next(generations.phases(spec, ctx))
