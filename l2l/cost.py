@@ -2,9 +2,11 @@
 and the remaining device-hours estimated from measured training throughput.
 
 Throughput comes from benchmarks/throughput.json (benchmarks/throughput.py, one measurement per
-device). A run's cost is its training images at the engine's measured images/s plus its
-evaluation images (validation every epoch, the evaluate stage's val and test passes of two
-checkpoints) at EVAL_SPEEDUP times that. A model the benchmark did not measure is scaled by
+device). A run's cost is its training images (every epoch of every phase of its method) at the
+engine's measured images/s for its model plus its evaluation images (validation every epoch, the
+evaluate stage's val and test passes of two checkpoints) at EVAL_SPEEDUP times that. A phase
+epoch is priced as one training pass of the run's model: frozen parts (layerwise) cost less,
+a second network (a teacher, a layer-to-layer partner) more. A model the benchmark did not measure is scaled by
 FLOPs from the measured model of its architecture (or the median of all measured ones). These
 are estimates from a named measurement, never measurements themselves.
 """
@@ -137,13 +139,31 @@ def split_counts(split: dict, manifest: dict | None) -> dict[str, int]:
     return {"train": train, "val": split["val_size"], "test": OFFICIAL_TEST_IMAGES}
 
 
+_EPOCHS: dict[str, int] = {}
+
+
 def planned_epochs(spec: RunSpec) -> int:
-    """Passes over the training set: a method may define ``planned_epochs(spec)`` (e.g. one
-    stretch of epochs per block); else train.epochs."""
+    """Passes over the training set, summed over the method's phases (one stretch per block,
+    per generation, ...): its phase generator replayed without training, as a resumed run
+    replays it, on a few random images on the CPU (models are built, nothing is trained)."""
+    import numpy as np
+    import torch
+
+    from l2l.data import DATASETS
+    from l2l.device_data import DeviceData
+    from l2l.engine import RunContext
     from l2l.methods import METHODS
 
-    hook = getattr(METHODS[spec.method], "planned_epochs", None)
-    return int(hook(spec)) if hook is not None else int(spec.train["epochs"])
+    key = json.dumps([spec.method, spec.model_cfg, spec.train, spec.options, spec.dataset], sort_keys=True)
+    if key not in _EPOCHS:
+        k = DATASETS[spec.dataset]
+        rng = np.random.default_rng(0)
+        arrays = {s: (rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8), np.arange(8) % k)
+                  for s in ("train", "val", "test")}
+        cpu = torch.device("cpu")
+        ctx = RunContext(spec, DeviceData(arrays, spec.dataset, cpu), k, cpu)
+        _EPOCHS[key] = sum(phase.epochs for phase in METHODS[spec.method].phases(spec, ctx))
+    return _EPOCHS[key]
 
 
 def run_costs(params: dict, profile: str, throughput: Throughput | None, runs_dir: Path = Path("runs")

@@ -80,3 +80,22 @@ def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch):
     assert tp is not None, "benchmarks/throughput.json: the benchmark's measurement is committed"
     assert tp.label in out
     assert ("No GPU measurement" in out) == (tp.device != "cuda")
+
+
+def test_epochs_summed_over_the_methods_phases(monkeypatch):
+    """A multi-phase method (one stretch per block, per generation) is priced by all its epochs,
+    read by replaying its phase generator without training."""
+    from types import SimpleNamespace
+
+    from l2l import methods
+    from l2l.cost import planned_epochs
+    from l2l.engine import Phase
+    from tests.conftest import make_spec
+
+    def phases(spec, ctx):
+        for j in range(3):
+            yield Phase(f"block{j}", 2 + j, {}, {}, step=None, predictor=None)
+
+    monkeypatch.setitem(methods.METHODS, "three_blocks", SimpleNamespace(phases=phases))
+    assert planned_epochs(make_spec(method="three_blocks")) == 2 + 3 + 4
+    assert planned_epochs(make_spec()) == make_spec().train["epochs"]
