@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """A one-line message naming the offending key and the expected form."""
 
 
+class DataError(Exception):
+    """A data source or prepared array is unusable: one line naming the file and the problem.
+    (Raised by l2l.data; defined here so that code catching it need not import torchvision.)"""
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> dict:
     path = Path(path)
     try:

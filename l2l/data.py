@@ -24,6 +24,8 @@ import numpy as np
 import torchvision.datasets
 from torchvision.datasets.utils import calculate_md5, check_integrity
 
+from l2l.config import DataError  # defined beside ConfigError, so stages catch it without torchvision
+
 log = logging.getLogger(__name__)
 
 DATASETS: dict[str, int] = {"cifar10": 10, "cifar100": 100}  # name -> num_classes
@@ -42,9 +44,6 @@ television tiger tractor train trout tulip turtle wardrobe whale willow_tree wol
 _DEFAULT_CLASSES = {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES}
 _TV_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
-
-class DataError(Exception):
-    """One-line, user-facing message naming the file and the problem."""
 
 
 @dataclass(frozen=True)

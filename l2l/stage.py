@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from l2l.config import ConfigError, RunSpec, load_params, plan, prepared_dir, resolve_profile
+from l2l.config import ConfigError, DataError, RunSpec, load_params, plan, prepared_dir, resolve_profile
 from l2l.io import read_json
 
 RUNS = Path("runs")
@@ -26,8 +26,6 @@ def setup_logging() -> None:
 
 def main(stage: Callable[[], None]) -> None:
     """Run a stage; bad input ends in one line on stderr and exit status 2."""
-    from l2l.data import DataError
-
     setup_logging()
     try:
         stage()
