@@ -20,6 +20,10 @@ DATA_SOURCES = ("auto", "download", "mirror", "npz")
 OPTIMIZERS = ("sgd",)
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
+# Pascal VOC 2007 (l2l/voc.py): the settings of params.yaml's data.voc2007, with their defaults.
+VOC_DEFAULTS = {"root": None, "image_size": 128, "val_size": 500, "ap_mode": "area", "difficult": "ignore"}
+VOC_AP_MODES = ("area", "11point")
+VOC_DIFFICULT_RULES = ("ignore", "positive", "negative")
 
 
 class ConfigError(ValueError):
@@ -153,7 +157,36 @@ def validate_data(d: Any) -> dict:
         if v is not None and not isinstance(v, str):
             raise _fail(f"data.npz.{k}", "a file path", v)
     _pos_int(d.get("split_seed", 0), "data.split_seed", allow_zero=True)
+    voc_config(d)
     return d
+
+
+def voc_config(data: dict) -> dict:
+    """params.yaml data.voc2007 with its defaults filled in (VOC_DEFAULTS), validated."""
+    v = _mapping(data.get("voc2007") or {}, "data.voc2007")
+    for k in v:
+        if k not in VOC_DEFAULTS:
+            raise _fail(f"data.voc2007.{k}", "one of the keys " + ", ".join(VOC_DEFAULTS), k)
+    v = {**VOC_DEFAULTS, **v}
+    if v["root"] is not None and not isinstance(v["root"], str):
+        raise _fail("data.voc2007.root", "an extracted VOCdevkit/VOC2007 directory or null", v["root"])
+    _pos_int(v["image_size"], "data.voc2007.image_size")
+    _pos_int(v["val_size"], "data.voc2007.val_size")
+    _choice(v["ap_mode"], "data.voc2007.ap_mode", VOC_AP_MODES)
+    _choice(v["difficult"], "data.voc2007.difficult", VOC_DIFFICULT_RULES)
+    return v
+
+
+def dataset_data(params: dict, prof: "Profile", dataset: str) -> dict:
+    """What of the data settings a run on `dataset` depends on (part of its RunSpec, so of its hash):
+    CIFAR: the profile's split; VOC: its preparation (image size, val split) and its task (metric,
+    difficult-only labels). The split seed for both."""
+    seed = params["data"].get("split_seed", 0)
+    if dataset != "voc2007":
+        return {**prof.split, "split_seed": seed}
+    v = voc_config(params["data"])
+    return {"image_size": v["image_size"], "val_size": v["val_size"], "split_seed": seed,
+            "task": {"kind": "multi-label", "ap_mode": v["ap_mode"], "difficult": v["difficult"]}}
 
 
 # --- the plan ------------------------------------------------------------------------
@@ -255,7 +288,6 @@ def plan(params: dict, fingerprints: dict[str, str] | None = None, profile: str 
     from l2l.methods import METHODS
 
     prof = resolve_profile(params, profile)
-    split_seed = params["data"].get("split_seed", 0)
     specs = []
     for exp, ecfg in prof.experiments.items():
         method = METHODS[ecfg["method"]]
@@ -263,8 +295,7 @@ def plan(params: dict, fingerprints: dict[str, str] | None = None, profile: str 
         options = method.validate_options(ecfg.get("options", {}), f"profiles.{prof.name}.experiments.{exp}.options")
         for model in ecfg.get("models", list(prof.models)):
             for dataset in [d for d in ecfg.get("datasets", prof.datasets) if d in prof.datasets]:
-                data = {**prof.split, "split_seed": split_seed,
-                        "fingerprint": (fingerprints or {}).get(dataset)}
+                data = {**dataset_data(params, prof, dataset), "fingerprint": (fingerprints or {}).get(dataset)}
                 for seed in prof.seeds:
                     specs.append(RunSpec(exp, ecfg["method"], model, dataset, seed,
                                          prof.models[model], train, options, data))

@@ -28,7 +28,8 @@ from l2l.config import DataError  # defined beside ConfigError, so stages catch 
 
 log = logging.getLogger(__name__)
 
-DATASETS: dict[str, int] = {"cifar10": 10, "cifar100": 100}  # name -> num_classes
+# name -> num_classes; voc2007 (multi-label, 20 classes) is prepared by l2l/voc.py
+DATASETS: dict[str, int] = {"cifar10": 10, "cifar100": 100, "voc2007": 20}
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 
