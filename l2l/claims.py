@@ -205,10 +205,12 @@ def _mcnemar(claim: Claim, runs: pd.DataFrame, preds: Any) -> float | None:
     if claim.kind not in TWO_ARM_KINDS or preds is None or claim.metric != "final_test_acc" \
             or any(a.phase for a in claim.arms):  # the saved predictions are of the final model, not a phase's
         return None
-    ra, rb = (arm_runs(runs, claim, claim.arm(n)) for n in ("a", "b"))
     y = preds.get(f"y_test__{claim.dataset}")
+    if y is None or y.ndim != 1:  # multi-label (VOC): a prediction is a score per class, not right or wrong
+        return None
+    ra, rb = (arm_runs(runs, claim, claim.arm(n)) for n in ("a", "b"))
     ps = [stats.mcnemar_paired(preds[ra[s]], preds[rb[s]], y)[0] for s in sorted(set(ra) & set(rb))
-          if y is not None and ra[s] in preds and rb[s] in preds]
+          if ra[s] in preds and rb[s] in preds]
     return stats.combine_mcnemar(ps)
 
 

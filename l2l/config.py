@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 VOC_DEFAULTS = {"root": None, "image_size": 128, "val_size": 500, "ap_mode": "area", "difficult": "ignore"}
 VOC_AP_MODES = ("area", "11point")
 VOC_DIFFICULT_RULES = ("ignore", "positive", "negative")
+MULTI_LABEL_DATASETS = ("voc2007",)  # the others are single-label (l2l/tasks.py)
 
 
 class ConfigError(ValueError):
@@ -182,7 +183,7 @@ def dataset_data(params: dict, prof: "Profile", dataset: str) -> dict:
     CIFAR: the profile's split; VOC: its preparation (image size, val split) and its task (metric,
     difficult-only labels). The split seed for both."""
     seed = params["data"].get("split_seed", 0)
-    if dataset != "voc2007":
+    if dataset not in MULTI_LABEL_DATASETS:
         return {**prof.split, "split_seed": seed}
     v = voc_config(params["data"])
     return {"image_size": v["image_size"], "val_size": v["val_size"], "split_seed": seed,
@@ -273,9 +274,16 @@ def resolve_profile(params: dict, name: str | None = None) -> Profile:
                 raise _fail(f"{epath}.{k}", "one of the keys " + ", ".join(sorted(known)), k)
         method = _choice(_get(ecfg, "method", epath), f"{epath}.method", list(METHODS))
         _str_list(ecfg.get("models", list(models)), f"{epath}.models", list(models))
-        _str_list(ecfg.get("datasets", datasets), f"{epath}.datasets", DATASETS)
+        exp_datasets = _str_list(ecfg.get("datasets", datasets), f"{epath}.datasets", DATASETS)
         validate_train(deep_merge(train, _mapping(ecfg.get("train", {}), f"{epath}.train")), f"{epath}.train")
-        METHODS[method].validate_options(_mapping(ecfg.get("options", {}), f"{epath}.options"), f"{epath}.options")
+        options = METHODS[method].validate_options(_mapping(ecfg.get("options", {}), f"{epath}.options"),
+                                                   f"{epath}.options")
+        tasks = METHODS[method].supported_tasks(options)
+        for ds in exp_datasets:
+            task = "multi-label" if ds in MULTI_LABEL_DATASETS else "single-label"
+            if ds in datasets and task not in tasks:
+                raise ConfigError(f"params.yaml: {epath}.datasets: method {method} with these options trains on "
+                                  f"{' or '.join(tasks)} datasets only, got {ds} ({task})")
     return Profile(name, seeds, datasets, split, models, train, experiments)
 
 

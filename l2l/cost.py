@@ -7,7 +7,8 @@ engine's measured images/s for its model plus its evaluation images (validation 
 evaluate stage's val and test passes of two checkpoints) at EVAL_SPEEDUP times that. A phase
 epoch is priced as one training pass of the run's model: frozen parts (layerwise) cost less,
 a second network (a teacher, a layer-to-layer partner) more. A model the benchmark did not measure is scaled by
-FLOPs from the measured model of its architecture (or the median of all measured ones). These
+FLOPs from the measured model of its architecture (or the median of all measured ones), and so is
+every model on images larger than CIFAR's 32x32 (Pascal VOC at data.voc2007.image_size). These
 are estimates from a named measurement, never measurements themselves.
 """
 from __future__ import annotations
@@ -17,18 +18,21 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from l2l.config import ConfigError, RunSpec, plan, prepared_dir, resolve_profile, split_config
+from l2l.config import (MULTI_LABEL_DATASETS, ConfigError, RunSpec, plan, prepared_dir, resolve_profile,
+                        split_config, voc_config)
 from l2l.io import read_json
 
 THROUGHPUT_FILE = Path("benchmarks/throughput.json")
 SOURCE_TRAIN_IMAGES = 50000  # CIFAR-10/100 training sets
 OFFICIAL_TEST_IMAGES = 10000
+VOC_TRAINVAL_IMAGES, VOC_TEST_IMAGES = 5011, 4952  # Pascal VOC 2007
 # A forward pass is about a third of a training step's FLOPs (the backward pass costs about twice
 # the forward): evaluation images go about 3x as fast as training images.
 EVAL_SPEEDUP = 3.0
 
 
-def train_flops_per_image(model_cfg: dict, num_classes: int = 10, batch_size: int = 128) -> float:
+def train_flops_per_image(model_cfg: dict, num_classes: int = 10, batch_size: int = 128, image_size: int = 32
+                          ) -> float:
     """Forward + backward FLOPs of one training image (torch.utils.flop_counter on the meta
     device: shapes only, no compute)."""
     import torch
@@ -38,7 +42,7 @@ def train_flops_per_image(model_cfg: dict, num_classes: int = 10, batch_size: in
     from l2l.models import build_model
 
     model = build_model(model_cfg, num_classes).to("meta")
-    x = torch.empty(batch_size, 3, 32, 32, device="meta")
+    x = torch.empty(batch_size, 3, image_size, image_size, device="meta")
     y = torch.zeros(batch_size, dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
@@ -66,21 +70,24 @@ class Throughput:
         r = self.models[name]
         return max(r.get("engine_images_per_s") or 0.0, r.get("engine_compiled_images_per_s") or 0.0)
 
-    def rate(self, model_cfg: dict, flops: dict) -> tuple[float, str]:
-        """(training images/s for this model, how it was obtained)."""
+    def rate(self, model_cfg: dict, flops: dict, image_size: int = 32) -> tuple[float, str]:
+        """(training images/s for this model on image_size x image_size images, how it was obtained);
+        the benchmark measures 32x32 CIFAR images."""
         for name, r in self.models.items():
-            if r["cfg"] == model_cfg:
+            if r["cfg"] == model_cfg and image_size == 32:
                 return self.images_per_s(name), f"measured ({name})"
-        key = json.dumps(model_cfg, sort_keys=True)
+        key = json.dumps([model_cfg, image_size], sort_keys=True)
         if key not in flops:
-            flops[key] = train_flops_per_image(model_cfg) / 1e9
+            flops[key] = train_flops_per_image(model_cfg, image_size=image_size) / 1e9
         gflop = flops[key]
+        at = "" if image_size == 32 else f" to {image_size}x{image_size}"
         same_arch = [n for n, r in self.models.items() if r["cfg"]["arch"] == model_cfg["arch"]]
         if same_arch:
             n = same_arch[0]
-            return self.images_per_s(n) * self.models[n]["train_gflop_per_image"] / gflop, f"FLOPs-scaled from {n}"
+            return (self.images_per_s(n) * self.models[n]["train_gflop_per_image"] / gflop,
+                    f"FLOPs-scaled from {n}{at}")
         flop_rate = statistics.median(self.images_per_s(n) * r["train_gflop_per_image"] for n, r in self.models.items())
-        return flop_rate / gflop, "FLOPs-scaled (median of measured models)"
+        return flop_rate / gflop, f"FLOPs-scaled (median of measured models){at}"
 
 
 def load_throughput(path: Path = THROUGHPUT_FILE, device: str | None = None) -> Throughput | None:
@@ -118,11 +125,17 @@ def _prepared(params: dict, profile: str) -> tuple[dict, dict, list[str]]:
     split = split_config(params, profile)
     want = {"val_size": split.val_size, "test_size": split.test_size, "train_subset": split.train_subset,
             "seed": split.seed}
+    voc = voc_config(params["data"])
+    want_voc = {"val_size": voc["val_size"], "seed": split.seed}
     manifests, notes = {}, []
     for ds in prof.datasets:
         path = prepared_dir(params, ds) / "manifest.json"
         m = read_json(path) if path.exists() else None
-        if m is not None and m.get("split") == want:
+        if ds in MULTI_LABEL_DATASETS:
+            ok = m is not None and m.get("split") == want_voc and m.get("image_size") == voc["image_size"]
+        else:
+            ok = m is not None and m.get("split") == want
+        if ok:
             manifests[ds] = m
         else:
             notes.append(f"{ds}: not prepared for profile {profile} (run the data stage): its runs' identities "
@@ -130,9 +143,12 @@ def _prepared(params: dict, profile: str) -> tuple[dict, dict, list[str]]:
     return prof.split, manifests, notes
 
 
-def split_counts(split: dict, manifest: dict | None) -> dict[str, int]:
+def split_counts(split: dict, manifest: dict | None, dataset: str = "cifar10", voc_val_size: int = 500
+                 ) -> dict[str, int]:
     if manifest is not None:
         return {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
+    if dataset in MULTI_LABEL_DATASETS:
+        return {"train": VOC_TRAINVAL_IMAGES - voc_val_size, "val": voc_val_size, "test": VOC_TEST_IMAGES}
     train = SOURCE_TRAIN_IMAGES - split["val_size"]
     if split.get("train_subset"):
         train = min(train, split["train_subset"])
@@ -173,11 +189,11 @@ def run_costs(params: dict, profile: str, throughput: Throughput | None, runs_di
     flops: dict = {}
     out = []
     for s in specs:
-        n = split_counts(split, manifests.get(s.dataset))
+        n = split_counts(split, manifests.get(s.dataset), s.dataset, s.data.get("val_size", 0))
         epochs = planned_epochs(s)
         hours, basis = None, "no throughput measurement"
         if throughput is not None:
-            rate, basis = throughput.rate(s.model_cfg, flops)
+            rate, basis = throughput.rate(s.model_cfg, flops, s.data.get("image_size", 32))
             images = epochs * n["train"] + (epochs * n["val"] + 2 * (n["val"] + n["test"])) / EVAL_SPEEDUP
             hours = images / rate / 3600
         done = s.dataset in manifests and (runs_dir / s.hash / "result.json").exists()

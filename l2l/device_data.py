@@ -17,6 +17,8 @@ import torch.nn.functional as F
 NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # Pascal VOC: the ImageNet statistics that VOC classification pipelines use (torchvision's)
+    "voc2007": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 

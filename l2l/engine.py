@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from l2l.config import RunSpec
 from l2l.device_data import DeviceData
+from l2l.tasks import Task, task_of
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,12 @@ def device_info(device: torch.device) -> dict[str, str]:
 
 
 class RunContext:
-    """What a method needs from the engine: device, data, optimizer/scheduler factories."""
+    """What a method needs from the engine: device, data, the dataset's task (loss, KD loss, metric:
+    l2l/tasks.py), optimizer/scheduler factories."""
 
     def __init__(self, spec: RunSpec, data: DeviceData, num_classes: int, device: torch.device):
         self.spec, self.data, self.num_classes, self.device = spec, data, num_classes, device
+        self.task: Task = task_of(spec.data)
         precision = spec.train.get("precision", "auto")
         self.amp = device.type == "cuda" and precision in ("auto", "bf16")
         self.channels_last = device.type == "cuda"
@@ -139,35 +141,37 @@ class RunContext:
         loss.backward()
         opt.step()
 
-    def cross_entropy_step(self, model: nn.Module, opt: torch.optim.Optimizer) -> StepFn:
-        """The plain supervised step: forward, cross-entropy, one update."""
+    def supervised_step(self, model: nn.Module, opt: torch.optim.Optimizer) -> StepFn:
+        """The plain supervised step: forward, the task's loss (cross-entropy for CIFAR), one update."""
         forward = self.compiled(model)
 
         def step(x, y):
             with self.autocast():
                 logits = forward(x)
-                loss = F.cross_entropy(logits, y)
+            loss = self.task.loss(logits, y)
             self.update(opt, loss)
             return loss, logits
         return step
 
     @torch.no_grad()
-    def evaluate(self, predictor: nn.Module, split: str) -> dict:
-        """Loss, accuracy and per-example predictions of `predictor` on a split."""
-        was_training = predictor.training
-        predictor.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        preds = []
-        for x, y in self.data.eval_batches(split, self.spec.train.get("eval_batch_size", 1000)):
+    def split_logits(self, model: nn.Module, split: str) -> torch.Tensor:
+        """float32 logits of `model` (eval mode) for every image of a split, un-augmented, in order."""
+        was_training = model.training
+        model.eval()
+        out = []
+        for x, _ in self.data.eval_batches(split, self.spec.train.get("eval_batch_size", 1000)):
             with self.autocast():
-                logits = predictor(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            preds.append(logits.argmax(1))
-        predictor.train(was_training)
-        pred = torch.cat(preds)
-        n = len(pred)
-        return {"loss": loss_sum.item() / n, "acc": 100.0 * (pred == self.data.y[split]).float().mean().item(),
-                "pred": pred.cpu().numpy()}
+                out.append(model(x).float())
+        model.train(was_training)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate(self, predictor: nn.Module, split: str) -> dict:
+        """Loss, the task's metric ("acc": top-1 accuracy or mAP, in %) and per-example predictions
+        (class ids or per-class scores) of `predictor` on a split."""
+        logits, y = self.split_logits(predictor, split), self.data.y[split]
+        return {"loss": self.task.loss(logits, y).item(), "acc": self.task.score(logits, y),
+                "pred": self.task.predictions(logits)}
 
 
 # --- checkpoints ------------------------------------------------------------------------
@@ -339,30 +343,34 @@ def _train_epoch(spec: RunSpec, ctx: RunContext, phase: Phase, pi: int, epoch: i
     dev = ctx.device
     _sync(dev)
     t0 = time.perf_counter()
-    loss_sum, correct, seen, batches = step_batches(
-        phase.step, ctx.data.train_batches(spec.seed, pi, epoch, spec.train["batch_size"]), dev)
+    loss_sum, meter, seen, batches = step_batches(
+        phase.step, ctx.data.train_batches(spec.seed, pi, epoch, spec.train["batch_size"]), dev, ctx.task.meter(dev))
     _sync(dev)
     seconds = time.perf_counter() - t0
     for s in phase.schedulers.values():
         s.step()
     val = ctx.evaluate(phase.predictor, "val")
     return {"phase": phase.name, "phase_index": pi, "epoch": epoch, "phase_epochs": phase.epochs,
-            "train_loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen,
+            "train_loss": loss_sum.item() / seen, "train_acc": meter.value(),
             "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
             "epoch_seconds": seconds, "images_per_s": seen / seconds, "batches": batches}
 
 
-def step_batches(step: StepFn, batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Every batch's update; loss sum and correct count stay on the device (no host sync).
-    Returns (loss_sum, correct, images, batches). The benchmark times exactly this loop."""
-    loss_sum, correct, seen, n = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0, 0
+def step_batches(step: StepFn, batches, device: torch.device, meter=None) -> tuple[torch.Tensor, Any, int, int]:
+    """Every batch's update; the loss sum and the metric's meter (l2l/tasks.py; default: top-1
+    accuracy) stay on the device (no host sync). Returns (loss_sum, meter, images, batches).
+    The benchmark times exactly this loop."""
+    from l2l.tasks import TopOneMeter
+
+    meter = meter if meter is not None else TopOneMeter(device)
+    loss_sum, seen, n = torch.zeros((), device=device), 0, 0
     for x, y in batches:
         loss, logits = step(x, y)
         loss_sum += loss.detach().float() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
+        meter.add(logits, y)
         seen += len(y)
         n += 1
-    return loss_sum, correct, seen, n
+    return loss_sum, meter, seen, n
 
 
 def _sync(device: torch.device) -> None:

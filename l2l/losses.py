@@ -56,9 +56,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def kd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label_loss: torch.Tensor,
-                 temperature: float, kd_weight: float) -> torch.Tensor:
-    """(1 - w) * label_loss + w * KD: the student's loss in both methods (w = kd_weight)."""
-    return (1.0 - kd_weight) * label_loss + kd_weight * kd_loss(student_logits, teacher_logits, temperature)
+                 temperature: float, kd_weight: float, kd=None) -> torch.Tensor:
+    """(1 - w) * label_loss + w * KD: the student's loss in both methods (w = kd_weight). kd is the
+    task's distillation loss (l2l/tasks.py): kd_loss (softmax, the default) or multilabel_kd_loss."""
+    kd = kd or kd_loss
+    return (1.0 - kd_weight) * label_loss + kd_weight * kd(student_logits, teacher_logits, temperature)
 
 
 def multilabel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float

@@ -131,21 +131,34 @@ def stamp(results: Path) -> dict[str, str]:
     }
 
 
+TOP1 = "top-1 accuracy (%)"  # the metric of results written before runs.csv named it
+
+
+def dataset_metrics(results: Path) -> dict[str, str]:
+    """dataset -> the metric its *_acc columns hold (results/runs.csv column `metric`)."""
+    runs = pd.read_csv(results / "runs.csv", usecols=lambda c: c in ("dataset", "metric"))
+    if "metric" not in runs:
+        return {ds: TOP1 for ds in runs["dataset"].unique()}
+    return dict(zip(runs["dataset"], runs["metric"]))
+
+
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "experiment": summary["experiment"], "method": summary["method"], "model": summary["model"],
         "dataset": summary["dataset"], "n": summary["n"],
-        "test acc, last epoch (95% CI)": [_interval(*r) for r in summary[
+        "metric": summary["metric"] if "metric" in summary else TOP1,
+        "test, last epoch (95% CI)": [_interval(*r) for r in summary[
             ["final_test_acc_mean", "final_test_acc_ci_low", "final_test_acc_ci_high"]].itertuples(index=False)],
-        "test acc, best-val epoch (95% CI)": [_interval(*r) for r in summary[
+        "test, best-val epoch (95% CI)": [_interval(*r) for r in summary[
             ["best_test_acc_mean", "best_test_acc_ci_low", "best_test_acc_ci_high"]].itertuples(index=False)],
-        "val acc, last epoch": summary["final_val_acc_mean"],
+        "val, last epoch": summary["final_val_acc_mean"],
         "train s (mean)": summary["train_seconds_mean"],
     })
 
 
 def learning_curves(doc: Doc, results: Path) -> None:
     files = sorted((results / "curves").glob("*.csv"))
+    metrics = dataset_metrics(results)
     by_panel: dict[tuple[str, str], list[tuple[str, pd.DataFrame]]] = {}
     for f in files:
         experiment, model, dataset = f.stem.split("__")
@@ -158,7 +171,7 @@ def learning_curves(doc: Doc, results: Path) -> None:
                 if df[f"{metric}_low"].notna().any():
                     ax.fill_between(df["epoch"], df[f"{metric}_low"], df[f"{metric}_high"], alpha=0.2,
                                     color=line.get_color())
-        for ax, title in zip(axes, ("training loss", "validation accuracy (%)")):
+        for ax, title in zip(axes, ("training loss", f"validation {metrics.get(dataset, TOP1)}")):
             ax.set_xlabel("epoch (all phases in order)")
             ax.set_title(title)
             ax.grid(alpha=0.3)
@@ -259,7 +272,7 @@ def claims_sections(doc: Doc, results: Path) -> None:
         doc.p("No claim has its arms in this profile.")
     doc.p(f"alpha = {st['alpha']}, at least {st['min_seeds']} seeds per arm, {st['bootstrap_resamples']} bootstrap "
           "resamples; p-values Holm-adjusted across all claims checked here. Differences are arm a minus arm b "
-          "(the last minus the first arm for an ordering), in accuracy points.")
+          "(the last minus the first arm for an ordering), in points of the claim's metric (accuracy; mAP on VOC).")
     doc.h(3, "How a verdict is decided")
     doc.p(_rule_as_list(data["verdict_rule"]))
     if not_run:
@@ -308,7 +321,8 @@ def build(results: Path, out: Path, extra_sections=None) -> Doc:
     for section in [claims_sections, *(extra_sections or [])]:
         section(doc, results)
     doc.h(2, "Summary")
-    doc.p("Test accuracy (%) per experiment, model and dataset: mean over seeds with its 95% t-interval. "
+    doc.p("Test metric per experiment, model and dataset (column metric: top-1 accuracy, or mAP on a multi-label "
+          "dataset): mean over seeds with its 95% t-interval. "
           "'Last epoch' is the papers' reporting rule; 'best-val epoch' selects the epoch on the validation "
           "split carved from the training set, never on the test set.")
     doc.table(summary_table(summary))

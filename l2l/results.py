@@ -1,11 +1,12 @@
 """Aggregation (pandas): run folders -> results/ tables that the report reads.
 
-results/runs.csv      one row per run: identity, every param that varies, every metric
+results/runs.csv      one row per run: identity, every param that varies, every metric; the *_acc columns
+                      hold the dataset's metric, named in column `metric` (top-1 accuracy; mAP for VOC)
 results/summary.csv   per experiment x method x model x dataset: n, mean, std, 95% t-interval
 results/metrics.json  the summary for `dvc metrics show`
 results/curves/*.csv  learning curves per group: mean and band across seeds (`dvc plots show`)
 results/phases.csv    per-phase metrics that methods record (e.g. per-stage accuracy)
-results/predictions.npz  per-example test predictions (paired per-example statistics)
+results/predictions.npz  per-example test predictions (class ids; per-class scores for VOC) and labels
 results/data.json     the data manifests' source and split note (the report's stamp)
 """
 from __future__ import annotations
@@ -48,12 +49,15 @@ def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
                                 "(run the train and evaluate stages)")
     params = pd.DataFrame([flatten(s.to_dict()) for s in specs])
     varying = [c for c in params.columns if params[c].nunique() > 1 and c not in GROUP + ["seed"]]
+    from l2l.tasks import task_of
+
     rows = []
     for spec, (_, p) in zip(specs, params.iterrows()):
         result = read_json(runs / spec.hash / "result.json")
         ev = read_json(evals / spec.hash / "eval.json")
         rows.append({"run": spec.hash, **{k: getattr(spec, k) for k in GROUP}, "seed": spec.seed,
                      **{f"param.{c}": p[c] for c in varying},
+                     "metric": task_of(spec.data).metric,  # what the *_acc columns hold
                      **{k: v for k, v in ev.items() if k != "final_sha256"},
                      "train_acc": result["final"]["train_acc"], "epochs": result["epochs"],
                      "updates": result["updates"], "train_seconds": result["train_seconds"],
@@ -66,6 +70,8 @@ def summarise(runs_df: pd.DataFrame) -> pd.DataFrame:
     out = []
     for key, g in runs_df.groupby(GROUP, sort=False):
         row = dict(zip(GROUP, key), n=len(g))
+        if "metric" in g:
+            row["metric"] = g["metric"].iloc[0]
         for m in SUMMARY_METRICS:
             row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = mean_interval(g[m])
         out.append(row)

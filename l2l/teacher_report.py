@@ -87,18 +87,20 @@ def generation_figure(phases_df: pd.DataFrame) -> Figure:
 
 def distill_table(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> pd.DataFrame:
     """Per dataset and model: the teacher, each distilled student and its no-distillation
-    baseline with n, test accuracy (mean, 95% CI), params, FLOPs per image and latency per batch
-    size (median over seeds; columns latency_<dtype>_b<N>_ms)."""
+    baseline with n, the test metric (mean, 95% CI; column metric: accuracy, or mAP on VOC), params,
+    FLOPs per image and latency per batch size (median over seeds; columns latency_<dtype>_b<N>_ms)."""
     w = _wide(phases_df, "distill")
     if w.empty:
         return pd.DataFrame()
     student, teacher = w[w["phase"] == "student"], w[w["phase"] == "teacher"]
     lat = sorted((c for c in student.columns if LATENCY.match(c)), key=lambda c: int(LATENCY.match(c).group(2)))
     rows = []
+    metrics = dict(zip(runs_df["dataset"], runs_df["metric"])) if "metric" in runs_df else {}
 
     def row(role: str, model: str, ds: str, acc: pd.Series, costs: pd.DataFrame, prefix: str = "") -> dict:
         m, _, lo, hi = mean_interval(acc)
-        return {"dataset": ds, "model": model, "role": role, "n": int(acc.notna().sum()), "test_acc": m,
+        return {"dataset": ds, "model": model, "role": role, "n": int(acc.notna().sum()),
+                "metric": metrics.get(ds, "top-1 accuracy (%)"), "test_acc": m,
                 "test_acc_low": lo, "test_acc_high": hi, "params": costs[prefix + "params"].median(),
                 "flops": costs[prefix + "flops"].median(), **{c: costs[prefix + c].median() for c in lat}}
 
@@ -116,36 +118,41 @@ def distill_table(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> pd.DataFram
 
 
 def accuracy_latency_figure(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> Figure:
-    """Test accuracy (mean, 95% CI) against latency (log scale), one panel per measured batch
-    size: the teacher (square), the distilled students (filled) and their baselines (hollow)."""
+    """Test metric (mean, 95% CI) against latency (log scale), one row of panels per dataset (its
+    metric: accuracy or mAP) and one panel per measured batch size: the teacher (square), the
+    distilled students (filled) and their baselines (hollow)."""
     t = distill_table(runs_df, phases_df)
     lat = [c for c in t.columns if LATENCY.match(c)]
-    fig, axes = plt.subplots(1, max(1, len(lat)), figsize=(5.5 * max(1, len(lat)), 4), squeeze=False)
+    datasets = list(t["dataset"].unique()) if not t.empty else []
+    nr, nc = max(1, len(datasets)), max(1, len(lat))
+    fig, axes = plt.subplots(nr, nc, figsize=(5.5 * nc, 4 * nr), squeeze=False)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {m: cycle[i % len(cycle)] for i, m in enumerate(t["model"].unique())} if not t.empty else {}
-    for ax, col in zip(axes[0], lat):
-        for _, r in t.iterrows():
-            teacher, baseline = r["role"] == "teacher", r["role"] == "no-KD baseline"
-            err = None if pd.isna(r["test_acc_low"]) else [[r["test_acc"] - r["test_acc_low"]],
-                                                           [r["test_acc_high"] - r["test_acc"]]]
-            color = "k" if teacher else colors[r["model"]]  # a student and its baseline share a colour
-            ax.errorbar(r[col], r["test_acc"], yerr=err, fmt="s" if teacher else "o", capsize=3, color=color,
-                        mfc="none" if baseline else color, label=f"{r['model']}: {r['role']} ({r['dataset']})")
-        dtype, batch = LATENCY.match(col).groups()
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor log ticks' labels collide
-        ax.set_xlabel(f"latency, batch {batch}, {dtype} (ms, median)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3, which="both")
+    for row_axes, ds in zip(axes, datasets):
+        for ax, col in zip(row_axes, lat):
+            for _, r in t[t["dataset"] == ds].iterrows():
+                teacher, baseline = r["role"] == "teacher", r["role"] == "no-KD baseline"
+                err = None if pd.isna(r["test_acc_low"]) else [[r["test_acc"] - r["test_acc_low"]],
+                                                               [r["test_acc_high"] - r["test_acc"]]]
+                color = "k" if teacher else colors[r["model"]]  # a student and its baseline share a colour
+                ax.errorbar(r[col], r["test_acc"], yerr=err, fmt="s" if teacher else "o", capsize=3, color=color,
+                            mfc="none" if baseline else color, label=f"{r['model']}: {r['role']} ({r['dataset']})")
+            dtype, batch = LATENCY.match(col).groups()
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor log ticks' labels collide
+            ax.set_xlabel(f"latency, batch {batch}, {dtype} (ms, median)")
+            ax.set_ylabel(f"{ds}: test {t.loc[t['dataset'] == ds, 'metric'].iloc[0]}")
+            ax.grid(alpha=0.3, which="both")
     if lat:
-        axes[0][-1].legend(fontsize=6, loc="best")
+        for row_axes in axes:
+            row_axes[-1].legend(fontsize=6, loc="best")
     fig.tight_layout()
     return fig
 
 
 def _fmt_table(t: pd.DataFrame, keys: list[str], extra: dict[str, str]) -> pd.DataFrame:
     out = t[keys].copy()
-    out["test acc (95% CI)"] = [_interval(*v) for v in t[["test_acc", "test_acc_low", "test_acc_high"]].itertuples(
+    out["test (95% CI)"] = [_interval(*v) for v in t[["test_acc", "test_acc_low", "test_acc_high"]].itertuples(
         index=False)]
     for col, name in extra.items():
         out[name] = t[col]
@@ -182,7 +189,8 @@ def teacher_student_section(doc: Doc, results: Path) -> None:
               "(l2l/profiling.py); FLOPs per image by torch.utils.flop_counter (2 per multiply-add of "
               "convolutions and linear layers). Baselines: the same students trained without distillation.")
         dist = dist.assign(params=dist["params"].round().astype("Int64"), mflops=dist["flops"] / 1e6)
-        doc.table(_fmt_table(dist, ["dataset", "model", "role", "n"],
+        doc.table(_fmt_table(dist, ["dataset", "metric", "model", "role", "n"],
                              {"params": "params", "mflops": "MFLOPs / image", **{c: c.replace("_", " ") for c in lat}}))
         doc.figure("p5_accuracy_latency", accuracy_latency_figure(runs_df, phases_df),
-                   "P5: test accuracy against latency (teacher: square; distilled: filled; no-KD baseline: hollow)")
+                   "P5: test metric against latency, per dataset (teacher: square; distilled: filled; "
+                   "no-KD baseline: hollow)")

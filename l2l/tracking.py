@@ -78,6 +78,8 @@ class RunTracker:
     def __init__(self, spec, profile: str, run_dir: Path, device: dict[str, str]):
         from mlflow.entities import Param, RunTag
 
+        from l2l.tasks import task_of
+
         self.c = client()
         self.exp_id = experiment_id(self.c, f"l2l-{profile}")
         existing = find_run(self.c, self.exp_id, spec.hash)
@@ -90,7 +92,8 @@ class RunTracker:
                 "l2l.method": spec.method, "l2l.model": spec.model, "l2l.dataset": spec.dataset,
                 "l2l.seed": str(spec.seed), "l2l.run_dir": str(run_dir), "l2l.device": device["device"],
                 "l2l.device_name": device["device_name"], "l2l.torch": device["torch"], "l2l.cuda": device["cuda"],
-                "mlflow.source.git.commit": git_commit()}
+                "mlflow.source.git.commit": git_commit(),
+                "l2l.metric": task_of(spec.data).metric}  # what the *_acc metrics hold (accuracy or mAP)
         for k, v in spec.options.items():  # method readings (e.g. the L2L reading, split point) as tags too
             tags[f"l2l.option.{k}"] = str(v)
         run = self.c.create_run(self.exp_id, run_name=f"{spec.experiment}-{spec.model}-{spec.dataset}-s{spec.seed}",

@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: the final and the best-on-validation checkpoint of every run, on the
 validation and the test split. The test split is only ever measured here, never used to
-select anything. Writes evals/<hash>/{eval.json, predictions.npz}."""
+select anything. Writes evals/<hash>/{eval.json, predictions.npz}. "acc" is the dataset's metric (l2l/tasks.py):
+top-1 accuracy, or mAP on a multi-label dataset."""
 import numpy as np
 
 from l2l import stage
@@ -31,7 +32,7 @@ def run() -> None:
             for split in ("val", "test"):
                 ev = ctx.evaluate(model, split)
                 metrics[f"{which}_{split}_acc"], metrics[f"{which}_{split}_loss"] = ev["acc"], ev["loss"]
-                preds[f"{which}_{split}"] = ev["pred"].astype(np.int16)
+                preds[f"{which}_{split}"] = ev["pred"]  # class ids, or per-class scores (multi-label)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "predictions.tmp.npz"
         np.savez_compressed(tmp, **preds)

@@ -3,6 +3,8 @@
 - ``OPTIONS``: its options with their defaults (params.yaml ``experiments.<name>.options``);
 - ``validate_options(options, path)`` -> options with defaults filled in (one-line errors);
 - ``phases(spec, ctx)``: the entry point, yielding the :class:`l2l.engine.Phase` s the engine runs;
+- ``supported_tasks(options)``: the label kinds it trains on ("single-label", "multi-label":
+  :mod:`l2l.tasks`); the plan refuses a dataset of another kind;
 - ``predictor(spec, num_classes)``: an untrained module shaped like the final predictor,
   into which the saved ``final.pt`` / ``best.pt`` state loads (for evaluation).
 """

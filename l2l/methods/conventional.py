@@ -1,4 +1,5 @@
-"""Conventional end-to-end training: the whole network, cross-entropy, one update per batch.
+"""Conventional end-to-end training: the whole network, the task's loss (cross-entropy; per-class
+binary cross-entropy on a multi-label dataset), one update per batch.
 
 Option ``probe_epochs`` > 0 adds, after training, a linear probe on every stage's frozen
 features (:mod:`l2l.probe`): per-stage probe train/test accuracy lands in results/phases.csv
@@ -16,11 +17,17 @@ from l2l.engine import Phase, RunContext
 from l2l.methods.options import validate
 from l2l.models import build_model
 from l2l.probe import probe_stages
+from l2l.tasks import MULTI_LABEL, SINGLE_LABEL
 
 OPTIONS: dict = {
     "probe_epochs": 0,  # 0: no probes; else epochs of linear-probe training per stage after training
     "probe_lr": 0.1,  # the probes' SGD learning rate (cosine to 0), on standardised features
 }
+
+
+def supported_tasks(options: dict) -> tuple[str, ...]:
+    # the linear probes are softmax classifiers scored by top-1 accuracy
+    return (SINGLE_LABEL,) if options["probe_epochs"] else (SINGLE_LABEL, MULTI_LABEL)
 
 
 def validate_options(options: dict, path: str) -> dict:
@@ -42,5 +49,5 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     epochs = spec.train["epochs"]
     probe_epochs = spec.options.get("probe_epochs", 0)
     on_end = (lambda: probe_stages(model, ctx, probe_epochs, spec.options["probe_lr"])) if probe_epochs else None
-    yield Phase("end_to_end", epochs, {"model": model}, {"sgd": opt}, ctx.cross_entropy_step(model, opt),
+    yield Phase("end_to_end", epochs, {"model": model}, {"sgd": opt}, ctx.supervised_step(model, opt),
                 predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)}, on_end=on_end)

@@ -3,6 +3,8 @@
 The run's model (spec.model) is the student. The teacher is trained inside the same run as
 phase "teacher" (cross-entropy, the run's training settings), then frozen while the student
 learns in phase "student" from (1 - w) * CE + w * T^2 KL(teacher || student) at temperature T.
+On a multi-label dataset (Pascal VOC, l2l/tasks.py) CE is the per-class binary cross-entropy and
+the KD term the binary KL between per-class sigmoids at temperature T (l2l.losses.multilabel_kd_loss).
 Training the teacher in the run keeps the run self-contained (its identity covers the teacher);
 the teacher's initialisation and data stream depend on the seed only, so the students of one
 seed are taught by the same teacher (bit-identical on a deterministic device), which is also
@@ -33,8 +35,9 @@ import torch.nn as nn
 from l2l.config import RunSpec
 from l2l.engine import Phase, RunContext, device_info
 from l2l.methods.options import validate
-from l2l.methods.teaching import (check_kd_options, cross_entropy, final_accuracies, freeze, kd_step, loss_step,
-                                  option_error, profile, train_mode)
+from l2l.methods.teaching import (check_kd_options, final_accuracies, freeze, kd_step, loss_step, option_error,
+                                  profile, train_mode)
+from l2l.tasks import MULTI_LABEL, SINGLE_LABEL
 from l2l.models import ARCHS, build_model
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,10 @@ OPTIONS: dict = {
     "latency_warmup": 10,
     "latency_repeats": 30,
 }
+
+
+def supported_tasks(options: dict) -> tuple[str, ...]:
+    return SINGLE_LABEL, MULTI_LABEL
 
 
 def validate_options(options: dict, path: str) -> dict:
@@ -107,13 +114,13 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     epochs = spec.train["epochs"]
 
     opt = ctx.optimizer(teacher.parameters())
-    yield Phase("teacher", epochs, {"teacher": teacher}, {"sgd": opt}, loss_step(ctx, teacher, opt, cross_entropy),
+    yield Phase("teacher", epochs, {"teacher": teacher}, {"sgd": opt}, loss_step(ctx, teacher, opt, ctx.task.loss),
                 predictor=teacher, schedulers={"lr": ctx.scheduler(opt, epochs)},
                 on_end=lambda: _teacher_measures(ctx, teacher))
 
     freeze(teacher)
     opt = ctx.optimizer(student.parameters())
-    step = kd_step(ctx, student, opt, lambda x, y: teacher(x), cross_entropy, o["temperature"], o["kd_weight"])
+    step = kd_step(ctx, student, opt, lambda x, y: teacher(x), ctx.task.loss, o["temperature"], o["kd_weight"])
     yield Phase("student", epochs, {"teacher": teacher, "student": student}, {"sgd": opt}, step,
                 predictor=student, schedulers={"lr": ctx.scheduler(opt, epochs)},
                 train_mode=train_mode(student, [teacher]), on_end=lambda: _student_measures(ctx, student, teacher),

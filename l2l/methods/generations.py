@@ -51,10 +51,11 @@ from l2l.losses import TSD_NORMS, confidence_penalty_ce, label_smoothing_ce, tsd
 from l2l.methods.options import validate
 from l2l.methods.teaching import (LabelLoss, accuracy, check_kd_options, check_number, cross_entropy,
                                   final_accuracies, freeze, kd_step, loss_step, option_error, output_measures,
-                                  split_logits, train_mode)
+                                  train_mode)
 from l2l.models import build_model
 from l2l.profiling import flops
 from l2l.pruning import count_parameters
+from l2l.tasks import SINGLE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ OPTIONS: dict = {
     "tolerant_in_students": False,
     "teacher_on_the_fly": True,
 }
+
+
+def supported_tasks(options: dict) -> tuple[str, ...]:
+    return (SINGLE_LABEL,)  # softmax outputs and top-1 accuracy throughout
 
 
 def validate_options(options: dict, path: str) -> dict:
@@ -119,7 +124,7 @@ class CachedTeacher:
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.logits is None:
-            self.logits = split_logits(self.ctx, self.teacher, "train")
+            self.logits = self.ctx.split_logits(self.teacher, "train")
         self.order = self.ctx.data.epoch_plan(self.ctx.spec.seed, self.phase_index, epoch)[0]
         self.pos, self.checked = 0, False
 
@@ -139,12 +144,12 @@ def _measures(ctx: RunContext, models: list[nn.Module], g: int, probs: dict) -> 
     later ensembles (after a resume, missing ones are recomputed from the checkpointed models)."""
     model = models[g]
     out, logits = final_accuracies(ctx, model)
-    out.update(output_measures(split_logits(ctx, model, "train")))
+    out.update(output_measures(ctx.split_logits(model, "train")))
     for split in ("val", "test"):
         probs[g, split] = logits[split].softmax(1)
         for i in range(g):
             if (i, split) not in probs:
-                probs[i, split] = split_logits(ctx, models[i], split).softmax(1)
+                probs[i, split] = ctx.split_logits(models[i], split).softmax(1)
         ensemble = sum(probs[i, split] for i in range(g + 1))
         out[f"ensemble_final_{split}_acc"] = accuracy(ensemble, ctx.data.y[split])
     out["params"] = float(count_parameters(model))

@@ -56,6 +56,7 @@ from l2l.config import ConfigError, RunSpec
 from l2l.engine import Phase, RunContext
 from l2l.methods.options import validate
 from l2l.models import block_names, build_model
+from l2l.tasks import SINGLE_LABEL
 
 READINGS = ("alternating", "mutual", "incremental")
 STEPS = ("alternating", "mutual")
@@ -90,6 +91,10 @@ def _split_option(v, path: str):
 def _choice(o: dict, key: str, choices: tuple[str, ...], path: str) -> None:
     if o[key] not in choices:
         raise ConfigError(f"params.yaml: {path}.{key}: expected one of {', '.join(choices)}, got {o[key]!r}")
+
+
+def supported_tasks(options: dict) -> tuple[str, ...]:
+    return (SINGLE_LABEL,)  # softmax outputs and top-1 accuracy throughout
 
 
 def validate_options(options: dict, path: str) -> dict:

@@ -40,6 +40,7 @@ from l2l.engine import Phase, RunContext
 from l2l.methods.options import validate
 from l2l.models import ChannelMask, aux_head, build_model, layerwise_cnn_heads, stage_ends, stage_outputs
 from l2l.pruning import count_parameters, prune_lowest, slice_pruned, taylor_scores
+from l2l.tasks import SINGLE_LABEL
 
 OPTIONS: dict = {
     # The run's predictor: "last" (trunk + last head, P3's prediction) or "ensemble" (all heads,
@@ -59,6 +60,10 @@ OPTIONS: dict = {
     "prune_finetune_epochs": 20,
 }
 PREDICTS = ("last", "ensemble")
+
+
+def supported_tasks(options: dict) -> tuple[str, ...]:
+    return (SINGLE_LABEL,)  # softmax outputs and top-1 accuracy throughout
 
 
 def validate_options(options: dict, path: str) -> dict:

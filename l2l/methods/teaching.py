@@ -66,29 +66,17 @@ def loss_step(ctx: RunContext, model: nn.Module, opt: torch.optim.Optimizer, lab
 
 def kd_step(ctx: RunContext, student: nn.Module, opt: torch.optim.Optimizer, teacher: TeacherFn,
             label_loss: LabelLoss, temperature: float, kd_weight: float) -> StepFn:
-    """One update of `student` on (1 - w) * label loss + w * Hinton KD from the teacher's logits."""
+    """One update of `student` on (1 - w) * label loss + w * KD from the teacher's logits (Hinton's
+    softmax KD, or its per-class sigmoid form on a multi-label dataset: the run's task)."""
     def step(x, y):
         with torch.no_grad(), ctx.autocast():
             t = teacher(x, y)
         with ctx.autocast():
             logits = student(x)
-        loss = kd_objective(logits, t, label_loss(logits, y), temperature, kd_weight)
+        loss = kd_objective(logits, t, label_loss(logits, y), temperature, kd_weight, kd=ctx.task.kd)
         ctx.update(opt, loss)
         return loss, logits
     return step
-
-
-@torch.no_grad()
-def split_logits(ctx: RunContext, model: nn.Module, split: str) -> torch.Tensor:
-    """float32 logits of `model` (eval mode) for every image of a split, un-augmented, in order."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for x, _ in ctx.data.eval_batches(split, ctx.spec.train.get("eval_batch_size", 1000)):
-        with ctx.autocast():
-            out.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(out)
 
 
 def accuracy(probs_or_logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -102,10 +90,10 @@ def output_measures(logits: torch.Tensor) -> dict[str, float]:
 
 
 def final_accuracies(ctx: RunContext, model: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """final_{val,test}_acc of a model at the end of its phase (same names as results/runs.csv),
-    and its logits on those splits."""
-    logits = {s: split_logits(ctx, model, s) for s in ("val", "test")}
-    return {f"final_{s}_acc": accuracy(v, ctx.data.y[s]) for s, v in logits.items()}, logits
+    """final_{val,test}_acc of a model at the end of its phase (same names as results/runs.csv: the
+    task's metric), and its logits on those splits."""
+    logits = {s: ctx.split_logits(model, s) for s in ("val", "test")}
+    return {f"final_{s}_acc": ctx.task.score(v, ctx.data.y[s]) for s, v in logits.items()}, logits
 
 
 def profile(ctx: RunContext, models: dict[str, nn.Module], batches: list[int], warmup: int, repeats: int

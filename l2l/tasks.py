@@ -1,0 +1,114 @@
+"""What a dataset's labels ask of training and evaluation: its loss, its distillation loss, its
+metric, and the per-example predictions the evaluate stage saves.
+
+Two tasks, picked by the run's data settings (RunSpec.data["task"], set by l2l.config for VOC):
+- single-label (CIFAR): cross-entropy, Hinton KD, metric top-1 accuracy (%), predictions = class ids;
+- multi-label (Pascal VOC, l2l/voc.py): binary cross-entropy per class (difficult-only labels
+  handled by data.voc2007.difficult), KD on per-class sigmoids, metric mAP (%, data.voc2007.ap_mode),
+  predictions = per-class sigmoid scores.
+
+The metric fills the `acc` fields everywhere (history, result.json, eval.json, results/*.csv): it is
+the dataset's primary metric, named by `metric` (results/runs.csv column `metric`, the reports).
+The training value (train_acc) is the metric over the epoch's augmented batches as the model was
+being trained, the usual running figure; validation and test values are on un-augmented images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from l2l.losses import kd_loss, multilabel_kd_loss
+
+SINGLE_LABEL, MULTI_LABEL = "single-label", "multi-label"
+
+
+class TopOneMeter:
+    """Correct top-1 predictions, counted on the device (no host sync per batch)."""
+
+    def __init__(self, device: torch.device):
+        self.correct, self.seen = torch.zeros((), device=device, dtype=torch.long), 0
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.seen += len(y)
+
+    def value(self) -> float:
+        return 100.0 * self.correct.item() / max(self.seen, 1)
+
+
+class ScoreMeter:
+    """Keeps the batches' outputs (on the device) and scores them together at the end: a ranking
+    metric like mAP is not a sum over batches."""
+
+    def __init__(self, task: "MultiLabel"):
+        self.task, self.logits, self.labels = task, [], []
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.logits.append(logits.detach().float())
+        self.labels.append(y)
+
+    def value(self) -> float:
+        return self.task.score(torch.cat(self.logits), torch.cat(self.labels))
+
+
+@dataclass(frozen=True)
+class SingleLabel:
+    kind = SINGLE_LABEL
+    metric = "top-1 accuracy (%)"
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y)
+
+    def kd(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, temperature)
+
+    def meter(self, device: torch.device) -> TopOneMeter:
+        return TopOneMeter(device)
+
+    def score(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        return 100.0 * (logits.argmax(1) == y).float().mean().item()
+
+    def predictions(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.argmax(1).cpu().numpy().astype(np.int16)
+
+
+@dataclass(frozen=True)
+class MultiLabel:
+    ap_mode: str = "area"
+    difficult: str = "ignore"
+    kind = MULTI_LABEL
+
+    @property
+    def metric(self) -> str:
+        return f"mAP (%, {self.ap_mode})"
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from l2l.voc import voc_bce_loss
+        return voc_bce_loss(logits, y, self.difficult)
+
+    def kd(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return multilabel_kd_loss(student_logits, teacher_logits, temperature)
+
+    def meter(self, device: torch.device) -> ScoreMeter:
+        return ScoreMeter(self)
+
+    def score(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        from l2l.voc import mean_average_precision
+        return 100.0 * mean_average_precision(logits.float().cpu().numpy(), y.cpu().numpy(), self.ap_mode)[0]
+
+    def predictions(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.float().sigmoid().cpu().numpy().astype(np.float16)
+
+
+Task = SingleLabel | MultiLabel
+
+
+def task_of(data: dict) -> Task:
+    """The task of a run from its data settings (RunSpec.data)."""
+    t = data.get("task") or {}
+    if t.get("kind") == MULTI_LABEL:
+        return MultiLabel(ap_mode=t["ap_mode"], difficult=t["difficult"])
+    return SingleLabel()
