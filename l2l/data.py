@@ -113,33 +113,38 @@ def _from_download(dataset: str, src: SourceConfig) -> _Raw:
     return _Raw(x, y, xt, yt, classes, {"kind": "download", "path": cls.url, "md5": cls.tgz_md5})
 
 
-def _from_mirror(dataset: str, src: SourceConfig) -> _Raw:
-    if src.mirror is None:
-        raise DataError(f"{dataset}: data.source=mirror needs a mirror directory (data.mirror)")
-    cls = _tv_class(dataset)
-    archive = Path(src.mirror) / cls.filename
+def _stage_mirror_archive(dataset: str, archive: Path, md5: str, root: Path) -> str:
+    """Check a mirror's original archive against torchvision's md5, then put a copy where torchvision
+    looks for it (root; temp name then rename), so torchvision skips the network and extracts it.
+    Returns the md5."""
     if not archive.is_file():
         raise DataError(f"{dataset}: mirror archive not found: {archive}")
     actual = calculate_md5(archive)
-    if actual != cls.tgz_md5:
-        raise DataError(f"{archive}: corrupt or truncated archive (md5 {actual}, expected {cls.tgz_md5})")
-
-    # Put the verified archive where torchvision looks for it; it then skips the network and extracts.
-    root = Path(src.root)
+    if actual != md5:
+        raise DataError(f"{archive}: corrupt or truncated archive (md5 {actual}, expected {md5})")
     root.mkdir(parents=True, exist_ok=True)
-    cached = root / cls.filename
-    if not check_integrity(cached, cls.tgz_md5):
+    cached = root / archive.name
+    if not check_integrity(cached, md5):
         part = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.part")
         try:
             shutil.copyfile(archive, part)
             os.replace(part, cached)
         finally:
             part.unlink(missing_ok=True)
+    return actual
+
+
+def _from_mirror(dataset: str, src: SourceConfig) -> _Raw:
+    if src.mirror is None:
+        raise DataError(f"{dataset}: data.source=mirror needs a mirror directory (data.mirror)")
+    cls = _tv_class(dataset)
+    archive = Path(src.mirror) / cls.filename
+    md5 = _stage_mirror_archive(dataset, archive, cls.tgz_md5, Path(src.root))
     try:
-        x, y, xt, yt, classes = _load_torchvision(dataset, root)
+        x, y, xt, yt, classes = _load_torchvision(dataset, Path(src.root))
     except _ARCHIVE_ERRORS as e:
         raise DataError(f"{archive}: cannot extract or load archive ({_one_line(e)})") from e
-    return _Raw(x, y, xt, yt, classes, {"kind": "mirror", "path": str(archive), "md5": actual})
+    return _Raw(x, y, xt, yt, classes, {"kind": "mirror", "path": str(archive), "md5": md5})
 
 
 def _npz_x(path: Path, key: str, x: np.ndarray) -> np.ndarray:
