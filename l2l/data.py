@@ -1,6 +1,8 @@
-"""CIFAR data preparation: read a source, carve stratified splits, write verified arrays.
+"""Data preparation: read a source, carve stratified splits, write verified arrays.
 
-Sources: torchvision download, a local mirror of the original archives, or an .npz of arrays.
+CIFAR-10/100 here; Pascal VOC 2007 (multi-label) in l2l/voc.py, which shares the mirror check,
+the atomic writing and load_prepared. prepare_dataset() is the data stage's entry for any dataset.
+CIFAR sources: torchvision download, a local mirror of the original archives, or an .npz of arrays.
 Output (out_dir): {train,val,test}_{x,y}.npy (x uint8 NCHW, y int64) + manifest.json,
 written atomically so a crash never leaves a half-prepared directory.
 """
@@ -24,7 +26,8 @@ import numpy as np
 import torchvision.datasets
 from torchvision.datasets.utils import calculate_md5, check_integrity
 
-from l2l.config import DataError  # defined beside ConfigError, so stages catch it without torchvision
+# DataError is defined beside ConfigError, so stages catch it without importing torchvision
+from l2l.config import DataError, prepared_dir, source_config, split_config
 
 log = logging.getLogger(__name__)
 
@@ -113,33 +116,38 @@ def _from_download(dataset: str, src: SourceConfig) -> _Raw:
     return _Raw(x, y, xt, yt, classes, {"kind": "download", "path": cls.url, "md5": cls.tgz_md5})
 
 
-def _from_mirror(dataset: str, src: SourceConfig) -> _Raw:
-    if src.mirror is None:
-        raise DataError(f"{dataset}: data.source=mirror needs a mirror directory (data.mirror)")
-    cls = _tv_class(dataset)
-    archive = Path(src.mirror) / cls.filename
+def _stage_mirror_archive(dataset: str, archive: Path, md5: str, root: Path) -> str:
+    """Check a mirror's original archive against torchvision's md5, then put a copy where torchvision
+    looks for it (root; temp name then rename), so torchvision skips the network and extracts it.
+    Returns the md5."""
     if not archive.is_file():
         raise DataError(f"{dataset}: mirror archive not found: {archive}")
     actual = calculate_md5(archive)
-    if actual != cls.tgz_md5:
-        raise DataError(f"{archive}: corrupt or truncated archive (md5 {actual}, expected {cls.tgz_md5})")
-
-    # Put the verified archive where torchvision looks for it; it then skips the network and extracts.
-    root = Path(src.root)
+    if actual != md5:
+        raise DataError(f"{archive}: corrupt or truncated archive (md5 {actual}, expected {md5})")
     root.mkdir(parents=True, exist_ok=True)
-    cached = root / cls.filename
-    if not check_integrity(cached, cls.tgz_md5):
+    cached = root / archive.name
+    if not check_integrity(cached, md5):
         part = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.part")
         try:
             shutil.copyfile(archive, part)
             os.replace(part, cached)
         finally:
             part.unlink(missing_ok=True)
+    return actual
+
+
+def _from_mirror(dataset: str, src: SourceConfig) -> _Raw:
+    if src.mirror is None:
+        raise DataError(f"{dataset}: data.source=mirror needs a mirror directory (data.mirror)")
+    cls = _tv_class(dataset)
+    archive = Path(src.mirror) / cls.filename
+    md5 = _stage_mirror_archive(dataset, archive, cls.tgz_md5, Path(src.root))
     try:
-        x, y, xt, yt, classes = _load_torchvision(dataset, root)
+        x, y, xt, yt, classes = _load_torchvision(dataset, Path(src.root))
     except _ARCHIVE_ERRORS as e:
         raise DataError(f"{archive}: cannot extract or load archive ({_one_line(e)})") from e
-    return _Raw(x, y, xt, yt, classes, {"kind": "mirror", "path": str(archive), "md5": actual})
+    return _Raw(x, y, xt, yt, classes, {"kind": "mirror", "path": str(archive), "md5": md5})
 
 
 def _npz_x(path: Path, key: str, x: np.ndarray) -> np.ndarray:
@@ -337,23 +345,38 @@ def prepare(dataset: str, source: SourceConfig, split: SplitConfig, out_dir: Pat
     return manifest
 
 
+def prepare_dataset(params: dict, dataset: str) -> dict:
+    """The data stage's work for one dataset of the profile, its source and settings from params.yaml:
+    the CIFARs through prepare(), voc2007 through l2l.voc. Returns the manifest."""
+    if dataset == "voc2007":
+        from l2l.voc import prepare_voc2007  # imported here: l2l.voc imports this module
+
+        return prepare_voc2007(params)
+    return prepare(dataset, source_config(params, dataset), split_config(params), prepared_dir(params, dataset))
+
+
 def load_prepared(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
-    """-> ({"train": (x, y), "val": (x, y), "test": (x, y)}, manifest); x uint8 (N,3,32,32), y int64 (N,).
+    """-> ({"train": (x, y), "val": (x, y), "test": (x, y)}, manifest); x uint8 (N,3,S,S) with S the
+    manifest's image_size (32 for the CIFARs, whose manifests have none); y int64 (N,) class indices, or
+    for a multi-label manifest (task "multi-label", VOC) int8 (N, num_classes) in {1, 0, -1} (l2l.voc).
     verify=True checks each array's sha256 against the manifest."""
     out_dir = Path(out_dir)
     mpath = out_dir / "manifest.json"
     try:
         manifest = json.loads(mpath.read_text())
         expected = {s: manifest["splits"][s] for s in SPLITS}
+        size = manifest.get("image_size", 32)
+        y_spec = ((np.int8, (manifest["num_classes"],)) if manifest.get("task") == "multi-label"
+                  else (np.int64, ()))
     except FileNotFoundError as e:
         raise DataError(f"{mpath}: not found; run the data preparation step first") from e
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{mpath}: unreadable manifest ({_one_line(e)})") from e
 
     data = {}
     for s in SPLITS:
         pair = []
-        for part, dtype, shape in (("x", np.uint8, (3, 32, 32)), ("y", np.int64, ())):
+        for part, (dtype, shape) in (("x", (np.uint8, (3, size, size))), ("y", y_spec)):
             path = out_dir / f"{s}_{part}.npy"
             try:
                 a = np.load(path, allow_pickle=False)

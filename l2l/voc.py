@@ -1,9 +1,17 @@
 """Pascal VOC 2007 as 20-class multi-label image classification (P5's second dataset).
 
-Source: torchvision.datasets.VOCDetection(year="2007", download=True) for image sets
-"trainval" and "test": it downloads the two official archives, checks their md5 against
-torchvision's table and extracts VOCdevkit/VOC2007. No offline copy exists, so VOC is not in
-the smoke profile; the tests build a small VOC-format tree instead.
+The DVC data stage prepares it (l2l.data.prepare_dataset -> prepare_voc2007) when the profile
+lists voc2007, from the first source params.yaml gives:
+  data.voc2007.root  an extracted VOCdevkit/VOC2007 directory (Annotations, JPEGImages,
+                     ImageSets/Main), read as it is, whatever data.source says;
+  data.mirror        a directory holding the two original archives, VOCtrainval_06-Nov-2007.tar
+                     and VOCtest_06-Nov-2007.tar (also when data.source is mirror): each is checked
+                     against torchvision's md5, copied into data/raw and extracted by torchvision;
+  otherwise          torchvision.datasets.VOCDetection(year="2007", download=True) for image sets
+                     "trainval" and "test": it downloads the two archives into data/raw, checks
+                     their md5 against its table and extracts VOCdevkit/VOC2007.
+There is no npz source for VOC. No offline copy exists here, so VOC is not in the smoke profile;
+the tests build a small VOC-format tree (and archives of it) instead.
 
 Labels follow the VOC devkit's classification convention (its <class>_<set>.txt files): per
 image and class, 1 = at least one object of the class not marked "difficult", 0 = only
@@ -13,22 +21,21 @@ Images: shorter side resized to `size` (bilinear, antialiased), then the central
 square: uint8 (N, 3, size, size). Splits: the official test set (4,952 images); val carved
 from trainval (`val_size` images, uniformly at random with `seed`: stratifying multi-label
 data has no single answer, so it is not attempted); train = the rest of trainval.
-Output (out_dir): {train,val,test}_{x,y}.npy + manifest.json with sha256 of every array,
-written atomically, as the CIFAR preparation does.
+Output (data/prepared/voc2007): {train,val,test}_{x,y}.npy + manifest.json (task "multi-label",
+image_size, the source's kind and archives' md5s, sha256 of every array), written atomically as
+the CIFAR preparation does; l2l.data.load_prepared loads and verifies both formats.
 
 Metric: average precision per class over the test images, averaged over classes (mAP), in two
 documented variants (`mode`): "area" (VOC2010 and later: area under the precision-recall curve
 with precision made monotone) and "11point" (VOC2007's devkit: mean of the interpolated precision
 at recall 0, 0.1, ..., 1).
 
-Not wired into the training pipeline: the engine's per-batch accuracy and RunContext.evaluate
-assume single-label targets; multi-label training needs voc_bce_loss and
-l2l.losses.multilabel_kd_loss in the step and mAP in the evaluation.
+Training: multi-label targets need voc_bce_loss (and l2l.losses.multilabel_kd_loss) in the
+step and mAP in the evaluation, where the CIFAR runs use cross-entropy and accuracy.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -39,30 +46,92 @@ import torch.nn.functional as F
 import torchvision.datasets
 from PIL import Image, UnidentifiedImageError
 
-from l2l.data import DataError, _sha256, _write_atomic
+from l2l.config import VOC_AP_MODES as AP_MODES
+from l2l.config import VOC_DIFFICULT_RULES as DIFFICULT_RULES
+from l2l.config import ConfigError, prepared_dir, source_config, voc_config
+from l2l.data import _ARCHIVE_ERRORS, DataError, _one_line, _sha256, _stage_mirror_archive, _write_atomic
 
 log = logging.getLogger(__name__)
 
 CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
            "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 PRESENT, DIFFICULT, ABSENT = 1, 0, -1
-AP_MODES = ("area", "11point")
-DIFFICULT_RULES = ("ignore", "positive", "negative")
 FORMAT_VERSION = 1
 
 
-# ---------------------------------------------------------------- source
+# ---------------------------------------------------------------- sources
 
-def fetch_voc2007(root: Path) -> Path:
+SUBDIRS = ("Annotations", "JPEGImages", "ImageSets/Main")
+_TV_KEYS = {"trainval": "2007", "test": "2007-test"}  # image set -> its key in torchvision's table
+
+
+def _archives() -> dict[str, dict]:
+    """image set -> torchvision's url, filename and md5 of its official archive. Looked up at call
+    time so tests can monkeypatch the table."""
+    return {s: torchvision.datasets.voc.DATASET_YEAR_DICT[k] for s, k in _TV_KEYS.items()}
+
+
+def _torchvision_extract(root: Path, image_set: str) -> None:
+    """VOCDetection(download=True): downloads the image set's archive into root unless a copy that
+    passes its md5 is there, checks the md5 and extracts VOCdevkit/VOC2007 under root."""
+    torchvision.datasets.VOCDetection(str(root), year="2007", image_set=image_set, download=True)
+
+
+def fetch_voc2007(root: Path) -> tuple[Path, dict]:
     """Download (md5-verified by torchvision) and extract VOC2007 trainval and test under root;
-    returns the VOCdevkit/VOC2007 directory."""
-    for image_set in ("trainval", "test"):
+    returns the VOCdevkit/VOC2007 directory and the manifest's source record."""
+    archives = _archives()
+    for image_set, a in archives.items():
         try:
-            torchvision.datasets.VOCDetection(str(root), year="2007", image_set=image_set, download=True)
+            _torchvision_extract(root, image_set)
         except Exception as e:  # network errors come in many types; RuntimeError = md5 mismatch
-            raise DataError(f"voc2007 {image_set}: download into {root} failed "
-                            f"({type(e).__name__}: {' '.join(str(e).split())})") from e
-    return Path(root) / "VOCdevkit" / "VOC2007"
+            raise DataError(
+                f"voc2007 {image_set}: download of {a['url']} into {root} failed ({_one_line(e)}); offline options: "
+                f"data.voc2007.root (an extracted VOCdevkit/VOC2007 directory), or data.mirror (a dir holding "
+                f"{' and '.join(x['filename'] for x in archives.values())})") from e
+    return Path(root) / "VOCdevkit" / "VOC2007", {
+        "kind": "download", "archives": [{"path": a["url"], "md5": a["md5"]} for a in archives.values()]}
+
+
+def from_mirror(mirror: Path, root: Path) -> tuple[Path, dict]:
+    """The two original archives in mirror: md5-checked (both, before extracting either), copied
+    into root and extracted there by torchvision. Returns (VOC2007 dir, source record)."""
+    table = _archives()
+    archives = {s: Path(mirror) / a["filename"] for s, a in table.items()}
+    md5 = {s: _stage_mirror_archive("voc2007", archives[s], table[s]["md5"], Path(root)) for s in table}
+    for image_set, archive in archives.items():
+        try:
+            _torchvision_extract(root, image_set)
+        except _ARCHIVE_ERRORS as e:
+            raise DataError(f"{archive}: cannot extract archive ({_one_line(e)})") from e
+    return Path(root) / "VOCdevkit" / "VOC2007", {
+        "kind": "mirror", "archives": [{"path": str(archives[s]), "md5": md5[s]} for s in archives]}
+
+
+def check_voc_root(root: Path) -> Path:
+    """root, if it is an extracted VOCdevkit/VOC2007 directory (its SUBDIRS exist)."""
+    missing = [d for d in SUBDIRS if not (Path(root) / d).is_dir()]
+    if missing:
+        raise DataError(f"{root}: not an extracted VOCdevkit/VOC2007 directory (no {', '.join(missing)}); "
+                        f"data.voc2007.root must name one")
+    return Path(root)
+
+
+def prepare_voc2007(params: dict) -> dict:
+    """The data stage for voc2007: params.yaml's source (module docstring) and data.voc2007
+    settings -> data/prepared/voc2007. Returns the manifest."""
+    data, cfg = params["data"], voc_config(params["data"])
+    if cfg["root"] is not None:
+        voc_root, source = check_voc_root(Path(cfg["root"])), {"kind": "directory", "path": cfg["root"]}
+    else:
+        if data.get("source") == "npz" or (data.get("npz") or {}).get("voc2007"):
+            key = "data.source" if data.get("source") == "npz" else "data.npz.voc2007"
+            raise ConfigError(f"params.yaml: {key}: voc2007 has no npz source; set data.voc2007.root (an "
+                              f"extracted VOCdevkit/VOC2007 directory) or data.mirror (its original archives)")
+        src = source_config(params, "voc2007")  # kind mirror (data.mirror set or forced) or download
+        voc_root, source = from_mirror(src.mirror, src.root) if src.kind == "mirror" else fetch_voc2007(src.root)
+    return prepare_voc(voc_root, prepared_dir(params, "voc2007"), cfg["image_size"], cfg["val_size"],
+                       data.get("split_seed", 0), source)
 
 
 # ---------------------------------------------------------------- parsing
@@ -150,34 +219,6 @@ def prepare_voc(voc_root: Path, out_dir: Path, size: int = 128, val_size: int = 
     _write_atomic(Path(out_dir), arrays, manifest)
     log.info("prepared voc2007 into %s: %s", out_dir, ", ".join(f"{s} {v['count']}" for s, v in splits.items()))
     return manifest
-
-
-def load_voc(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
-    """-> ({split: (x uint8 (N,3,S,S), y int8 (N,20))}, manifest); verify checks every sha256."""
-    mpath = Path(out_dir) / "manifest.json"
-    try:
-        manifest = json.loads(mpath.read_text())
-        size = manifest["image_size"]
-    except FileNotFoundError:
-        raise DataError(f"{mpath}: not found; prepare VOC first (l2l.voc.prepare_voc)") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e})") from None
-    out = {}
-    for s, entry in manifest["splits"].items():
-        pair = []
-        for part, dtype, shape in (("x", np.uint8, (3, size, size)), ("y", np.int8, (len(CLASSES),))):
-            path = Path(out_dir) / f"{s}_{part}.npy"
-            try:
-                a = np.load(path, allow_pickle=False)
-            except (OSError, ValueError, EOFError) as e:
-                raise DataError(f"{path}: unreadable array ({type(e).__name__}: {e})") from None
-            if a.dtype != dtype or a.shape != (entry["count"], *shape):
-                raise DataError(f"{path}: expected {np.dtype(dtype)} {(entry['count'], *shape)}, got {a.dtype} {a.shape}")
-            if verify and _sha256(a) != entry[f"sha256_{part}"]:
-                raise DataError(f"{path}: sha256 mismatch with {mpath} (file modified or corrupt)")
-            pair.append(a)
-        out[s] = (pair[0], pair[1])
-    return out, manifest
 
 
 # ---------------------------------------------------------------- loss and metric
