@@ -30,8 +30,9 @@ documented variants (`mode`): "area" (VOC2010 and later: area under the precisio
 with precision made monotone) and "11point" (VOC2007's devkit: mean of the interpolated precision
 at recall 0, 0.1, ..., 1).
 
-Training: multi-label targets need voc_bce_loss (and l2l.losses.multilabel_kd_loss) in the
-step and mAP in the evaluation, where the CIFAR runs use cross-entropy and accuracy.
+Training: runs on voc2007 get the multi-label task (l2l/tasks.py): voc_bce_loss in the step,
+l2l.losses.multilabel_kd_loss for distillation, and mAP (data.voc2007.ap_mode) wherever the
+CIFAR runs report top-1 accuracy.
 """
 from __future__ import annotations
 

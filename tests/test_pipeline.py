@@ -184,3 +184,49 @@ def test_corrupt_npz_leaves_nothing(tmp_path):
     assert out.returncode == 2 and "broken.npz" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "data/prepared/cifar10").exists()
     assert [p.name for p in (tmp_path / "data").rglob("*") if p.is_file()] == []
+
+
+VOC_CLAIM = {"papers": {"P5": "Zhou et al. 2024."}, "claims": [
+    {"id": "P5-C1/voc2007", "paper": "P5", "claim": "Narrow-deep student about the teacher's mAP.",
+     "kind": "equivalence", "metric": "final_test_acc", "dataset": "voc2007", "margin": 1.0,
+     "arms": {"a": {"experiment": "p5_distill", "model": "student"},
+              "b": {"experiment": "p5_distill", "model": "student", "phase": "teacher"}},
+     "reported": "not public", "protocol": "tiny"}]}
+
+
+def test_voc_through_the_whole_pipeline(tmp_path, monkeypatch):
+    """Pascal VOC (a generated tree in the VOC layout) from the data stage to the report: P5's
+    distillation and its no-KD baseline trained with BCE, scored by mAP, claimed and reported."""
+    from tests.test_voc import TRAINVAL, make_voc
+
+    trainval = {f"{i:06d}": TRAINVAL[k] for i, k in enumerate(list(TRAINVAL) * 4)}  # 24 images
+    params = smoke_params(write_npz(tmp_path / "arrays.npz"), experiments={
+        "p5_distill": {"method": "distill", "models": ["student"], "datasets": ["voc2007"],
+                       "options": {"teacher": {"arch": "cnn", "width": 8}, "latency_batches": [1, 4],
+                                   "latency_warmup": 0, "latency_repeats": 2}},
+        "p5_baseline": {"method": "conventional", "models": ["student"], "datasets": ["voc2007"]}})
+    smoke = params["profiles"]["smoke"]
+    smoke["datasets"], smoke["models"] = ["voc2007"], {"student": {"arch": "cnn", "width": 4}}
+    smoke["train"]["batch_size"] = 8
+    params["data"]["voc2007"] = {"root": str(make_voc(tmp_path / "VOC", trainval=trainval)), "image_size": 24,
+                                 "val_size": 4}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "claims.yaml").write_text(yaml.safe_dump(VOC_CLAIM))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for stage in ("data", "train", "evaluate", "aggregate", "claims", "report"):
+        run_stage(stage)
+    runs = pd.read_csv(tmp_path / "results/runs.csv")
+    assert len(runs) == 4 and set(runs["metric"]) == {"mAP (%, area)"}
+    assert runs["final_test_acc"].between(0, 100).all()
+    import numpy as np
+
+    preds = np.load(tmp_path / "results/predictions.npz")
+    assert preds[runs["run"][0]].shape == (3, 20) and preds["y_test__voc2007"].shape == (3, 20)
+    (claim,) = json.loads((tmp_path / "results/claims.json").read_text())["claims"]
+    assert claim["verdict"] == "inconclusive (smoke scale)" and claim["comparison"] is not None
+    md = (tmp_path / "reports/report.md").read_text()
+    assert "| P5-C1/voc2007 |" in md and "mAP (%, area)" in md and "P5: distillation" in md
+    assert (tmp_path / "reports/figures/p5_accuracy_latency.png").exists()
+    client, mruns = mlflow_runs(tmp_path)
+    assert {r.data.tags["l2l.metric"] for r in mruns} == {"mAP (%, area)"}
