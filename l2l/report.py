@@ -213,8 +213,9 @@ def _arm_model(arm: dict) -> str:
     return arm["model"] + (f" [{arm['phase']}]" if arm.get("phase") else "")
 
 
-def claim_figure(rec: dict):
-    """Per-seed points of each arm with its mean and 95% t-interval; the paper's number dashed."""
+def claim_figure(rec: dict, metric_name: str | None = None):
+    """Per-seed points of each arm with its mean and 95% t-interval; the paper's number dashed.
+    metric_name: what the claim's *_acc column holds on its dataset (accuracy or mAP)."""
     from l2l.results import mean_interval
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rec["arms"]), 3.2))
@@ -234,7 +235,7 @@ def claim_figure(rec: dict):
         ax.legend(fontsize=7)
     ax.set_xticks(range(len(rec["arms"])))
     ax.set_xticklabels([f"{n}\n{a['experiment']}\n{_arm_model(a)}" for n, a in rec["arms"].items()], fontsize=7)
-    ax.set_ylabel(rec["metric"])
+    ax.set_ylabel(rec["metric"] + (f"\n{metric_name}" if metric_name and rec["metric"].endswith("_acc") else ""))
     ax.set_title(rec["id"], fontsize=9)
     ax.grid(alpha=0.3)
     return fig
@@ -260,6 +261,7 @@ def claims_sections(doc: Doc, results: Path) -> None:
         return
     data = read_json(path)
     records, st = data["claims"], data["settings"]
+    metrics = dataset_metrics(results) if (results / "runs.csv").exists() else {}
     doc.h(2, "Verdicts")
     if data["profile"] == "smoke":
         doc.p("Smoke scale cannot support any verdict: every checked claim reads \"inconclusive (smoke scale)\"; "
@@ -303,7 +305,8 @@ def claims_sections(doc: Doc, results: Path) -> None:
             details.append(f"paper's number inside our interval: {'yes' if rec['reported_inside_interval'] else 'no'}")
         details += [f"note: {n}" for n in c.get("notes", [])]
         doc.p("\n".join(f"- {d}" for d in details))
-        doc.figure(f"claim_{rec['id'].replace('/', '_')}", claim_figure(rec), f"{rec['id']}: per-seed values, "
+        doc.figure(f"claim_{rec['id'].replace('/', '_')}", claim_figure(rec, metrics.get(rec["dataset"])),
+                   f"{rec['id']}: per-seed values, "
                    "mean and 95% t-interval per arm; dashed: the paper's number")
 
 
