@@ -382,12 +382,15 @@ def run_plan(todo: list[RunSpec], params: dict, root: str | Path = ".") -> None:
         return
     worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads())
     by_hash = {s.hash: s for s in todo}
+
+    def finished(h: str) -> bool:
+        return (Path(worker.root) / RUNS / h / "result.json").exists()
+
     stages = waves(todo)
     for i, wave in enumerate(stages):
         if len(stages) > 1:
             log.info("wave %d of %d: %d runs", i + 1, len(stages), len(wave))
-        unfinished = [(s, h) for s in wave for h in required_hashes(s)
-                      if not (Path(worker.root) / RUNS / h / "result.json").exists()]
+        unfinished = [(s, h) for s in wave for h in required_hashes(s) if not finished(h)]
         if unfinished:  # a required run outside `todo` that is not finished
             s, h = unfinished[0]
             raise RuntimeError(f"{len(unfinished)} runs require unfinished runs; first: {_describe(s)} requires "
@@ -398,7 +401,7 @@ def run_plan(todo: list[RunSpec], params: dict, root: str | Path = ".") -> None:
             later = [s for w in stages[i + 1:] for s in w]
             if not later:
                 raise
-            failed = {s.hash for s in wave if not (Path(worker.root) / RUNS / s.hash / "result.json").exists()}
+            failed = {s.hash for s in wave if not finished(s.hash)}
             blocked = [(s, h) for s in later for h in required_hashes(s) if h in failed]
             note = (f"; e.g. {_describe(blocked[0][0])} requires {_describe(by_hash[blocked[0][1]])}"
                     if blocked else "")
