@@ -9,7 +9,7 @@ import copy
 import hashlib
 import inspect
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +307,59 @@ def plan(params: dict, fingerprints: dict[str, str] | None = None, profile: str 
                 for seed in prof.seeds:
                     specs.append(RunSpec(exp, ecfg["method"], model, dataset, seed,
                                          prof.models[model], train, options, data))
-    return specs
+    return _resolve_required_runs(specs, prof)
+
+
+def _requires(spec: RunSpec) -> dict[str, dict]:
+    """The runs a spec's method needs finished first: name -> {experiment, model} (same dataset, seed)."""
+    from l2l.methods import METHODS
+
+    requires = getattr(METHODS[spec.method], "requires", None)
+    return requires(spec.options) if requires else {}
+
+
+def required_hashes(spec: RunSpec) -> list[str]:
+    """Hashes of the runs that must finish before `spec` trains (resolved by plan())."""
+    return [spec.options[f"{name}_run"]["hash"] for name in _requires(spec)]
+
+
+def _resolve_required_runs(specs: list[RunSpec], prof: Profile) -> list[RunSpec]:
+    """Put into each spec that requires other runs (a distillation's teacher) their identity,
+    options[<name>_run] = {hash, model_cfg}, so that its hash covers theirs: a changed teacher
+    retrains its students. Runs that require nothing keep their spec (and hash)."""
+    index = {(s.experiment, s.model, s.dataset, s.seed): i for i, s in enumerate(specs)}
+    done: dict[int, RunSpec] = {}
+
+    def resolve(i: int, chain: tuple[int, ...]) -> RunSpec:
+        if i in done:
+            return done[i]
+        spec, options = specs[i], dict(specs[i].options)
+        for name, ref in _requires(spec).items():
+            key = f"profiles.{prof.name}.experiments.{spec.experiment}.options.{name}"
+            j = index.get((ref["experiment"], ref["model"], spec.dataset, spec.seed))
+            if j is None:
+                raise ConfigError(f"params.yaml: {key}: no run of the plan matches it: {_missing(prof, ref, spec)}")
+            if j in chain:
+                raise ConfigError(f"params.yaml: {key}: a cycle of required runs through {ref['experiment']}")
+            req = resolve(j, chain + (i,))
+            options[f"{name}_run"] = {"hash": req.hash, "model_cfg": req.model_cfg}
+        done[i] = replace(spec, options=options) if options != spec.options else spec
+        return done[i]
+
+    return [resolve(i, ()) for i in range(len(specs))]
+
+
+def _missing(prof: Profile, ref: dict, spec: RunSpec) -> str:
+    """What a run reference lacks in the profile (for the one-line error)."""
+    e, m = ref["experiment"], ref["model"]
+    ecfg = prof.experiments.get(e)
+    if ecfg is None:
+        return f"experiment {e} is not in profile {prof.name}"
+    if m not in ecfg.get("models", list(prof.models)):
+        return f"experiment {e} has no model {m}"
+    if spec.dataset not in ecfg.get("datasets", prof.datasets):
+        return f"experiment {e} does not train on dataset {spec.dataset} (needed by {spec.experiment} {spec.model})"
+    return f"experiment {e} model {m} has no run on {spec.dataset} seed {spec.seed}"
 
 
 def split_config(params: dict, profile: str | None = None):

@@ -89,10 +89,12 @@ def device_info(device: torch.device) -> dict[str, str]:
 
 class RunContext:
     """What a method needs from the engine: device, data, the dataset's task (loss, KD loss, metric:
-    l2l/tasks.py), optimizer/scheduler factories."""
+    l2l/tasks.py), optimizer/scheduler factories, and where the plan's runs live (``runs``: the
+    folder of runs/<hash>/, for a method that reads another run's checkpoint, e.g. distill's teacher)."""
 
-    def __init__(self, spec: RunSpec, data: DeviceData, num_classes: int, device: torch.device):
-        self.spec, self.data, self.num_classes, self.device = spec, data, num_classes, device
+    def __init__(self, spec: RunSpec, data: DeviceData, num_classes: int, device: torch.device,
+                 runs: Path = Path("runs")):
+        self.spec, self.data, self.num_classes, self.device, self.runs = spec, data, num_classes, device, Path(runs)
         self.task: Task = task_of(spec.data)
         precision = spec.train.get("precision", "auto")
         self.amp = device.type == "cuda" and precision in ("auto", "bf16")

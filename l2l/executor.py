@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from l2l.config import ConfigError, RunSpec, _choice, _fail, _mapping, _pos_float, _pos_int
+from l2l.config import ConfigError, RunSpec, _choice, _fail, _mapping, _pos_float, _pos_int, required_hashes
 from l2l.tracking import single_writer
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,9 @@ def train_one(spec: dict, profile: str, params: dict, worker: Worker) -> dict:
         write_json(run_dir / "spec.json", spec.to_dict())
         tracker = RunTracker(spec, profile, run_dir, device_info(device))
         try:
-            result = train_run(spec, METHODS[spec.method], RunContext(spec, data, num_classes, device), run_dir,
-                               on_epoch=tracker.log_epoch, on_resume=tracker.backfill)
+            ctx = RunContext(spec, data, num_classes, device, runs=run_dir.parent.resolve())
+            result = train_run(spec, METHODS[spec.method], ctx, run_dir, on_epoch=tracker.log_epoch,
+                               on_resume=tracker.backfill)
         except BaseException as e:  # KeyboardInterrupt too: the MLflow run must not stay RUNNING
             tracker.finish("FAILED" if isinstance(e, Exception) else "KILLED",
                            error="".join(traceback.format_exception_only(e)).strip())
@@ -343,11 +344,67 @@ RUNNERS: dict[str, Callable[[list[RunSpec], dict, dict, Worker], None]] = {
     "local": run_local, "ray": run_ray, "slurm": run_slurm}
 
 
+def waves(todo: list[RunSpec]) -> list[list[RunSpec]]:
+    """`todo` in waves: a run that requires another run of `todo` (a distillation student its teacher,
+    l2l.config.required_hashes) comes in a later wave than it; the plan's order within a wave."""
+    wave_of: dict[str, int] = {}
+    pending, hashes = list(todo), {s.hash for s in todo}
+    while pending:
+        before = len(pending)
+        for s in list(pending):
+            req = [h for h in required_hashes(s) if h in hashes]
+            if all(h in wave_of for h in req):
+                wave_of[s.hash] = 1 + max((wave_of[h] for h in req), default=-1)
+                pending.remove(s)
+        if len(pending) == before:  # the plan refuses cycles; a hand-made list may still have one
+            raise RuntimeError(f"runs {', '.join(s.hash for s in pending)} require each other")
+    out: list[list[RunSpec]] = [[] for _ in range(1 + max(wave_of.values(), default=-1))]
+    for s in todo:
+        out[wave_of[s.hash]].append(s)
+    return out
+
+
+def _describe(spec: RunSpec) -> str:
+    return f"{spec.hash} ({spec.experiment} {spec.model} {spec.dataset} seed {spec.seed})"
+
+
 def run_plan(todo: list[RunSpec], params: dict, root: str | Path = ".") -> None:
-    """Train every run of `todo` with the backend params.yaml names; raises if any run failed."""
+    """Train every run of `todo` with the backend params.yaml names, a run after the runs it requires
+    (one call of the backend per wave, so every backend respects the order); raises if any run failed.
+    A failed wave stops the stage: the later waves are not started and the error names the runs
+    that required a run that did not finish (re-running the stage trains the rest)."""
     import torch
 
+    from l2l.stage import RUNS
+
     cfg = executor_config(params)
-    if todo:
-        worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads())
-        RUNNERS[cfg["backend"]](todo, params, cfg, worker)
+    if not todo:
+        return
+    worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads())
+    by_hash = {s.hash: s for s in todo}
+
+    def finished(h: str) -> bool:
+        return (Path(worker.root) / RUNS / h / "result.json").exists()
+
+    stages = waves(todo)
+    for i, wave in enumerate(stages):
+        if len(stages) > 1:
+            log.info("wave %d of %d: %d runs", i + 1, len(stages), len(wave))
+        unfinished = [(s, h) for s in wave for h in required_hashes(s) if not finished(h)]
+        if unfinished:  # a required run outside `todo` that is not finished
+            s, h = unfinished[0]
+            raise RuntimeError(f"{len(unfinished)} runs require unfinished runs; first: {_describe(s)} requires "
+                               f"{_describe(by_hash[h]) if h in by_hash else h}, which has no result.json")
+        try:
+            RUNNERS[cfg["backend"]](wave, params, cfg, worker)
+        except Exception as e:
+            later = [s for w in stages[i + 1:] for s in w]
+            if not later:
+                raise
+            failed = {s.hash for s in wave if not finished(s.hash)}
+            blocked = [(s, h) for s in later for h in required_hashes(s) if h in failed]
+            note = (f"; e.g. {_describe(blocked[0][0])} requires {_describe(by_hash[blocked[0][1]])}"
+                    if blocked else "")
+            raise RuntimeError(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; {len(later)} runs of later "
+                               f"waves not started, {len(blocked)} of them requiring a run that did not finish"
+                               + note) from e

@@ -3,9 +3,9 @@
 Inputs are the aggregate stage's tables:
 - phases_df: results/phases.csv, long format (run, experiment, method, model, dataset, seed,
   phase, metric, value). The generations method writes phases gen0..genG with final_test_acc,
-  ensemble_final_test_acc, confidence, entropy, ...; distill writes phase "teacher"
-  (final_test_acc, ...) and phase "student" (final_test_acc, params, flops,
-  latency_<dtype>_b<N>_ms, teacher_* and the *_ratio* metrics).
+  ensemble_final_test_acc, confidence, entropy, ...; distill writes phase "student"
+  (final_test_acc, params, flops, latency_<dtype>_b<N>_ms, the same of its teacher run's model
+  prefixed teacher_ (teacher_final_test_acc measured in the student run) and the *_ratio* metrics).
 - runs_df: results/runs.csv (one row per run: experiment, method, model, dataset, seed,
   final_test_acc, device_name, ...), for the no-distillation baselines (conventional runs of the
   distilled students' models) and the device stamp.
@@ -92,7 +92,7 @@ def distill_table(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> pd.DataFram
     w = _wide(phases_df, "distill")
     if w.empty:
         return pd.DataFrame()
-    student, teacher = w[w["phase"] == "student"], w[w["phase"] == "teacher"]
+    student = w[w["phase"] == "student"]
     lat = sorted((c for c in student.columns if LATENCY.match(c)), key=lambda c: int(LATENCY.match(c).group(2)))
     rows = []
     metrics = dict(zip(runs_df["dataset"], runs_df["metric"])) if "metric" in runs_df else {}
@@ -105,8 +105,7 @@ def distill_table(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> pd.DataFram
                 "flops": costs[prefix + "flops"].median(), **{c: costs[prefix + c].median() for c in lat}}
 
     for ds, s_ds in student.groupby("dataset"):
-        t_ds = teacher[teacher["dataset"] == ds]
-        per_seed = t_ds.groupby("seed")["final_test_acc"].mean()  # the same teacher per seed in every student run
+        per_seed = s_ds.groupby("seed")["teacher_final_test_acc"].mean()  # one teacher run per seed, in every student run
         rows.append(row("teacher", "teacher (options.teacher)", ds, per_seed, s_ds, "teacher_"))
         for (exp, model), s in s_ds.groupby(["experiment", "model"]):
             rows.append(row(f"KD student ({exp})", model, ds, s["final_test_acc"], s))

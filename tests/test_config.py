@@ -81,3 +81,37 @@ def test_unknown_model_argument(params):
     params["profiles"]["paper"]["models"]["cnn"]["widht"] = 3
     with pytest.raises(ConfigError, match=r"profiles.paper.models.cnn.widht: expected an argument of cnn \(batch_norm, width\)"):
         plan(params, profile="paper")
+
+
+def test_distill_students_carry_their_teacher_run(params):
+    specs = plan(params, profile="paper")
+    teachers = {(s.dataset, s.seed): s for s in specs if s.experiment == "p5_teacher"}
+    students = [s for s in specs if s.experiment == "p5_distill"]
+    assert len(teachers) == 2 * 5 and len(students) == 3 * 2 * 5
+    for s in students:
+        t = teachers[(s.dataset, s.seed)]
+        assert s.options["teacher_run"] == {"hash": t.hash, "model_cfg": t.model_cfg}
+    assert {s.model_cfg["depth"] for s in teachers.values()} == {110}
+
+
+@pytest.mark.parametrize("edit, missing", [
+    (lambda e: e.pop("p5_teacher"), "experiment p5_teacher is not in profile paper"),
+    (lambda e: e["p5_teacher"].update(datasets=["cifar100"]), "experiment p5_teacher does not train on dataset voc2007"),
+    (lambda e: e["p5_distill"]["options"]["teacher"].update(model="p5_resnet20"),
+     "experiment p5_teacher has no model p5_resnet20"),
+])
+def test_missing_teacher_run_is_a_one_line_error(params, edit, missing):
+    edit(params["profiles"]["paper"]["experiments"])
+    with pytest.raises(ConfigError) as e:
+        plan(params, profile="paper")
+    assert str(e.value).startswith("params.yaml: profiles.paper.experiments.p5_distill.options.teacher: ")
+    assert missing in str(e.value) and "\n" not in str(e.value)
+
+
+def test_teacher_settings_change_its_students_identity_only(params):
+    before = {s.hash: s.experiment for s in plan(params, profile="paper")}
+    params["profiles"]["paper"]["experiments"]["p5_teacher"]["train"] = {"epochs": 50}
+    after = {s.hash: s.experiment for s in plan(params, profile="paper")}
+    changed = set(before) ^ set(after)
+    assert {before.get(h) or after[h] for h in changed} == {"p5_teacher", "p5_distill"}
+    assert len(set(before) - set(after)) == 10 + 30  # every teacher and every student, nothing else

@@ -119,3 +119,67 @@ def test_requeued_slurm_job_resumes_its_runs(tmp_path, monkeypatch):
     client, (run,) = mlflow_runs(ws)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0, 1]
+
+
+def _teacher_and_students(seeds=(0, 1)):
+    """Per seed a teacher run and a distill run requiring it (options as l2l.config.plan resolves them)."""
+    from l2l.methods import distill
+    from tests.conftest import make_spec
+
+    teachers = [make_spec(experiment="p5_teacher", seed=s) for s in seeds]
+    students = [make_spec(experiment="p5_distill", method="distill", seed=t.seed,
+                          options={**distill.validate_options({}, "o"),
+                                   "teacher_run": {"hash": t.hash, "model_cfg": t.model_cfg}}) for t in teachers]
+    return teachers, students
+
+
+def _fake_backend(monkeypatch, fail=()):
+    """The local backend replaced by one that records each call's runs and 'finishes' them
+    (result.json) unless asked to fail them."""
+    from l2l import executor
+
+    calls = []
+
+    def runner(wave, params, cfg, worker):
+        calls.append([s.hash for s in wave])
+        for s in wave:
+            if s.hash in fail:
+                raise RuntimeError(f"run {s.hash} failed")
+            run_dir = executor.Path(worker.root) / "runs" / s.hash
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "result.json").write_text("{}")
+
+    monkeypatch.setitem(executor.RUNNERS, "local", runner)
+    return calls
+
+
+def test_run_plan_trains_required_runs_first(tmp_path, monkeypatch):
+    from l2l.executor import run_plan
+
+    teachers, students = _teacher_and_students()
+    calls = _fake_backend(monkeypatch)
+    run_plan(students + teachers, {}, root=tmp_path)  # students listed first: the waves reorder
+    assert calls == [[t.hash for t in teachers], [s.hash for s in students]]
+    calls.clear()
+    run_plan(students, {}, root=tmp_path)  # teachers finished earlier: one wave
+    assert calls == [[s.hash for s in students]]
+
+
+def test_a_failed_teacher_fails_its_students_in_one_line(tmp_path, monkeypatch):
+    from l2l.executor import run_plan
+
+    teachers, students = _teacher_and_students()
+    calls = _fake_backend(monkeypatch, fail={teachers[1].hash})
+    with pytest.raises(RuntimeError) as e:
+        run_plan(teachers + students, {}, root=tmp_path)
+    assert len(calls) == 1  # the students' wave never starts
+    msg = str(e.value)
+    assert msg.startswith(f"run {teachers[1].hash} failed; 2 runs of later waves not started, 1 of them requiring "
+                          f"a run that did not finish; e.g. {students[1].hash} (p5_distill cnn cifar10 seed 1) requires "
+                          f"{teachers[1].hash} (p5_teacher cnn cifar10 seed 1)")
+    assert "\n" not in msg
+    calls.clear()
+    with pytest.raises(RuntimeError, match=rf"1 runs require unfinished runs; first: {students[1].hash} .* requires "
+                                           rf"{teachers[1].hash}, which has no result.json"):
+        run_plan(students[1:], {}, root=tmp_path)  # the teacher is not in the list and not finished
+    assert calls == []

@@ -190,34 +190,45 @@ VOC_CLAIM = {"papers": {"P5": "Zhou et al. 2024."}, "claims": [
     {"id": "P5-C1/voc2007", "paper": "P5", "claim": "Narrow-deep student about the teacher's mAP.",
      "kind": "equivalence", "metric": "final_test_acc", "dataset": "voc2007", "margin": 1.0,
      "arms": {"a": {"experiment": "p5_distill", "model": "student"},
-              "b": {"experiment": "p5_distill", "model": "student", "phase": "teacher"}},
+              "b": {"experiment": "p5_teacher", "model": "teacher"}},
      "reported": "not public", "protocol": "tiny"}]}
 
 
 def test_voc_through_the_whole_pipeline(tmp_path, monkeypatch):
     """Pascal VOC (a generated tree in the VOC layout) from the data stage to the report: P5's
-    distillation and its no-KD baseline trained with BCE, scored by mAP, claimed and reported."""
+    distillation (its teacher a run of its own, trained first) and its no-KD baseline trained with
+    BCE, scored by mAP, claimed and reported."""
     from tests.test_voc import TRAINVAL, make_voc
 
     trainval = {f"{i:06d}": TRAINVAL[k] for i, k in enumerate(list(TRAINVAL) * 4)}  # 24 images
     params = smoke_params(write_npz(tmp_path / "arrays.npz"), experiments={
+        # the students before their teacher in the plan's order: the train stage's waves reorder
         "p5_distill": {"method": "distill", "models": ["student"], "datasets": ["voc2007"],
-                       "options": {"teacher": {"arch": "cnn", "width": 8}, "latency_batches": [1, 4],
-                                   "latency_warmup": 0, "latency_repeats": 2}},
+                       "options": {"teacher": {"experiment": "p5_teacher", "model": "teacher"},
+                                   "latency_batches": [1, 4], "latency_warmup": 0, "latency_repeats": 2}},
+        "p5_teacher": {"method": "conventional", "models": ["teacher"], "datasets": ["voc2007"]},
         "p5_baseline": {"method": "conventional", "models": ["student"], "datasets": ["voc2007"]}})
     smoke = params["profiles"]["smoke"]
-    smoke["datasets"], smoke["models"] = ["voc2007"], {"student": {"arch": "cnn", "width": 4}}
+    smoke["datasets"] = ["voc2007"]
+    smoke["models"] = {"student": {"arch": "cnn", "width": 4}, "teacher": {"arch": "cnn", "width": 8}}
     smoke["train"]["batch_size"] = 8
     params["data"]["voc2007"] = {"root": str(make_voc(tmp_path / "VOC", trainval=trainval)), "image_size": 24,
                                  "val_size": 4}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(VOC_CLAIM))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for stage in ("data", "train", "evaluate", "aggregate", "claims", "report"):
         run_stage(stage)
     runs = pd.read_csv(tmp_path / "results/runs.csv")
-    assert len(runs) == 4 and set(runs["metric"]) == {"mAP (%, area)"}
+    assert len(runs) == 6 and set(runs["metric"]) == {"mAP (%, area)"}
+    teachers = runs[runs["experiment"] == "p5_teacher"].set_index("seed")["run"]
+    for run in runs.loc[runs["experiment"] == "p5_distill", "run"]:
+        spec = json.loads((tmp_path / "runs" / run / "spec.json").read_text())
+        teacher = teachers[spec["seed"]]  # its seed's teacher run, finished before the student started
+        assert spec["options"]["teacher_run"]["hash"] == teacher
+        assert (tmp_path / "runs" / teacher / "result.json").stat().st_mtime < (
+            tmp_path / "runs" / run / "spec.json").stat().st_mtime
     assert runs["final_test_acc"].between(0, 100).all()
     import numpy as np
 

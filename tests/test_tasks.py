@@ -54,11 +54,11 @@ def voc_spec(**overrides):
     return make_spec(**d)
 
 
-def voc_ctx(spec, arrays=None):
+def voc_ctx(spec, arrays=None, runs=None):
     arrays = arrays or quadrant_arrays()
     aug = spec.train["augment"]
     data = DeviceData(arrays, "voc2007", CPU, crop_padding=aug["crop_padding"], flip=aug["flip"])
-    return RunContext(spec, data, 20, CPU)
+    return RunContext(spec, data, 20, CPU, **({"runs": runs} if runs else {}))
 
 
 def test_task_of_the_run_data():
@@ -116,15 +116,18 @@ def test_distillation_on_multilabel_uses_the_sigmoid_kd():
 
 
 def test_distill_run_on_multilabel_measures_map_and_costs(tmp_path):
-    opts = distill.validate_options({"teacher": {"arch": "cnn", "width": 8}, "latency_batches": [1, 4],
-                                     "latency_warmup": 0, "latency_repeats": 2}, "o")
+    train = {**voc_spec().train, "epochs": 2}
+    teacher = voc_spec(experiment="p5_teacher", model="teacher", train=train)  # the teacher run: BCE
+    taught = train_run(teacher, conventional, voc_ctx(teacher), tmp_path / "runs" / teacher.hash)
+    opts = distill.validate_options({"latency_batches": [1, 4], "latency_warmup": 0, "latency_repeats": 2}, "o")
+    opts["teacher_run"] = {"hash": teacher.hash, "model_cfg": teacher.model_cfg}
     spec = voc_spec(method="distill", experiment="p5_distill", model_cfg={"arch": "cnn", "width": 4}, options=opts,
-                    train={**voc_spec().train, "epochs": 2})
-    ctx = voc_ctx(spec)
-    result = train_run(spec, distill, ctx, tmp_path / "run")
-    t, s = result["phase_metrics"]["teacher"], result["phase_metrics"]["student"]
-    for m in (t, s):  # mAP in percent, measured on the held-out splits
-        assert 0 < m["final_test_acc"] <= 100 and 0 < m["final_val_acc"] <= 100
+                    train=train)
+    result = train_run(spec, distill, voc_ctx(spec, runs=tmp_path / "runs"), tmp_path / "runs" / spec.hash)
+    s = result["phase_metrics"]["student"]
+    for k in ("final_test_acc", "final_val_acc", "teacher_final_test_acc", "teacher_final_val_acc"):
+        assert 0 < s[k] <= 100, k  # mAP in percent, measured on the held-out splits
+    assert s["teacher_final_val_acc"] == pytest.approx(taught["final"]["val_acc"])  # the teacher run's model
     assert s["flops_ratio"] < 1 and "latency_fp32_b4_ms" in s
     assert result["final"]["val_acc"] == pytest.approx(s["final_val_acc"])
 
@@ -148,7 +151,8 @@ def test_plan_refuses_single_label_methods_on_voc(experiment):
 
 
 def test_plan_gives_voc_runs_their_task_and_keeps_cifar_identities():
-    exps = {"x": {"method": "distill", "models": ["p5_narrow_deep"], "datasets": ["cifar10", "voc2007"]}}
+    exps = {"p5_teacher": {"method": "conventional", "models": ["p5_teacher"], "datasets": ["cifar10", "voc2007"]},
+            "x": {"method": "distill", "models": ["p5_narrow_deep"], "datasets": ["cifar10", "voc2007"]}}
     params = _voc_params(exps)
     specs = plan(params)
     voc = [s for s in specs if s.dataset == "voc2007"]

@@ -34,15 +34,18 @@ def distill_dfs() -> tuple[pd.DataFrame, pd.DataFrame]:
     for model, acc, flops, lat1 in (("small", 50.0, 1e6, 2.0), ("narrow_deep", 55.0, 2e6, 4.0)):
         for seed in (0, 1):
             run = f"{model}{seed}"
-            rows += phase_rows(run, "p5_distill", "distill", model, seed, "teacher", final_test_acc=60.0 + seed)
             rows += phase_rows(run, "p5_distill", "distill", model, seed, "student", final_test_acc=acc + seed,
                                params=1000.0, flops=flops, latency_fp32_b1_ms=lat1 * (1 + seed),
-                               latency_fp32_b256_ms=10 * lat1, teacher_params=5000.0, teacher_flops=1e7,
+                               latency_fp32_b256_ms=10 * lat1, teacher_final_test_acc=60.0 + seed,
+                               teacher_params=5000.0, teacher_flops=1e7,
                                teacher_latency_fp32_b1_ms=20.0, teacher_latency_fp32_b256_ms=200.0)
             runs.append({"run": run, "experiment": "p5_distill", "method": "distill", "model": model,
                          "dataset": "cifar10", "seed": seed, "final_test_acc": acc + seed, "device_name": "cpu x"})
             runs.append({"run": f"b{run}", "experiment": "p5_baseline", "method": "conventional", "model": model,
                          "dataset": "cifar10", "seed": seed, "final_test_acc": acc - 3 + seed, "device_name": "cpu x"})
+    for seed in (0, 1):  # the teacher run of each seed (a conventional run of its model): no student's baseline
+        runs.append({"run": f"t{seed}", "experiment": "p5_teacher", "method": "conventional", "model": "p5_teacher",
+                     "dataset": "cifar10", "seed": seed, "final_test_acc": 99.0, "device_name": "cpu x"})
     return pd.DataFrame(runs), pd.DataFrame(rows)
 
 

@@ -1,7 +1,8 @@
 """Teacher-student training (P4 generations, P5 distillation): the losses against their
 definitions and hand-computed values, FLOP/parameter counts against hand counts, and what the
 methods promise (the teacher is exactly the previous generation's checkpoint, frozen; a
-resumed run equals an uninterrupted one; the distilled students of a seed share one teacher)."""
+resumed run equals an uninterrupted one; a distilled student is taught by exactly its teacher
+run's verified final.pt, frozen)."""
 from __future__ import annotations
 
 import math
@@ -307,32 +308,106 @@ def test_cached_teacher_serves_the_images_of_each_batch():
         teacher_fn(torch.zeros(32, 3, 16, 16), torch.full((32,), -1))  # a stream that is not the plan's
 
 
-def test_distilled_students_share_the_teacher(tmp_path):
-    teacher_cfg = {"arch": "cifar_resnet", "depth": 14, "width": 4}
-    opts = {"teacher": teacher_cfg, "latency_batches": [1, 8], "latency_warmup": 1, "latency_repeats": 3}
-    runs = {}
+TEACHER = {"arch": "cifar_resnet", "depth": 14, "width": 4}
+LATENCY = {"latency_batches": [1, 8], "latency_warmup": 1, "latency_repeats": 3}
+
+
+def teacher_run(runs, seed: int = 0, model_cfg: dict = TEACHER) -> tuple[RunSpec, dict]:
+    """A finished conventional run of the teacher's model in runs/<hash>/ (what the train stage leaves)."""
+    spec, ctx = make(conventional, {}, model_cfg=model_cfg, seed=seed)
+    spec = RunSpec("p5_teacher", "conventional", "p5_teacher", "cifar10", seed, model_cfg, TRAIN, spec.options, {})
+    return spec, train_run(spec, conventional, RunContext(spec, ctx.data, 10, ctx.device), runs / spec.hash)
+
+
+def student(runs, teacher: RunSpec, model_cfg: dict = TINY, train: dict = TRAIN) -> tuple[RunSpec, RunContext]:
+    """A distill run taught by `teacher`, its options as l2l.config.plan resolves them."""
+    opts = {**distill.validate_options(LATENCY, "test"),
+            "teacher_run": {"hash": teacher.hash, "model_cfg": teacher.model_cfg}}
+    spec = RunSpec("p5_distill", "distill", "m", "cifar10", teacher.seed, model_cfg, train, opts, {})
+    return spec, RunContext(spec, small_data(), 10, torch.device("cpu"), runs=runs)
+
+
+def test_students_are_taught_by_the_teacher_runs_checkpoint_frozen(tmp_path):
+    runs = tmp_path / "runs"
+    teacher, taught = teacher_run(runs)
+    final = load_checkpoint(runs / teacher.hash / "final.pt")
+    results = {}
     for name, cfg in (("narrow_deep", {"arch": "cifar_resnet", "depth": 14, "width": 2}), ("plain", TINY)):
-        spec, ctx = make(distill, opts, model_cfg=cfg)
-        spy = Spy(distill, lambda phase: ["teacher"] if phase.name == "student" else [])
-        runs[name] = (spy, train_run(spec, spy, ctx, tmp_path / name))
-    (spy_a, res_a), (spy_b, res_b) = runs.values()
-    # one teacher per seed: same initialisation and data stream whatever the student
-    assert_same_state(spy_a.finished[0]["teacher"], spy_b.finished[0]["teacher"])
-    assert res_a["phase_metrics"]["teacher"] == res_b["phase_metrics"]["teacher"]
-    # ... and it is what a conventional run of the teacher's architecture with that seed trains
-    spec, ctx = make(conventional, {}, model_cfg=teacher_cfg)
-    train_run(spec, conventional, ctx, tmp_path / "conv")
-    assert_same_state(load_checkpoint(tmp_path / "conv" / "final.pt"), spy_a.finished[0]["teacher"])
-    # frozen while teaching, unchanged by it
-    assert spy_a.step_modes and all(m == [False] for m in spy_a.step_modes if m)
-    assert_same_state(spy_a.finished[0]["teacher"], spy_a.finished[1]["teacher"])
-    m = res_a["phase_metrics"]["student"]
+        spec, ctx = student(runs, teacher, cfg)
+        spy = Spy(distill, lambda phase: ["teacher"])
+        results[name] = train_run(spec, spy, ctx, runs / spec.hash)
+        assert [p.name for p in spy.phases_seen] == ["student"]  # no teacher training in the run
+        # the teacher run's final.pt, bit for bit (weights and BatchNorm statistics), unchanged by teaching
+        assert_same_state(final, spy.finished[0]["teacher"])
+        assert spy.step_modes and all(m == [False] for m in spy.step_modes)  # eval mode at every step
+        assert not any(q.requires_grad for q in spy.phases_seen[0].modules["teacher"].parameters())
+    m = results["narrow_deep"]["phase_metrics"]["student"]
+    # the teacher's accuracy measured in the student run: the teacher run's own last validation
+    assert m["teacher_final_val_acc"] == pytest.approx(taught["final"]["val_acc"])
+    assert m["teacher_final_test_acc"] == results["plain"]["phase_metrics"]["student"]["teacher_final_test_acc"]
     for key in ("final_test_acc", "params", "flops", "latency_fp32_b1_ms", "latency_fp32_b8_ms",
                 "teacher_flops", "teacher_latency_fp32_b8_ms", "flops_ratio", "latency_ratio_b1", "latency_ratio_b8"):
         assert key in m, key
     assert m["flops_ratio"] == pytest.approx(m["flops"] / m["teacher_flops"]) and m["flops_ratio"] < 1
     assert m["params"] == count_parameters(cifar_resnet(10, depth=14, width=2))
-    assert res_a["tags"]["latency_dtype"] == "fp32" and res_a["tags"]["latency_device"]
+    assert m["teacher_params"] == count_parameters(cifar_resnet(10, **{k: v for k, v in TEACHER.items() if k != "arch"}))
+    res = results["narrow_deep"]
+    assert res["tags"]["latency_dtype"] == "fp32" and res["tags"]["latency_device"]
+
+
+def test_student_initialisation_is_the_conventional_runs(tmp_path):
+    """The baseline pairing: building the teacher's shell does not move the seeded stream, so a
+    student starts where a conventional run of its model and seed starts."""
+    runs = tmp_path / "runs"
+    teacher, _ = teacher_run(runs)
+    spec, ctx = student(runs, teacher)
+    torch.manual_seed(spec.seed)
+    (phase,) = distill.phases(spec, ctx)  # replayed without the checkpoint (l2l.cost does this)
+    conv, cctx = make(conventional, {})
+    torch.manual_seed(conv.seed)
+    (cphase,) = conventional.phases(conv, cctx)
+    assert_same_state(state(phase.modules["student"]), state(cphase.modules["model"]))
+
+
+def test_tampered_or_missing_teacher_checkpoint_is_refused(tmp_path):
+    runs = tmp_path / "runs"
+    teacher, _ = teacher_run(runs)
+    path = runs / teacher.hash / "final.pt"
+    st = load_checkpoint(path)
+    key = next(k for k in st if k.endswith("weight"))
+    st[key] = st[key] + 1e-3
+    torch.save(st, path)
+    spec, ctx = student(runs, teacher)
+    with pytest.raises(RuntimeError, match="checksum mismatch"):
+        train_run(spec, distill, ctx, runs / spec.hash)
+    (runs / teacher.hash / "result.json").unlink()
+    spec, ctx = student(runs, teacher)
+    with pytest.raises(RuntimeError, match=rf"teacher run {teacher.hash} has not finished") as e:
+        train_run(spec, distill, ctx, tmp_path / "other")
+    assert "\n" not in str(e.value)
+
+
+def test_distill_resume_equals_uninterrupted(tmp_path):
+    runs = tmp_path / "runs"
+    teacher, _ = teacher_run(runs)
+    train = {**TRAIN, "epochs": 2}
+    spec, ctx = student(runs, teacher, train=train)
+    full = train_run(spec, distill, ctx, tmp_path / "full")
+    spec, ctx = student(runs, teacher, train=train)
+    assert train_run(spec, distill, ctx, tmp_path / "cut", stop_after_epochs=1) == {"interrupted": True}
+    spec, ctx = student(runs, teacher, train=train)  # a new process: the teacher comes back from last.pt
+    resumed = train_run(spec, distill, ctx, tmp_path / "cut")
+    assert_same_state(load_checkpoint(tmp_path / "full" / "final.pt"), load_checkpoint(tmp_path / "cut" / "final.pt"))
+    accs = ("final_val_acc", "final_test_acc", "teacher_final_val_acc", "teacher_final_test_acc")
+    assert [resumed["phase_metrics"]["student"][k] for k in accs] == [full["phase_metrics"]["student"][k] for k in accs]
+
+
+def test_planned_epochs_needs_no_teacher_checkpoint(tmp_path):
+    from l2l.cost import planned_epochs
+
+    spec, _ = student(tmp_path / "nowhere", RunSpec("t", "conventional", "t", "cifar10", 0, TEACHER, TRAIN, {}, {}),
+                      train={**TRAIN, "epochs": 3})
+    assert planned_epochs(spec) == 3
 
 
 def test_profile_keys_carry_the_dtype():
@@ -354,8 +429,9 @@ def test_profile_keys_carry_the_dtype():
     (generations, {"generations": -1}, "generations"),
     (generations, {"eta": "high"}, "eta"),
     (generations, {"teacher": {}}, "teacher"),
-    (distill, {"teacher": {"arch": "resnet"}}, "teacher.arch"),
-    (distill, {"teacher": {"arch": "cifar_resnet", "depht": 110}}, "teacher"),
+    (distill, {"teacher": {"arch": "cifar_resnet", "depth": 110}}, "teacher"),  # a run reference now
+    (distill, {"teacher": {"experiment": "p5_teacher"}}, "teacher"),
+    (distill, {"teacher": {"experiment": "p5_teacher", "model": 110}}, "teacher"),
     (distill, {"latency_batches": [1, 0]}, "latency_batches"),
     (distill, {"latency_repeats": 0}, "latency_repeats"),
 ])
