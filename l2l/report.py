@@ -126,7 +126,7 @@ def stamp(results: Path) -> dict[str, str]:
         "dvc.lock sha256": hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else "none",
         "runs": str(len(runs)),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        **{f"data: {ds}": f"{d['source']['kind']} ({d['source'].get('path')}); {d['split_note']}"
+        **{f"data: {ds}": f"{d['source']['kind']} ({_source_paths(d['source'])}); {d['split_note']}"
            for ds, d in data["datasets"].items()},
     }
 
@@ -140,6 +140,11 @@ def dataset_metrics(results: Path) -> dict[str, str]:
     if "metric" not in runs:
         return {ds: TOP1 for ds in runs["dataset"].unique()}
     return dict(zip(runs["dataset"], runs["metric"]))
+
+
+def _source_paths(source: dict) -> str:
+    """Where a dataset came from: its path, or its archives' (VOC has two)."""
+    return source.get("path") or ", ".join(a["path"] for a in source.get("archives", []))
 
 
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from l2l.losses import kd_loss, multilabel_kd_loss
+from l2l.voc import mean_average_precision, voc_bce_loss
 
 SINGLE_LABEL, MULTI_LABEL = "single-label", "multi-label"
 
@@ -86,7 +87,6 @@ class MultiLabel:
         return f"mAP (%, {self.ap_mode})"
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from l2l.voc import voc_bce_loss
         return voc_bce_loss(logits, y, self.difficult)
 
     def kd(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -96,7 +96,6 @@ class MultiLabel:
         return ScoreMeter(self)
 
     def score(self, logits: torch.Tensor, y: torch.Tensor) -> float:
-        from l2l.voc import mean_average_precision
         return 100.0 * mean_average_precision(logits.float().cpu().numpy(), y.cpu().numpy(), self.ap_mode)[0]
 
     def predictions(self, logits: torch.Tensor) -> np.ndarray:
