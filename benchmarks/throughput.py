@@ -43,12 +43,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from l2l.config import RunSpec  # noqa: E402
 from l2l.cost import train_flops_per_image  # noqa: E402
-from l2l.device_data import NORMALIZATION, DeviceData  # noqa: E402
+from l2l.datasets import DATASETS  # noqa: E402
+from l2l.device_data import DeviceData  # noqa: E402
 from l2l.engine import RunContext, device_info, step_batches  # noqa: E402
 from l2l.methods import conventional  # noqa: E402
 from l2l.models import ARCHS, build_model  # noqa: E402
+from l2l.spec import RunSpec, resolve_train  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -62,9 +63,8 @@ MODELS = {
     "layerwise_k2": {"arch": "layerwise_cnn", "preset": "k2"},
 }
 # The paper profile's training settings (params.yaml) that affect speed.
-TRAIN = {"epochs": 1, "batch_size": 128, "eval_batch_size": 1000, "precision": "auto",
-         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
-         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}
+TRAIN = resolve_train({"epochs": 1, "batch_size": 128, "optimizer": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+                       "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}, "benchmark.train")
 # Dense bf16 tensor-core peaks (TFLOP/s, NVIDIA data sheets, without sparsity). First match wins.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
                     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0)]
@@ -101,7 +101,7 @@ def naive_dataset(x: np.ndarray, y: np.ndarray, cifar_root: str | None):
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.vision import VisionDataset
 
-    mean, std = NORMALIZATION["cifar10"]
+    mean, std = DATASETS["cifar10"].normalization
     tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     if cifar_root:
         return CIFAR10(cifar_root, train=True, download=False, transform=tf)

@@ -17,7 +17,9 @@ import pandas as pd
 import yaml
 
 from l2l import stats
-from l2l.config import ConfigError, resolve_profile
+from l2l.checks import ConfigError
+from l2l.config import Config
+from l2l.layerwise_analysis import early_overfit_check, saturation_check
 
 CLAIMS_FILE = Path("claims.yaml")
 TWO_ARM_KINDS = ("superiority", "equivalence")
@@ -81,22 +83,16 @@ CustomKind = Callable[[Claim, Context], tuple[stats.Comparison, dict]]
 CUSTOM_KINDS: dict[str, CustomKind] = {}
 
 
-def _register_layerwise_kinds() -> None:
-    # P2's per-stage claims (measures in l2l/layerwise_analysis.py, read from results/phases.csv).
-    from l2l.layerwise_analysis import early_overfit_check, saturation_check
-
-    CUSTOM_KINDS.update(saturation=saturation_check, early_overfit=early_overfit_check)
-
-
-_register_layerwise_kinds()
+# P2's per-stage claims (measures in l2l/layerwise_analysis.py, read from results/phases.csv).
+CUSTOM_KINDS.update(saturation=saturation_check, early_overfit=early_overfit_check)
 
 
 def _err(cid: str, key: str, msg: str) -> ConfigError:
     return ConfigError(f"claims.yaml: {cid}.{key}: {msg}")
 
 
-def load_claims(params: dict, path: Path = CLAIMS_FILE) -> list[Claim]:
-    """Read and validate the registry against params.yaml (the paper profile holds every arm)."""
+def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
+    """Read and validate the registry against the resolved params.yaml (every profile's experiments)."""
     try:
         doc = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -115,10 +111,9 @@ def load_claims(params: dict, path: Path = CLAIMS_FILE) -> list[Claim]:
             raise ConfigError(f"{inc_path}: expected a list of claim records")
         doc["claims"] = doc["claims"] + records
     experiments = {}
-    for name in params["profiles"]:
-        prof = resolve_profile(params, name)
-        for e, ecfg in prof.experiments.items():
-            experiments.setdefault(e, set()).update(ecfg.get("models", list(prof.models)))
+    for prof in config.profiles.values():
+        for e, exp in prof.experiments.items():
+            experiments.setdefault(e, set()).update(exp.models)
     kinds = BUILTIN_KINDS + tuple(CUSTOM_KINDS)
     out, seen = [], set()
     for i, rec in enumerate(doc["claims"]):
@@ -137,7 +132,7 @@ def load_claims(params: dict, path: Path = CLAIMS_FILE) -> list[Claim]:
             raise _err(cid, "kind", f"expected one of {', '.join(kinds)}, got {rec['kind']!r}")
         arms = _arms(cid, rec, experiments)
         margin = rec.get("margin")
-        margin = params.get("stats", {}).get("margins", {}).get(cid, margin)
+        margin = config.stats["margins"].get(cid, margin)
         if rec["kind"] == "equivalence" and (not isinstance(margin, (int, float)) or margin <= 0):
             raise _err(cid, "margin", f"expected a positive number for an equivalence claim, got {margin!r}")
         reported = rec["reported"]

@@ -8,7 +8,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from l2l.config import ConfigError, load_params
+from l2l.checks import ConfigError
+from l2l.claims import load_claims
+from l2l.config import Config, load_config
 from l2l.cost import THROUGHPUT_FILE, RunCost, load_throughput, run_costs
 
 GROUP = ("experiment", "method", "model", "dataset")
@@ -28,10 +30,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
         ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
 
 
-def plan_report(params: dict, profile: str, throughput_path: Path, device: str | None, list_runs: bool,
+def plan_report(config: Config, throughput_path: Path, device: str | None, list_runs: bool,
                 claims_path: Path) -> str:
+    profile = config.profile.name
     throughput = load_throughput(throughput_path, device)
-    costs, notes = run_costs(params, profile, throughput)
+    costs, notes = run_costs(config, throughput)
     done = sum(c.done for c in costs)
     out = [f"# l2l plan: profile {profile}", "",
            f"{len(costs)} runs, {done} done, {len(costs) - done} remaining."]
@@ -54,7 +57,7 @@ def plan_report(params: dict, profile: str, throughput_path: Path, device: str |
     rows.append(["**total**", "", "", "", len(costs), done, len(costs) - done, "", "", _hours(_sum(costs)), ""])
     out += _table([*GROUP, "runs", "done", "remaining", "epochs/run", "hours/run", "remaining hours", "throughput"],
                   rows)
-    out += ["", "## Per claim", ""] + _claims(params, profile, costs, claims_path)
+    out += ["", "## Per claim", ""] + _claims(config, costs, claims_path)
     if list_runs:
         out += ["", "## Runs", ""] + _table(["run", *GROUP, "seed", "status", "hours"], [
             [c.spec.hash, *(getattr(c.spec, k) for k in GROUP), c.spec.seed, "done" if c.done else "to do",
@@ -62,12 +65,11 @@ def plan_report(params: dict, profile: str, throughput_path: Path, device: str |
     return "\n".join(out)
 
 
-def _claims(params: dict, profile: str, costs: list[RunCost], path: Path) -> list[str]:
+def _claims(config: Config, costs: list[RunCost], path: Path) -> list[str]:
+    profile = config.profile.name
     if not path.exists():
         return [f"No {path}."]
-    from l2l.claims import load_claims
-
-    claims = load_claims(params, path)
+    claims = load_claims(config, path)
     if not claims:
         return [f"{path} holds no claims yet."]
     rows = []
@@ -97,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", action="store_true", help="list every run with its status")
     args = parser.parse_args(argv)
     try:
-        params = load_params()
-        profile = args.profile or params.get("profile")
-        print(plan_report(params, profile, args.throughput, args.device, args.runs, args.claims))
+        print(plan_report(load_config(profile=args.profile), args.throughput, args.device, args.runs, args.claims))
     except ConfigError as e:
         print(f"l2l: error: {e}", file=sys.stderr)
         sys.exit(2)

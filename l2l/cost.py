@@ -18,9 +18,20 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from l2l.config import (MULTI_LABEL_DATASETS, ConfigError, RunSpec, plan, prepared_dir, resolve_profile,
-                        split_config, voc_config)
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from l2l.checks import ConfigError
+from l2l.config import Config, plan
+from l2l.datasets import DATASETS, MULTI_LABEL
+from l2l.device_data import DeviceData
+from l2l.engine import RunContext
 from l2l.io import read_json
+from l2l.methods import METHODS
+from l2l.models import build_model, with_defaults
+from l2l.spec import RunSpec
 
 THROUGHPUT_FILE = Path("benchmarks/throughput.json")
 SOURCE_TRAIN_IMAGES = 50000  # CIFAR-10/100 training sets
@@ -35,12 +46,6 @@ def train_flops_per_image(model_cfg: dict, num_classes: int = 10, batch_size: in
                           ) -> float:
     """Forward + backward FLOPs of one training image (torch.utils.flop_counter on the meta
     device: shapes only, no compute)."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from l2l.models import build_model
-
     model = build_model(model_cfg, num_classes).to("meta")
     x = torch.empty(batch_size, 3, image_size, image_size, device="meta")
     y = torch.zeros(batch_size, dtype=torch.long, device="meta")
@@ -74,7 +79,7 @@ class Throughput:
         """(training images/s for this model on image_size x image_size images, how it was obtained);
         the benchmark measures 32x32 CIFAR images."""
         for name, r in self.models.items():
-            if r["cfg"] == model_cfg and image_size == 32:
+            if with_defaults(r["cfg"]) == with_defaults(model_cfg) and image_size == 32:
                 return self.images_per_s(name), f"measured ({name})"
         key = json.dumps([model_cfg, image_size], sort_keys=True)
         if key not in flops:
@@ -119,19 +124,19 @@ class RunCost:
     basis: str
 
 
-def _prepared(params: dict, profile: str) -> tuple[dict, dict, list[str]]:
+def _prepared(config: Config) -> tuple[dict, dict, list[str]]:
     """Per dataset: the prepared manifest when it was prepared for this profile's split."""
-    prof = resolve_profile(params, profile)
-    split = split_config(params, profile)
+    prof, profile = config.profile, config.profile.name
+    split = config.data.split_config(prof.split)
     want = {"val_size": split.val_size, "test_size": split.test_size, "train_subset": split.train_subset,
             "seed": split.seed}
-    voc = voc_config(params["data"])
+    voc = config.data.voc2007
     want_voc = {"val_size": voc["val_size"], "seed": split.seed}
     manifests, notes = {}, []
     for ds in prof.datasets:
-        path = prepared_dir(params, ds) / "manifest.json"
+        path = config.data.prepared_dir(ds) / "manifest.json"
         m = read_json(path) if path.exists() else None
-        if ds in MULTI_LABEL_DATASETS:
+        if DATASETS[ds].task == MULTI_LABEL:
             ok = m is not None and m.get("split") == want_voc and m.get("image_size") == voc["image_size"]
         else:
             ok = m is not None and m.get("split") == want
@@ -147,7 +152,7 @@ def split_counts(split: dict, manifest: dict | None, dataset: str = "cifar10", v
                  ) -> dict[str, int]:
     if manifest is not None:
         return {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
-    if dataset in MULTI_LABEL_DATASETS:
+    if DATASETS[dataset].task == MULTI_LABEL:
         return {"train": VOC_TRAINVAL_IMAGES - voc_val_size, "val": voc_val_size, "test": VOC_TEST_IMAGES}
     train = SOURCE_TRAIN_IMAGES - split["val_size"]
     if split.get("train_subset"):
@@ -162,30 +167,24 @@ def planned_epochs(spec: RunSpec) -> int:
     """Passes over the training set, summed over the method's phases (one stretch per block,
     per generation, ...): its phase generator replayed without training, as a resumed run
     replays it, on a few random images on the CPU (models are built, nothing is trained)."""
-    import numpy as np
-    import torch
-
-    from l2l.data import DATASETS
-    from l2l.device_data import DeviceData
-    from l2l.engine import RunContext
-    from l2l.methods import METHODS
-
     key = json.dumps([spec.method, spec.model_cfg, spec.train, spec.options, spec.dataset], sort_keys=True)
     if key not in _EPOCHS:
-        k = DATASETS[spec.dataset]
+        k = DATASETS[spec.dataset].num_classes
         rng = np.random.default_rng(0)
         arrays = {s: (rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8), np.arange(8) % k)
                   for s in ("train", "val", "test")}
         cpu = torch.device("cpu")
-        ctx = RunContext(spec, DeviceData(arrays, spec.dataset, cpu), k, cpu)
+        aug = spec.train["augment"]
+        ctx = RunContext(spec, DeviceData(arrays, spec.dataset, cpu, crop_padding=aug["crop_padding"],
+                                          flip=aug["flip"]), k, cpu)
         _EPOCHS[key] = sum(phase.epochs for phase in METHODS[spec.method].phases(spec, ctx))
     return _EPOCHS[key]
 
 
-def run_costs(params: dict, profile: str, throughput: Throughput | None, runs_dir: Path = Path("runs")
+def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Path("runs")
               ) -> tuple[list[RunCost], list[str]]:
-    split, manifests, notes = _prepared(params, profile)
-    specs = plan(params, {ds: m["fingerprint"] for ds, m in manifests.items()}, profile)
+    split, manifests, notes = _prepared(config)
+    specs = plan(config, {ds: m["fingerprint"] for ds, m in manifests.items()})
     flops: dict = {}
     out = []
     for s in specs:

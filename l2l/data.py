@@ -1,7 +1,7 @@
 """Data preparation: read a source, carve stratified splits, write verified arrays.
 
-CIFAR-10/100 here; Pascal VOC 2007 (multi-label) in l2l/voc.py, which shares the mirror check,
-the atomic writing and load_prepared. prepare_dataset() is the data stage's entry for any dataset.
+CIFAR-10/100 here; Pascal VOC 2007 (multi-label) in l2l/voc.py; both check archives and write
+atomically through l2l/archives.py, and load_prepared loads either. prepare_dataset() is the data stage's entry for any dataset.
 CIFAR sources: torchvision download, a local mirror of the original archives, or an .npz of arrays.
 Output (out_dir): {train,val,test}_{x,y}.npy (x uint8 NCHW, y int64) + manifest.json,
 written atomically so a crash never leaves a half-prepared directory.
@@ -12,58 +12,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import pickle
-import shutil
-import tarfile
-import tempfile
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torchvision.datasets
-from torchvision.datasets.utils import calculate_md5, check_integrity
+from torchvision.datasets.utils import calculate_md5
 
-# DataError is defined beside ConfigError, so stages catch it without importing torchvision
-from l2l.config import DataError, prepared_dir, source_config, split_config
+from l2l.archives import ARCHIVE_ERRORS, array_sha256, one_line, stage_mirror_archive, write_prepared
+from l2l.checks import DataError
+from l2l.datasets import DATASETS, DataSettings, SourceConfig, SplitConfig
+from l2l.device_data import DeviceData
+from l2l.spec import RunSpec
+from l2l.voc import prepare_voc2007
 
 log = logging.getLogger(__name__)
 
-# name -> num_classes; voc2007 (multi-label, 20 classes) is prepared by l2l/voc.py
-DATASETS: dict[str, int] = {"cifar10": 10, "cifar100": 100, "voc2007": 20}
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
-
-# Class names for sources without metadata (npz). Order = batches.meta / meta of the originals.
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
-butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup
-dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion
-lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
-pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
-shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
-television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
-_DEFAULT_CLASSES = {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES}
-_TV_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
-
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    kind: str  # "download" | "mirror" | "npz"
-    root: Path  # cache dir for torchvision downloads/extraction
-    mirror: Path | None = None  # dir holding the original archives (cifar-10-python.tar.gz, ...)
-    npz: Path | None = None  # .npz with x_train, y_train and optionally x_test, y_test
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    val_size: int  # carved from the training set, stratified, always
-    test_size: int  # only used when the source has no test set
-    train_subset: int | None  # stratified subset of the remaining training images
-    seed: int = 0
 
 
 @dataclass
@@ -78,16 +45,12 @@ class _Raw:
     source: dict
 
 
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
-
-
 # ---------------------------------------------------------------- sources
 
 
 def _tv_class(dataset: str) -> type:
     # Looked up at call time so tests can monkeypatch the class attributes (md5s).
-    return getattr(torchvision.datasets, _TV_CLASSES[dataset])
+    return getattr(torchvision.datasets, DATASETS[dataset].torchvision)
 
 
 def _load_torchvision(dataset: str, root: Path) -> tuple[np.ndarray, ...]:
@@ -100,41 +63,16 @@ def _load_torchvision(dataset: str, root: Path) -> tuple[np.ndarray, ...]:
     return x, np.asarray(train.targets), xt, np.asarray(test.targets), list(train.classes)
 
 
-# Errors torchvision raises for a bad archive/batch file (RuntimeError = md5 check failed).
-_ARCHIVE_ERRORS = (RuntimeError, OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError)
-
-
 def _from_download(dataset: str, src: SourceConfig) -> _Raw:
     cls = _tv_class(dataset)
     try:
         x, y, xt, yt, classes = _load_torchvision(dataset, Path(src.root))
     except Exception as e:  # network errors come in many types (URLError, socket, HTTP, ...)
         raise DataError(
-            f"{dataset}: download of {cls.url} into {src.root} failed ({_one_line(e)}); offline options: "
+            f"{dataset}: download of {cls.url} into {src.root} failed ({one_line(e)}); offline options: "
             f"data.source=mirror with a dir holding {cls.filename}, or data.source=npz with an array file"
         ) from e
     return _Raw(x, y, xt, yt, classes, {"kind": "download", "path": cls.url, "md5": cls.tgz_md5})
-
-
-def _stage_mirror_archive(dataset: str, archive: Path, md5: str, root: Path) -> str:
-    """Check a mirror's original archive against torchvision's md5, then put a copy where torchvision
-    looks for it (root; temp name then rename), so torchvision skips the network and extracts it.
-    Returns the md5."""
-    if not archive.is_file():
-        raise DataError(f"{dataset}: mirror archive not found: {archive}")
-    actual = calculate_md5(archive)
-    if actual != md5:
-        raise DataError(f"{archive}: corrupt or truncated archive (md5 {actual}, expected {md5})")
-    root.mkdir(parents=True, exist_ok=True)
-    cached = root / archive.name
-    if not check_integrity(cached, md5):
-        part = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.part")
-        try:
-            shutil.copyfile(archive, part)
-            os.replace(part, cached)
-        finally:
-            part.unlink(missing_ok=True)
-    return actual
 
 
 def _from_mirror(dataset: str, src: SourceConfig) -> _Raw:
@@ -142,11 +80,11 @@ def _from_mirror(dataset: str, src: SourceConfig) -> _Raw:
         raise DataError(f"{dataset}: data.source=mirror needs a mirror directory (data.mirror)")
     cls = _tv_class(dataset)
     archive = Path(src.mirror) / cls.filename
-    md5 = _stage_mirror_archive(dataset, archive, cls.tgz_md5, Path(src.root))
+    md5 = stage_mirror_archive(dataset, archive, cls.tgz_md5, Path(src.root))
     try:
         x, y, xt, yt, classes = _load_torchvision(dataset, Path(src.root))
-    except _ARCHIVE_ERRORS as e:
-        raise DataError(f"{archive}: cannot extract or load archive ({_one_line(e)})") from e
+    except ARCHIVE_ERRORS as e:
+        raise DataError(f"{archive}: cannot extract or load archive ({one_line(e)})") from e
     return _Raw(x, y, xt, yt, classes, {"kind": "mirror", "path": str(archive), "md5": md5})
 
 
@@ -173,7 +111,7 @@ def _from_npz(dataset: str, src: SourceConfig) -> _Raw:
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not a zip / truncated
-        raise DataError(f"{path}: not a readable .npz archive ({_one_line(e)})") from e
+        raise DataError(f"{path}: not a readable .npz archive ({one_line(e)})") from e
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: not an .npz archive (a single .npy array?); need keys x_train, y_train")
     with z:
@@ -187,12 +125,12 @@ def _from_npz(dataset: str, src: SourceConfig) -> _Raw:
             try:
                 arrays[k] = z[k]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                raise DataError(f"{path}: key '{k}' unreadable ({_one_line(e)})") from e
+                raise DataError(f"{path}: key '{k}' unreadable ({one_line(e)})") from e
 
     x = _npz_x(path, "x_train", arrays["x_train"])
     xt = _npz_x(path, "x_test", arrays["x_test"]) if "x_test" in arrays else None
     return _Raw(
-        x, arrays["y_train"], xt, arrays.get("y_test"), list(_DEFAULT_CLASSES[dataset]),
+        x, arrays["y_train"], xt, arrays.get("y_test"), list(DATASETS[dataset].classes),
         {"kind": "npz", "path": str(path), "md5": calculate_md5(path)},
     )
 
@@ -253,39 +191,6 @@ def _split(y: np.ndarray, has_test: bool, cfg: SplitConfig, k: int) -> dict[str,
 # ---------------------------------------------------------------- output
 
 
-def _sha256(a: np.ndarray) -> str:
-    """sha256 of the array's raw C-order bytes (shape/dtype are checked separately)."""
-    return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def _write_atomic(out_dir: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict) -> None:
-    """Write into a temp dir beside out_dir, then swap it in with renames (same filesystem)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the prepared data is an ordinary shared output
-    old = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
-    try:
-        for name, (x, y) in arrays.items():
-            np.save(tmp / f"{name}_x.npy", x)
-            np.save(tmp / f"{name}_y.npy", y)
-        _write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete directory
-        if out_dir.exists():
-            os.replace(out_dir, old)  # a directory can't be os.replace'd onto a non-empty one
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if old.exists():
-                os.replace(old, out_dir)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare(dataset: str, source: SourceConfig, split: SplitConfig, out_dir: Path) -> dict:
     """Read the source, carve splits, write out_dir/{train,val,test}_{x,y}.npy + manifest.json
     atomically. Returns the manifest dict."""
@@ -293,7 +198,7 @@ def prepare(dataset: str, source: SourceConfig, split: SplitConfig, out_dir: Pat
         raise DataError(f"unknown dataset '{dataset}' (known: {', '.join(DATASETS)})")
     if source.kind not in _READERS:
         raise DataError(f"{dataset}: unknown data source '{source.kind}' (known: {', '.join(_READERS)})")
-    k = DATASETS[dataset]
+    k = DATASETS[dataset].num_classes
     raw = _READERS[source.kind](dataset, source)
     where = raw.source["path"]
     y = _check_labels(where, "y_train", raw.x_train, raw.y_train, k)
@@ -309,7 +214,7 @@ def prepare(dataset: str, source: SourceConfig, split: SplitConfig, out_dir: Pat
 
     splits = {
         s: {"count": len(ys), "class_counts": np.bincount(ys, minlength=k).tolist(),
-            "sha256_x": _sha256(xs), "sha256_y": _sha256(ys)}
+            "sha256_x": array_sha256(xs), "sha256_y": array_sha256(ys)}
         for s, (xs, ys) in arrays.items()
     }
     n_test = splits["test"]["count"]
@@ -339,20 +244,18 @@ def prepare(dataset: str, source: SourceConfig, split: SplitConfig, out_dir: Pat
         "splits": splits,
         "fingerprint": fingerprint,
     }
-    _write_atomic(Path(out_dir), arrays, manifest)
+    write_prepared(Path(out_dir), arrays, manifest)
     log.info("prepared %s from %s into %s: %s", dataset, source.kind, out_dir,
              ", ".join(f"{s} {splits[s]['count']}" for s in SPLITS))
     return manifest
 
 
-def prepare_dataset(params: dict, dataset: str) -> dict:
-    """The data stage's work for one dataset of the profile, its source and settings from params.yaml:
+def prepare_dataset(settings: DataSettings, split: dict, dataset: str) -> dict:
+    """The data stage's work for one dataset of the profile (its resolved data settings and split):
     the CIFARs through prepare(), voc2007 through l2l.voc. Returns the manifest."""
     if dataset == "voc2007":
-        from l2l.voc import prepare_voc2007  # imported here: l2l.voc imports this module
-
-        return prepare_voc2007(params)
-    return prepare(dataset, source_config(params, dataset), split_config(params), prepared_dir(params, dataset))
+        return prepare_voc2007(settings)
+    return prepare(dataset, settings.source_for(dataset), settings.split_config(split), settings.prepared_dir(dataset))
 
 
 def load_prepared(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
@@ -371,7 +274,7 @@ def load_prepared(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[n
     except FileNotFoundError as e:
         raise DataError(f"{mpath}: not found; run the data preparation step first") from e
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{mpath}: unreadable manifest ({_one_line(e)})") from e
+        raise DataError(f"{mpath}: unreadable manifest ({one_line(e)})") from e
 
     data = {}
     for s in SPLITS:
@@ -381,12 +284,30 @@ def load_prepared(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[n
             try:
                 a = np.load(path, allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:
-                raise DataError(f"{path}: unreadable array ({_one_line(e)})") from e
+                raise DataError(f"{path}: unreadable array ({one_line(e)})") from e
             n = expected[s]["count"]
             if a.dtype != dtype or a.shape != (n, *shape):
                 raise DataError(f"{path}: expected {np.dtype(dtype)} {(n, *shape)}, got {a.dtype} {a.shape}")
-            if verify and _sha256(a) != expected[s][f"sha256_{part}"]:
+            if verify and array_sha256(a) != expected[s][f"sha256_{part}"]:
                 raise DataError(f"{path}: sha256 mismatch with {mpath} (file modified or corrupt)")
             pair.append(a)
         data[s] = (pair[0], pair[1])
     return data, manifest
+
+
+class DeviceDataCache:
+    """Prepared arrays are loaded (and verified) once per dataset and kept on the device."""
+
+    def __init__(self, data: DataSettings, device):
+        self.settings, self.device, self._arrays, self._data = data, device, {}, {}
+
+    def get(self, spec: RunSpec):
+        aug = spec.train["augment"]
+        key = (spec.dataset, aug["crop_padding"], aug["flip"])
+        if key not in self._data:
+            if spec.dataset not in self._arrays:
+                self._arrays[spec.dataset] = load_prepared(self.settings.prepared_dir(spec.dataset))
+            arrays, manifest = self._arrays[spec.dataset]
+            self._data[key] = DeviceData(arrays, spec.dataset, self.device, crop_padding=key[1], flip=key[2],
+                                         channels_last=self.device.type == "cuda")
+        return self._data[key], DATASETS[spec.dataset].num_classes

@@ -13,14 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Per-channel mean/std used by the papers' CIFAR pipelines (P3's code for CIFAR-10).
-NORMALIZATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    # Pascal VOC: the ImageNet statistics that VOC classification pipelines use (torchvision's)
-    "voc2007": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
+from l2l.datasets import DATASETS
 
 def epoch_generator(seed: int, phase: int, epoch: int) -> torch.Generator:
     g = torch.Generator()
@@ -30,15 +23,16 @@ def epoch_generator(seed: int, phase: int, epoch: int) -> torch.Generator:
 
 
 class DeviceData:
-    def __init__(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]], dataset: str, device: torch.device,
-                 crop_padding: int = 4, flip: bool = True, channels_last: bool = False):
+    def __init__(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]], dataset: str, device: torch.device, *,
+                 crop_padding: int, flip: bool, channels_last: bool = False):
+        """crop_padding, flip: a run's train.augment (no defaults here: they are the train schema's)."""
         self.device, self.pad, self.flip = device, crop_padding, flip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.x = {k: torch.from_numpy(np.ascontiguousarray(x)).to(device) for k, (x, _) in arrays.items()}
         self.y = {k: torch.from_numpy(y.astype(np.int64)).to(device) for k, (_, y) in arrays.items()}
         # Pad the training images once (zeros, as torchvision's RandomCrop(padding=p)).
         self.train_padded = F.pad(self.x["train"], (self.pad,) * 4) if self.pad else self.x["train"]
-        mean, std = NORMALIZATION[dataset]
+        mean, std = DATASETS[dataset].normalization
         std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
         self._shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t

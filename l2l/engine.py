@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from l2l.config import RunSpec
 from l2l.device_data import DeviceData
-from l2l.tasks import Task, task_of
+from l2l.io import write_json
+from l2l.spec import RunSpec
+from l2l.tasks import Task, TopOneMeter, task_of
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +61,10 @@ class Phase:
     tags: dict[str, str] = field(default_factory=dict)  # what the method resolved (e.g. a split point): MLflow tags
 
 
-class Method(Protocol):
-    OPTIONS: dict
+class PhaseSource(Protocol):
+    """What the engine needs of a method (its whole contract: l2l.methods.base.Method)."""
 
-    def validate_options(self, options: dict, path: str) -> dict: ...
     def phases(self, spec: RunSpec, ctx: "RunContext") -> Iterator[Phase]: ...
-    def predictor(self, spec: RunSpec, num_classes: int) -> nn.Module: ...
 
 
 def pick_device() -> torch.device:
@@ -96,10 +96,10 @@ class RunContext:
                  runs: Path = Path("runs")):
         self.spec, self.data, self.num_classes, self.device, self.runs = spec, data, num_classes, device, Path(runs)
         self.task: Task = task_of(spec.data)
-        precision = spec.train.get("precision", "auto")
+        precision = spec.train["precision"]
         self.amp = device.type == "cuda" and precision in ("auto", "bf16")
         self.channels_last = device.type == "cuda"
-        self.compile = bool(spec.train.get("compile", False))
+        self.compile = spec.train["compile"]
         if device.type == "cuda":
             # Fixed CIFAR shapes: let cuDNN pick its fastest convolution algorithms once per shape.
             torch.backends.cudnn.benchmark = True
@@ -122,8 +122,8 @@ class RunContext:
     def optimizer(self, params, train: dict | None = None) -> torch.optim.Optimizer:
         o = (train or self.spec.train)["optimizer"]
         # CUDA: the fused kernel (one launch for all parameters); CPU keeps the default for bit-stable results.
-        return torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.0),
-                               weight_decay=o.get("weight_decay", 0.0), nesterov=o.get("nesterov", False),
+        return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+                               nesterov=o["nesterov"],
                                fused=True if self.device.type == "cuda" else None)
 
     def scheduler(self, opt: torch.optim.Optimizer, epochs: int, train: dict | None = None):
@@ -161,7 +161,7 @@ class RunContext:
         was_training = model.training
         model.eval()
         out = []
-        for x, _ in self.data.eval_batches(split, self.spec.train.get("eval_batch_size", 1000)):
+        for x, _ in self.data.eval_batches(split, self.spec.train["eval_batch_size"]):
             with self.autocast():
                 out.append(model(x).float())
         model.train(was_training)
@@ -254,7 +254,7 @@ class Progress:
             self.bar.close()
 
 
-def train_run(spec: RunSpec, method: Method, ctx: RunContext, run_dir: Path,
+def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path,
               on_epoch: Callable[[dict], None] | None = None,
               on_resume: Callable[[list[dict]], None] | None = None,
               stop_after_epochs: int | None = None) -> dict:
@@ -263,10 +263,6 @@ def train_run(spec: RunSpec, method: Method, ctx: RunContext, run_dir: Path,
     Writes run_dir/{history.csv, final.pt, best.pt, result.json}; returns the result dict.
     stop_after_epochs simulates an interruption (tests): return after that many epochs.
     """
-    import pandas as pd
-
-    from l2l.io import write_json
-
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path = run_dir / "last.pt"
     resume = load_checkpoint(last_path) if last_path.exists() else None
@@ -293,7 +289,7 @@ def train_run(spec: RunSpec, method: Method, ctx: RunContext, run_dir: Path,
                 _load_phase_state(phase, resume["state"])
                 _set_rng_state(resume["rng"])
                 start_epoch = resume["epoch"] + 1
-        progress = Progress(f"{spec.experiment}/{spec.model}/{spec.dataset}/s{spec.seed}", phase.epochs, start_epoch)
+        progress = Progress(spec.label, phase.epochs, start_epoch)
         for epoch in range(start_epoch, phase.epochs):
             if stop_after_epochs is not None and epochs_done_now >= stop_after_epochs:
                 progress.close()
@@ -362,8 +358,6 @@ def step_batches(step: StepFn, batches, device: torch.device, meter=None) -> tup
     """Every batch's update; the loss sum and the metric's meter (l2l/tasks.py; default: top-1
     accuracy) stay on the device (no host sync). Returns (loss_sum, meter, images, batches).
     The benchmark times exactly this loop."""
-    from l2l.tasks import TopOneMeter
-
     meter = meter if meter is not None else TopOneMeter(device)
     loss_sum, seen, n = torch.zeros((), device=device), 0, 0
     for x, y in batches:

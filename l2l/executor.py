@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import copy
 import logging
 import multiprocessing
 import os
@@ -27,60 +26,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from l2l.config import ConfigError, RunSpec, _choice, _fail, _mapping, _pos_float, _pos_int, required_hashes
-from l2l.tracking import single_writer
+import torch
+
+from l2l.checks import ConfigError
+from l2l.config import Config, required_hashes
+from l2l.data import DeviceDataCache
+from l2l.datasets import DataSettings
+from l2l.engine import RunContext, device_info, pick_device, train_run
+from l2l.io import write_json
+from l2l.methods import METHODS
+from l2l.spec import RunSpec
+from l2l.stage import RUNS, setup_logging
+from l2l.tracking import RunTracker, single_writer
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("local", "ray", "slurm")
-DEFAULTS: dict[str, Any] = {
-    "backend": "local",
-    "runs_per_gpu": 1,
-    "cpu_threads": None,
-    "ray": {"address": None, "cpus_per_run": 1},
-    "slurm": {"cluster": "slurm", "partition": None, "account": None, "timeout_min": 240, "max_requeue": 3,
-              "gpus_per_task": 1, "cpus_per_task": 8, "mem_gb": 32, "array_parallelism": 64, "folder": "slurm"},
-}
-
-
-def _keys(d: dict, path: str, known) -> None:
-    for k in d:
-        if k not in known:
-            raise _fail(f"{path}.{k}", "one of the keys " + ", ".join(sorted(known)), k)
-
-
-def _optional_str(v: Any, path: str) -> None:
-    if v is not None and not isinstance(v, str):
-        raise _fail(path, "a name or null", v)
-
-
-def executor_config(params: dict) -> dict:
-    """params.yaml's ``executor`` section, defaults filled in, validated (one-line errors)."""
-    given = _mapping(params.get("executor") or {}, "executor")
-    _keys(given, "executor", DEFAULTS)
-    cfg = copy.deepcopy(DEFAULTS)
-    for k, v in given.items():
-        cfg[k] = {**cfg[k], **_mapping(v, f"executor.{k}")} if isinstance(DEFAULTS[k], dict) else v
-    _choice(cfg["backend"], "executor.backend", BACKENDS)
-    _pos_int(cfg["runs_per_gpu"], "executor.runs_per_gpu")
-    if cfg["cpu_threads"] is not None:
-        _pos_int(cfg["cpu_threads"], "executor.cpu_threads")
-    ray, slurm = cfg["ray"], cfg["slurm"]
-    _keys(ray, "executor.ray", DEFAULTS["ray"])
-    _optional_str(ray["address"], "executor.ray.address")
-    _pos_float(ray["cpus_per_run"], "executor.ray.cpus_per_run")
-    _keys(slurm, "executor.slurm", DEFAULTS["slurm"])
-    _choice(slurm["cluster"], "executor.slurm.cluster", ("slurm", "local"))
-    for k in ("partition", "account"):
-        _optional_str(slurm[k], f"executor.slurm.{k}")
-    for k in ("timeout_min", "cpus_per_task", "array_parallelism"):
-        _pos_int(slurm[k], f"executor.slurm.{k}")
-    for k in ("max_requeue", "gpus_per_task"):
-        _pos_int(slurm[k], f"executor.slurm.{k}", allow_zero=True)
-    _pos_float(slurm["mem_gb"], "executor.slurm.mem_gb")
-    if not isinstance(slurm["folder"], str):
-        raise _fail("executor.slurm.folder", "a directory path", slurm["folder"])
-    return cfg
 
 
 # --- the unit of work ------------------------------------------------------------------
@@ -111,38 +70,30 @@ class Worker:
     cpu_threads: int | None = None
 
 
-def train_one(spec: dict, profile: str, params: dict, worker: Worker) -> dict:
+def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> dict:
     """Train one run of the plan (resuming it if interrupted): the unit every backend executes.
 
     spec: a RunSpec as a dict. Loads the prepared data itself, so it runs in any process.
     Returns {hash, images_per_s}.
     """
-    from l2l import stage
-    from l2l.engine import RunContext, device_info, pick_device, train_run
-    from l2l.io import write_json
-    from l2l.methods import METHODS
-    from l2l.tracking import RunTracker
-
     if worker.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = worker.tracking_uri
     spec = RunSpec.from_dict(spec)
     with _in_dir(worker.root):
         device = pick_device()
         if device.type == "cpu" and worker.cpu_threads:
-            import torch
-
             torch.set_num_threads(worker.cpu_threads)
-        key = (os.getcwd(), str(device), repr(params.get("data")))
+        key = (os.getcwd(), str(device), data)
         if key not in _DATA:
             _DATA.clear()
-            _DATA[key] = stage.DeviceDataCache(params, device)
-        data, num_classes = _DATA[key].get(spec)
-        run_dir = stage.RUNS / spec.hash
+            _DATA[key] = DeviceDataCache(data, device)
+        arrays, num_classes = _DATA[key].get(spec)
+        run_dir = RUNS / spec.hash
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "spec.json", spec.to_dict())
         tracker = RunTracker(spec, profile, run_dir, device_info(device))
         try:
-            ctx = RunContext(spec, data, num_classes, device, runs=run_dir.parent.resolve())
+            ctx = RunContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve())
             result = train_run(spec, METHODS[spec.method], ctx, run_dir, on_epoch=tracker.log_epoch,
                                on_resume=tracker.backfill)
         except BaseException as e:  # KeyboardInterrupt too: the MLflow run must not stay RUNNING
@@ -157,33 +108,27 @@ def train_one(spec: dict, profile: str, params: dict, worker: Worker) -> dict:
     return {"hash": spec.hash, "images_per_s": result["images_per_s"]}
 
 
-def train_group(specs: list[dict], profile: str, params: dict, worker: Worker) -> list:
+def train_group(specs: list[dict], profile: str, data: DataSettings, worker: Worker) -> list:
     """Several runs sharing this process's GPU concurrently (one worker process each); one run: in process."""
     if len(specs) == 1:
-        return [train_one(specs[0], profile, params, worker)]
-    return _pool([RunSpec.from_dict(s) for s in specs], profile, params, worker, slots=[None] * len(specs))
+        return [train_one(specs[0], profile, data, worker)]
+    return _pool([RunSpec.from_dict(s) for s in specs], profile, data, worker, slots=[None] * len(specs))
 
 
 # --- local ------------------------------------------------------------------------------
 
 def local_slots(runs_per_gpu: int) -> list[int | None]:
     """GPU index per worker slot: runs_per_gpu slots on each visible GPU; [None] = this process."""
-    import torch
-
     n = torch.cuda.device_count()
     return [g for g in range(n) for _ in range(runs_per_gpu)] or [None]
 
 
 def _claim_slot(slots, threads: int) -> None:
     # Worker initialiser: pin this process to its GPU before CUDA starts, share the CPU cores.
-    from l2l.stage import setup_logging
-
     setup_logging()
     gpu = slots.get()
     if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    import torch
-
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # read when CUDA initialises, after the import of torch
     torch.set_num_threads(threads)
 
 
@@ -195,7 +140,7 @@ def _report(outcomes: list[tuple[RunSpec, BaseException | None]]) -> None:
                            f"{spec.model} {spec.dataset} seed {spec.seed}): {type(err).__name__}: {err}")
 
 
-def _pool(todo: list[RunSpec], profile: str, params: dict, worker: Worker, slots: list[int | None]) -> list:
+def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker, slots: list[int | None]) -> list:
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     queue = ctx.Queue()
     for s in slots:
@@ -204,7 +149,7 @@ def _pool(todo: list[RunSpec], profile: str, params: dict, worker: Worker, slots
     outcomes, results = [], []
     with cf.ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_claim_slot,
                                 initargs=(queue, threads)) as pool:
-        futures = {pool.submit(train_one, s.to_dict(), profile, params, worker): s for s in todo}
+        futures = {pool.submit(train_one, s.to_dict(), profile, data, worker): s for s in todo}
         try:
             for i, fut in enumerate(cf.as_completed(futures), 1):
                 spec, err = futures[fut], fut.exception()
@@ -219,18 +164,17 @@ def _pool(todo: list[RunSpec], profile: str, params: dict, worker: Worker, slots
     return results
 
 
-def run_local(todo: list[RunSpec], params: dict, cfg: dict, worker: Worker) -> None:
+def run_local(todo: list[RunSpec], config: Config, worker: Worker) -> None:
+    cfg, profile = config.executor, config.profile.name
     slots = local_slots(cfg["runs_per_gpu"])
-    profile = params["profile"]
     if len(slots) == 1:  # one device, one run at a time: in this process, failures stop the stage
         for i, spec in enumerate(todo, 1):
-            log.info("[%d/%d] %s: %s %s %s seed %d", i, len(todo), spec.hash, spec.experiment, spec.model,
-                     spec.dataset, spec.seed)
-            train_one(spec.to_dict(), profile, params, worker)
+            log.info("[%d/%d] %s: %s", i, len(todo), spec.hash, spec.label)
+            train_one(spec.to_dict(), profile, config.data, worker)
         return
     log.info("local: %d worker processes (%d per GPU)", len(slots), cfg["runs_per_gpu"])
     with single_writer(profile) as uri:
-        _pool(todo, profile, params, replace(worker, tracking_uri=uri), slots)
+        _pool(todo, profile, config.data, replace(worker, tracking_uri=uri), slots)
 
 
 # --- ray --------------------------------------------------------------------------------
@@ -251,13 +195,12 @@ def _remote_workers_note(backend: str) -> None:
 
 
 def _ray_task(*args) -> dict:
-    from l2l.stage import setup_logging
-
     setup_logging()  # progress lines reach the driver's log
     return train_one(*args)
 
 
-def run_ray(todo: list[RunSpec], params: dict, cfg: dict, worker: Worker) -> None:
+def run_ray(todo: list[RunSpec], config: Config, worker: Worker) -> None:
+    cfg, profile = config.executor, config.profile.name
     ray = _import("ray", "ray")
     address = cfg["ray"]["address"]
     started = not ray.is_initialized()
@@ -274,9 +217,9 @@ def run_ray(todo: list[RunSpec], params: dict, cfg: dict, worker: Worker) -> Non
         task = ray.remote(_ray_task).options(num_cpus=cfg["ray"]["cpus_per_run"],
                                              num_gpus=1 / cfg["runs_per_gpu"] if gpus else 0)
         log.info("ray: %d runs on %s (%s GPUs)", len(todo), address or "a local instance", gpus)
-        with single_writer(params["profile"]) as uri:
+        with single_writer(profile) as uri:
             w = replace(worker, tracking_uri=uri)
-            refs = {task.remote(s.to_dict(), params["profile"], params, w): s for s in todo}
+            refs = {task.remote(s.to_dict(), profile, config.data, w): s for s in todo}
             outcomes, pending = [], list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -300,11 +243,9 @@ class SlurmJob:
     """A submitit job: train a group of runs; on timeout or preemption, requeue the same group
     (submitit calls ``checkpoint``), whose runs then resume from their last epoch checkpoint."""
 
-    def __call__(self, specs: list[dict], profile: str, params: dict, worker: Worker) -> list:
-        from l2l.stage import setup_logging
-
+    def __call__(self, specs: list[dict], profile: str, data: DataSettings, worker: Worker) -> list:
         setup_logging()  # progress lines in the job's log
-        return train_group(specs, profile, params, worker)
+        return train_group(specs, profile, data, worker)
 
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
@@ -312,8 +253,9 @@ class SlurmJob:
         return DelayedSubmission(self, *args, **kwargs)  # runs/<hash>/last.pt is the checkpoint
 
 
-def run_slurm(todo: list[RunSpec], params: dict, cfg: dict, worker: Worker) -> None:
+def run_slurm(todo: list[RunSpec], config: Config, worker: Worker) -> None:
     submitit = _import("submitit", "slurm")
+    cfg, profile = config.executor, config.profile.name
     s = cfg["slurm"]
     ex = submitit.AutoExecutor(folder=Path(worker.root) / s["folder"], cluster=s["cluster"],
                                slurm_max_num_timeout=s["max_requeue"])
@@ -324,8 +266,8 @@ def run_slurm(todo: list[RunSpec], params: dict, cfg: dict, worker: Worker) -> N
         _remote_workers_note("slurm")
     per_job = cfg["runs_per_gpu"] if s["gpus_per_task"] else 1
     groups = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
-    with single_writer(params["profile"]) as uri:
-        shared = (params["profile"], params, replace(worker, tracking_uri=uri))
+    with single_writer(profile) as uri:
+        shared = (profile, config.data, replace(worker, tracking_uri=uri))
         jobs = ex.map_array(SlurmJob(), [[sp.to_dict() for sp in g] for g in groups],
                             *([x] * len(groups) for x in shared))
         log.info("slurm: %d jobs for %d runs, logs in %s", len(jobs), len(todo), s["folder"])
@@ -365,19 +307,15 @@ def waves(todo: list[RunSpec]) -> list[list[RunSpec]]:
 
 
 def _describe(spec: RunSpec) -> str:
-    return f"{spec.hash} ({spec.experiment} {spec.model} {spec.dataset} seed {spec.seed})"
+    return f"{spec.hash} ({spec.label})"
 
 
-def run_plan(todo: list[RunSpec], params: dict, root: str | Path = ".") -> None:
+def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".") -> None:
     """Train every run of `todo` with the backend params.yaml names, a run after the runs it requires
     (one call of the backend per wave, so every backend respects the order); raises if any run failed.
     A failed wave stops the stage: the later waves are not started and the error names the runs
     that required a run that did not finish (re-running the stage trains the rest)."""
-    import torch
-
-    from l2l.stage import RUNS
-
-    cfg = executor_config(params)
+    cfg = config.executor
     if not todo:
         return
     worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads())
@@ -396,7 +334,7 @@ def run_plan(todo: list[RunSpec], params: dict, root: str | Path = ".") -> None:
             raise RuntimeError(f"{len(unfinished)} runs require unfinished runs; first: {_describe(s)} requires "
                                f"{_describe(by_hash[h]) if h in by_hash else h}, which has no result.json")
         try:
-            RUNNERS[cfg["backend"]](wave, params, cfg, worker)
+            RUNNERS[cfg["backend"]](wave, config, worker)
         except Exception as e:
             later = [s for w in stages[i + 1:] for s in w]
             if not later:

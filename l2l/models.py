@@ -323,6 +323,18 @@ ARCHS: dict[str, Callable[..., nn.Sequential]] = {
 }
 
 
+def with_defaults(cfg: dict) -> dict:
+    """A model config {arch, **arguments} with every argument of its builder that it omits at the
+    builder's default (tuples as lists, as YAML and JSON write them): the form a RunSpec holds."""
+    params = inspect.signature(ARCHS[cfg["arch"]]).parameters
+    out = {"arch": cfg["arch"]}
+    for k, p in params.items():
+        if k != "num_classes":
+            v = cfg.get(k, p.default)
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 def build_model(cfg: dict, num_classes: int) -> nn.Sequential:
     """cfg: {arch: name, **arch keyword arguments} from params.yaml's models section."""
     kwargs = {k: v for k, v in cfg.items() if k != "arch"}

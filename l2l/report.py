@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from l2l.io import read_json, write_text  # noqa: E402
+from l2l.results import mean_interval  # noqa: E402
 from l2l.tracking import git_commit  # noqa: E402
 
 
@@ -221,8 +222,6 @@ def _arm_model(arm: dict) -> str:
 def claim_figure(rec: dict, metric_name: str | None = None):
     """Per-seed points of each arm with its mean and 95% t-interval; the paper's number dashed.
     metric_name: what the claim's *_acc column holds on its dataset (accuracy or mAP)."""
-    from l2l.results import mean_interval
-
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rec["arms"]), 3.2))
     for i, (name, arm) in enumerate(rec["arms"].items()):
         vals = pd.Series(list(arm["values"].values()), dtype=float)

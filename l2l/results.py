@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from l2l.config import RunSpec
 from l2l.io import read_json, write_json
+from l2l.spec import RunSpec
+from l2l.tasks import task_of
 from l2l.tracking import flatten
 
 GROUP = ["experiment", "method", "model", "dataset"]
@@ -49,8 +50,6 @@ def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
                                 "(run the train and evaluate stages)")
     params = pd.DataFrame([flatten(s.to_dict()) for s in specs])
     varying = [c for c in params.columns if params[c].nunique() > 1 and c not in GROUP + ["seed"]]
-    from l2l.tasks import task_of
-
     rows = []
     for spec, (_, p) in zip(specs, params.iterrows()):
         result = read_json(runs / spec.hash / "result.json")

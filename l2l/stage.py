@@ -1,5 +1,5 @@
-"""What every DVC stage shares: logging, the active profile's plan, prepared data on the device,
-and one-line errors with a non-zero exit for bad input."""
+"""What every DVC stage shares: its paths, logging, and one-line errors with a non-zero exit for
+bad input. (The plan of prepared data: l2l.config.prepared_plan; data on the device: l2l.data.)"""
 from __future__ import annotations
 
 import logging
@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from l2l.config import ConfigError, DataError, RunSpec, load_params, plan, prepared_dir, resolve_profile
-from l2l.io import read_json
+from l2l.checks import ConfigError, DataError
 
 RUNS = Path("runs")
 EVALS = Path("evals")
@@ -32,41 +31,3 @@ def main(stage: Callable[[], None]) -> None:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"l2l: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def manifests(params: dict) -> dict[str, dict]:
-    prof = resolve_profile(params)
-    out = {}
-    for ds in prof.datasets:
-        path = prepared_dir(params, ds) / "manifest.json"
-        if not path.exists():
-            raise ConfigError(f"{path}: not found: run the data stage first (dvc repro data)")
-        out[ds] = read_json(path)
-    return out
-
-
-def current_plan(params: dict | None = None) -> tuple[dict, list[RunSpec], dict[str, dict]]:
-    params = params or load_params()
-    mans = manifests(params)
-    return params, plan(params, {ds: m["fingerprint"] for ds, m in mans.items()}), mans
-
-
-class DeviceDataCache:
-    """Prepared arrays are loaded (and verified) once per dataset and kept on the device."""
-
-    def __init__(self, params: dict, device):
-        self.params, self.device, self._arrays, self._data = params, device, {}, {}
-
-    def get(self, spec: RunSpec):
-        from l2l.data import load_prepared
-        from l2l.device_data import DeviceData
-
-        aug = spec.train.get("augment", {})
-        key = (spec.dataset, aug.get("crop_padding", 0), aug.get("flip", False))
-        if key not in self._data:
-            if spec.dataset not in self._arrays:
-                self._arrays[spec.dataset] = load_prepared(prepared_dir(self.params, spec.dataset))
-            arrays, manifest = self._arrays[spec.dataset]
-            self._data[key] = DeviceData(arrays, spec.dataset, self.device, crop_padding=key[1], flip=key[2],
-                                         channels_last=self.device.type == "cuda")
-        return self._data[key], self._arrays[spec.dataset][1]["num_classes"]

@@ -3,7 +3,7 @@ metric, and the per-example predictions the evaluate stage saves.
 
 Two tasks, picked by the run's data settings (RunSpec.data["task"], set by l2l.config for VOC):
 - single-label (CIFAR): cross-entropy, Hinton KD, metric top-1 accuracy (%), predictions = class ids;
-- multi-label (Pascal VOC, l2l/voc.py): binary cross-entropy per class (difficult-only labels
+- multi-label (Pascal VOC, prepared by l2l/voc.py): binary cross-entropy per class (difficult-only labels
   handled by data.voc2007.difficult), KD on per-class sigmoids, metric mAP (%, data.voc2007.ap_mode),
   predictions = per-class sigmoid scores.
 
@@ -20,10 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from l2l.datasets import MULTI_LABEL, SINGLE_LABEL, VOC_AP_MODES, VOC_DIFFICULT, VOC_DIFFICULT_RULES, VOC_PRESENT
 from l2l.losses import kd_loss, multilabel_kd_loss
-from l2l.voc import mean_average_precision, voc_bce_loss
-
-SINGLE_LABEL, MULTI_LABEL = "single-label", "multi-label"
 
 
 class TopOneMeter:
@@ -103,6 +101,52 @@ class MultiLabel:
 
 
 Task = SingleLabel | MultiLabel
+
+
+# --- the multi-label loss and metric (labels per class: VOC_PRESENT, VOC_DIFFICULT (difficult-only), VOC_ABSENT)
+# mAP: average precision per class over the images, averaged over classes, in two documented variants
+# (`mode`): "area" (VOC2010 and later: area under the precision-recall curve with precision made monotone)
+# and "11point" (VOC2007's devkit: mean of the interpolated precision at recall 0, 0.1, ..., 1).
+
+def voc_bce_loss(logits: torch.Tensor, labels: torch.Tensor, difficult: str = "ignore") -> torch.Tensor:
+    """Binary cross-entropy with logits over the 20 classes, mean over the counted entries.
+    difficult-only entries (label 0) are left out ("ignore", as the VOC evaluation does), or
+    count as "positive" or "negative" targets."""
+    if difficult not in VOC_DIFFICULT_RULES:
+        raise ValueError(f"voc_bce_loss: difficult must be one of {VOC_DIFFICULT_RULES}, got {difficult!r}")
+    target = ((labels == VOC_PRESENT) | ((labels == VOC_DIFFICULT) & (difficult == "positive"))).float()
+    weight = ((labels != VOC_DIFFICULT) | (difficult != "ignore")).float()
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target, weight=weight, reduction="sum")
+    return loss / weight.sum().clamp_min(1.0)
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray, mode: str = "area") -> float:
+    """AP of one class: scores (N,), labels (N,) in {1, 0, -1}; difficult-only (0) entries are
+    left out. Images are ranked by descending score; tied scores keep their input order (a
+    stable sort, as the devkit's). NaN when the class has no positive image."""
+    if mode not in VOC_AP_MODES:
+        raise ValueError(f"average_precision: mode must be one of {VOC_AP_MODES}, got {mode!r}")
+    keep = labels != VOC_DIFFICULT
+    s, pos = np.asarray(scores, dtype=float)[keep], labels[keep] == VOC_PRESENT
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        return float("nan")
+    hits = pos[np.argsort(-s, kind="stable")]
+    tp, fp = np.cumsum(hits), np.cumsum(~hits)
+    recall, precision = tp / n_pos, tp / (tp + fp)
+    if mode == "11point":
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.linspace(0, 1, 11)]))
+    # VOC2010+: precision envelope (max precision at any higher recall), integrated over recall
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.diff(np.concatenate([[0.0], recall]))
+    return float((steps * envelope).sum())
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray, mode: str = "area") -> tuple[float, np.ndarray]:
+    """(mAP over the classes that have a positive image, per-class AP with NaN for the others)."""
+    ap = np.array([average_precision(scores[:, c], labels[:, c], mode) for c in range(labels.shape[1])])
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), ap
+
 
 
 def task_of(data: dict) -> Task:

@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from l2l.tasks import task_of
+
 log = logging.getLogger(__name__)
 HASH_TAG = "l2l.run_hash"
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s", "updates")
@@ -77,8 +79,6 @@ class RunTracker:
 
     def __init__(self, spec, profile: str, run_dir: Path, device: dict[str, str]):
         from mlflow.entities import Param, RunTag
-
-        from l2l.tasks import task_of
 
         self.c = client()
         self.exp_id = experiment_id(self.c, f"l2l-{profile}")

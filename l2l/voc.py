@@ -25,14 +25,8 @@ Output (data/prepared/voc2007): {train,val,test}_{x,y}.npy + manifest.json (task
 image_size, the source's kind and archives' md5s, sha256 of every array), written atomically as
 the CIFAR preparation does; l2l.data.load_prepared loads and verifies both formats.
 
-Metric: average precision per class over the test images, averaged over classes (mAP), in two
-documented variants (`mode`): "area" (VOC2010 and later: area under the precision-recall curve
-with precision made monotone) and "11point" (VOC2007's devkit: mean of the interpolated precision
-at recall 0, 0.1, ..., 1).
-
-Training: runs on voc2007 get the multi-label task (l2l/tasks.py): voc_bce_loss in the step,
-l2l.losses.multilabel_kd_loss for distillation, and mAP (data.voc2007.ap_mode) wherever the
-CIFAR runs report top-1 accuracy.
+This module only prepares the data. Training and evaluation on it (per-class BCE, sigmoid KD,
+mAP) are the multi-label task's, in l2l/tasks.py; the classes and label values in l2l/datasets.py.
 """
 from __future__ import annotations
 
@@ -42,21 +36,18 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 import torchvision.datasets
 from PIL import Image, UnidentifiedImageError
 
-from l2l.config import VOC_AP_MODES as AP_MODES
-from l2l.config import VOC_DIFFICULT_RULES as DIFFICULT_RULES
-from l2l.config import ConfigError, prepared_dir, source_config, voc_config
-from l2l.data import _ARCHIVE_ERRORS, DataError, _one_line, _sha256, _stage_mirror_archive, _write_atomic
+from l2l.archives import ARCHIVE_ERRORS, array_sha256, one_line, stage_mirror_archive, write_prepared
+from l2l.checks import DataError, config_error
+from l2l.datasets import VOC_ABSENT as ABSENT
+from l2l.datasets import VOC_CLASSES as CLASSES
+from l2l.datasets import VOC_DIFFICULT as DIFFICULT
+from l2l.datasets import VOC_NO_NPZ, VOC_PRESENT as PRESENT, DataSettings
 
 log = logging.getLogger(__name__)
 
-CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-           "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
-PRESENT, DIFFICULT, ABSENT = 1, 0, -1
 FORMAT_VERSION = 1
 
 
@@ -87,7 +78,7 @@ def fetch_voc2007(root: Path) -> tuple[Path, dict]:
             _torchvision_extract(root, image_set)
         except Exception as e:  # network errors come in many types; RuntimeError = md5 mismatch
             raise DataError(
-                f"voc2007 {image_set}: download of {a['url']} into {root} failed ({_one_line(e)}); offline options: "
+                f"voc2007 {image_set}: download of {a['url']} into {root} failed ({one_line(e)}); offline options: "
                 f"data.voc2007.root (an extracted VOCdevkit/VOC2007 directory), or data.mirror (a dir holding "
                 f"{' and '.join(x['filename'] for x in archives.values())})") from e
     return Path(root) / "VOCdevkit" / "VOC2007", {
@@ -99,12 +90,12 @@ def from_mirror(mirror: Path, root: Path) -> tuple[Path, dict]:
     into root and extracted there by torchvision. Returns (VOC2007 dir, source record)."""
     table = _archives()
     archives = {s: Path(mirror) / a["filename"] for s, a in table.items()}
-    md5 = {s: _stage_mirror_archive("voc2007", archives[s], table[s]["md5"], Path(root)) for s in table}
+    md5 = {s: stage_mirror_archive("voc2007", archives[s], table[s]["md5"], Path(root)) for s in table}
     for image_set, archive in archives.items():
         try:
             _torchvision_extract(root, image_set)
-        except _ARCHIVE_ERRORS as e:
-            raise DataError(f"{archive}: cannot extract archive ({_one_line(e)})") from e
+        except ARCHIVE_ERRORS as e:
+            raise DataError(f"{archive}: cannot extract archive ({one_line(e)})") from e
     return Path(root) / "VOCdevkit" / "VOC2007", {
         "kind": "mirror", "archives": [{"path": str(archives[s]), "md5": md5[s]} for s in archives]}
 
@@ -118,21 +109,19 @@ def check_voc_root(root: Path) -> Path:
     return Path(root)
 
 
-def prepare_voc2007(params: dict) -> dict:
-    """The data stage for voc2007: params.yaml's source (module docstring) and data.voc2007
-    settings -> data/prepared/voc2007. Returns the manifest."""
-    data, cfg = params["data"], voc_config(params["data"])
+def prepare_voc2007(settings: DataSettings) -> dict:
+    """The data stage for voc2007: the resolved data settings' source (module docstring) and
+    data.voc2007 -> data/prepared/voc2007. Returns the manifest."""
+    cfg = settings.voc2007
     if cfg["root"] is not None:
         voc_root, source = check_voc_root(Path(cfg["root"])), {"kind": "directory", "path": cfg["root"]}
     else:
-        if data.get("source") == "npz" or (data.get("npz") or {}).get("voc2007"):
-            key = "data.source" if data.get("source") == "npz" else "data.npz.voc2007"
-            raise ConfigError(f"params.yaml: {key}: voc2007 has no npz source; set data.voc2007.root (an "
-                              f"extracted VOCdevkit/VOC2007 directory) or data.mirror (its original archives)")
-        src = source_config(params, "voc2007")  # kind mirror (data.mirror set or forced) or download
+        if settings.source == "npz":
+            raise config_error("data.source", problem=VOC_NO_NPZ)
+        src = settings.source_for("voc2007")  # kind mirror (data.mirror set or forced) or download
         voc_root, source = from_mirror(src.mirror, src.root) if src.kind == "mirror" else fetch_voc2007(src.root)
-    return prepare_voc(voc_root, prepared_dir(params, "voc2007"), cfg["image_size"], cfg["val_size"],
-                       data.get("split_seed", 0), source)
+    return prepare_voc(voc_root, settings.prepared_dir("voc2007"), cfg["image_size"], cfg["val_size"],
+                       settings.split_seed, source)
 
 
 # ---------------------------------------------------------------- parsing
@@ -202,7 +191,7 @@ def prepare_voc(voc_root: Path, out_dir: Path, size: int = 128, val_size: int = 
     arrays = {"train": (x_tv[train], y_tv[train]), "val": (x_tv[val], y_tv[val]), "test": (x_te, y_te)}
     ids = {"train": [ids_tv[i] for i in train], "val": [ids_tv[i] for i in val], "test": ids_te}
     splits = {s: {"count": len(y), "positives": (y == PRESENT).sum(0).tolist(),
-                  "difficult_only": (y == DIFFICULT).sum(0).tolist(), "sha256_x": _sha256(x), "sha256_y": _sha256(y),
+                  "difficult_only": (y == DIFFICULT).sum(0).tolist(), "sha256_x": array_sha256(x), "sha256_y": array_sha256(y),
                   "ids_sha256": hashlib.sha256("\n".join(ids[s]).encode()).hexdigest()}
               for s, (x, y) in arrays.items()}
     manifest = {
@@ -217,48 +206,6 @@ def prepare_voc(voc_root: Path, out_dir: Path, size: int = 128, val_size: int = 
         "fingerprint": hashlib.sha256("".join(splits[s][h] for s in arrays for h in ("sha256_x", "sha256_y"))
                                       .encode()).hexdigest(),
     }
-    _write_atomic(Path(out_dir), arrays, manifest)
+    write_prepared(Path(out_dir), arrays, manifest)
     log.info("prepared voc2007 into %s: %s", out_dir, ", ".join(f"{s} {v['count']}" for s, v in splits.items()))
     return manifest
-
-
-# ---------------------------------------------------------------- loss and metric
-
-def voc_bce_loss(logits: torch.Tensor, labels: torch.Tensor, difficult: str = "ignore") -> torch.Tensor:
-    """Binary cross-entropy with logits over the 20 classes, mean over the counted entries.
-    difficult-only entries (label 0) are left out ("ignore", as the VOC evaluation does), or
-    count as "positive" or "negative" targets."""
-    if difficult not in DIFFICULT_RULES:
-        raise ValueError(f"voc_bce_loss: difficult must be one of {DIFFICULT_RULES}, got {difficult!r}")
-    target = ((labels == PRESENT) | ((labels == DIFFICULT) & (difficult == "positive"))).float()
-    weight = ((labels != DIFFICULT) | (difficult != "ignore")).float()
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target, weight=weight, reduction="sum")
-    return loss / weight.sum().clamp_min(1.0)
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray, mode: str = "area") -> float:
-    """AP of one class: scores (N,), labels (N,) in {1, 0, -1}; difficult-only (0) entries are
-    left out. Images are ranked by descending score; tied scores keep their input order (a
-    stable sort, as the devkit's). NaN when the class has no positive image."""
-    if mode not in AP_MODES:
-        raise ValueError(f"average_precision: mode must be one of {AP_MODES}, got {mode!r}")
-    keep = labels != DIFFICULT
-    s, pos = np.asarray(scores, dtype=float)[keep], labels[keep] == PRESENT
-    n_pos = int(pos.sum())
-    if n_pos == 0:
-        return float("nan")
-    hits = pos[np.argsort(-s, kind="stable")]
-    tp, fp = np.cumsum(hits), np.cumsum(~hits)
-    recall, precision = tp / n_pos, tp / (tp + fp)
-    if mode == "11point":
-        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.linspace(0, 1, 11)]))
-    # VOC2010+: precision envelope (max precision at any higher recall), integrated over recall
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
-    steps = np.diff(np.concatenate([[0.0], recall]))
-    return float((steps * envelope).sum())
-
-
-def mean_average_precision(scores: np.ndarray, labels: np.ndarray, mode: str = "area") -> tuple[float, np.ndarray]:
-    """(mAP over the classes that have a positive image, per-class AP with NaN for the others)."""
-    ap = np.array([average_precision(scores[:, c], labels[:, c], mode) for c in range(labels.shape[1])])
-    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), ap

@@ -4,7 +4,7 @@ import pandas as pd
 
 from l2l import stage
 from l2l.claims import check, load_claims, load_predictions
-from l2l.config import load_params
+from l2l.config import load_config
 from l2l.io import write_json
 from l2l.layerwise_analysis import record_stage_figure
 from l2l.stats import __doc__ as VERDICT_RULE
@@ -12,15 +12,15 @@ from l2l.tracking import log_claims, log_figure
 
 
 def run() -> None:
-    params = load_params()
-    settings = {"alpha": 0.05, "min_seeds": 2, "bootstrap_resamples": 9999, **params.get("stats", {})}
-    claims = load_claims(params)
+    config = load_config()
+    settings, profile = config.stats, config.profile.name
+    claims = load_claims(config)
     runs = pd.read_csv(stage.RESULTS / "runs.csv")
     phases = pd.read_csv(stage.RESULTS / "phases.csv")
-    records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), params["profile"],
+    records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), profile,
                     alpha=settings["alpha"], min_seeds=settings["min_seeds"],
                     n_resamples=settings["bootstrap_resamples"])
-    mlflow_ids = log_claims(params["profile"], records)
+    mlflow_ids = log_claims(profile, records)
     for rec in records:  # per-stage claims carry their architecture's per-stage figure
         fig = record_stage_figure(rec, phases)
         if fig is not None:
@@ -28,7 +28,7 @@ def run() -> None:
     for rec in records:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])
     rule = VERDICT_RULE[VERDICT_RULE.index("Verdict rule"):].strip()
-    write_json(stage.RESULTS / "claims.json", {"profile": params["profile"], "settings": settings,
+    write_json(stage.RESULTS / "claims.json", {"profile": profile, "settings": settings,
                                                "verdict_rule": rule, "claims": records})
     write_json(stage.RESULTS / "claims_metrics.json", {
         r["id"]: {k: (r.get("comparison") or {}).get(k) for k in ("diff", "ci_low", "ci_high", "mean_a", "n_a")}

@@ -1,15 +1,14 @@
 """DVC stage `data`: fetch and verify each dataset of the profile, carve the splits, write
 data/prepared/<dataset>/ (uint8 arrays + manifest.json)."""
 from l2l import stage
-from l2l.config import load_params, resolve_profile
+from l2l.config import load_config
 from l2l.data import prepare_dataset
 
 
 def run() -> None:
-    params = load_params()
-    prof = resolve_profile(params)
-    for dataset in prof.datasets:
-        manifest = prepare_dataset(params, dataset)
+    config = load_config()
+    for dataset in config.profile.datasets:
+        manifest = prepare_dataset(config.data, config.profile.split, dataset)
         counts = {k: v["count"] for k, v in manifest["splits"].items()}
         stage.log.info("%s: %s; %s", dataset, counts, manifest["split_note"])
 

@@ -5,6 +5,8 @@ top-1 accuracy, or mAP on a multi-label dataset."""
 import numpy as np
 
 from l2l import stage
+from l2l.config import prepared_plan
+from l2l.data import DeviceDataCache
 from l2l.engine import RunContext, load_checkpoint, pick_device
 from l2l.io import read_json, write_json
 from l2l.methods import METHODS
@@ -12,9 +14,9 @@ from l2l.tracking import log_to_run
 
 
 def run() -> None:
-    params, specs, _ = stage.current_plan()
+    config, specs, _ = prepared_plan()
     device = pick_device()
-    cache = stage.DeviceDataCache(params, device)
+    cache = DeviceDataCache(config.data, device)
     for spec in specs:
         result_path = stage.RUNS / spec.hash / "result.json"
         if not result_path.exists():
@@ -38,7 +40,7 @@ def run() -> None:
         np.savez_compressed(tmp, **preds)
         tmp.replace(out / "predictions.npz")
         write_json(out / "eval.json", metrics)
-        log_to_run(spec.hash, params["profile"], {k: v for k, v in metrics.items() if k != "final_sha256"})
+        log_to_run(spec.hash, config.profile.name, {k: v for k, v in metrics.items() if k != "final_sha256"})
         stage.log.info("%s: test acc final %.2f best-val %.2f", spec.hash, metrics["final_test_acc"],
                        metrics["best_test_acc"])
 

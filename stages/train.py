@@ -6,14 +6,17 @@ its last epoch checkpoint. Where the runs execute (this process, worker processe
 Ray, Slurm) is params.yaml's `executor` (l2l/executor.py).
 """
 from l2l import stage
+from l2l.claims import load_claims
+from l2l.config import prepared_plan
 from l2l.engine import device_info, pick_device
-from l2l.executor import executor_config, run_plan
+from l2l.executor import run_plan
 
 
 def run() -> None:
-    params, specs, _ = stage.current_plan()
-    backend = executor_config(params)["backend"]
-    profile = params["profile"]
+    config, specs, _ = prepared_plan()
+    load_claims(config)  # a claim naming no run of params.yaml fails now, not after all training
+    backend = config.executor["backend"]
+    profile = config.profile.name
     todo = [s for s in specs if not (stage.RUNS / s.hash / "result.json").exists()]
     where = backend
     if backend == "local":
@@ -24,7 +27,7 @@ def run() -> None:
                               profile)
     stage.log.info("plan: %d runs, %d finished, %d to train on %s", len(specs), len(specs) - len(todo), len(todo),
                    where)
-    run_plan(todo, params)
+    run_plan(todo, config)
 
 
 if __name__ == "__main__":

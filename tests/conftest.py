@@ -9,14 +9,25 @@ import pytest
 import torch
 import yaml
 
-from l2l.config import RunSpec
+from l2l.config import Config, plan, resolve_config
+from l2l.spec import RunSpec, resolve_train
 from l2l.device_data import DeviceData
 
 REPO = Path(__file__).resolve().parents[1]
 
-TRAIN = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64,
-         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}, "precision": "auto"}
+# a resolved train section (every default filled in), as the plan puts into every RunSpec
+TRAIN = resolve_train({"epochs": 2, "batch_size": 32, "eval_batch_size": 64,
+                       "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+                       "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}, "test.train")
+
+
+def plan_of(params: dict, profile: str | None = None, fingerprints: dict | None = None) -> list[RunSpec]:
+    """The plan of a params.yaml mapping (resolved as a stage resolves it)."""
+    return plan(resolve_config(params, profile), fingerprints)
+
+
+def config_of(params: dict, profile: str | None = None) -> Config:
+    return resolve_config(params, profile)
 
 
 def make_spec(**overrides) -> RunSpec:
@@ -38,7 +49,7 @@ def random_arrays(n_train=96, n_val=32, n_test=32, num_classes=10, seed=0):
 
 @pytest.fixture
 def tiny_data() -> DeviceData:
-    return DeviceData(random_arrays(), "cifar10", torch.device("cpu"))
+    return DeviceData(random_arrays(), "cifar10", torch.device("cpu"), crop_padding=4, flip=True)
 
 
 def write_npz(path: Path, n=600, num_classes=10, seed=0) -> Path:

@@ -9,7 +9,8 @@ import torch
 from torchvision import transforms as T
 
 from l2l.cost import load_throughput
-from l2l.device_data import NORMALIZATION, DeviceData
+from l2l.datasets import DATASETS
+from l2l.device_data import DeviceData
 from tests.conftest import REPO, write_npz
 
 spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks/throughput.py")
@@ -22,8 +23,8 @@ def test_naive_dataset_holds_the_engines_images():
     x, y = rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8), np.arange(8) % 10
     ds = throughput.naive_dataset(x, y, None)
     assert type(ds).__name__ == "CIFAR10" and len(ds) == 8
-    ds.transform = T.Compose([T.ToTensor(), T.Normalize(*NORMALIZATION["cifar10"])])  # no augmentation
-    engine = DeviceData({"train": (x, y)}, "cifar10", torch.device("cpu")).normalise(torch.from_numpy(x))
+    ds.transform = T.Compose([T.ToTensor(), T.Normalize(*DATASETS["cifar10"].normalization)])  # no augmentation
+    engine = DeviceData({"train": (x, y)}, "cifar10", torch.device("cpu"), crop_padding=4, flip=True).normalise(torch.from_numpy(x))
     for i in range(8):
         img, label = ds[i]
         assert label == y[i] and torch.allclose(img, engine[i], atol=1e-5)

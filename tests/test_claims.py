@@ -7,7 +7,7 @@ import yaml
 
 from l2l.claims import check, load_claims
 from l2l.config import ConfigError
-from tests.conftest import REPO
+from tests.conftest import REPO, config_of
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def runs_frame(seeds=range(6), shift=3.0, seed=0):
 
 
 def test_registry_validation_errors(tmp_path, params):
-    assert [c.id for c in load_claims(params, write(tmp_path, CLAIMS))] == ["PX-C1", "PX-C2", "PX-C3", "PX-C4"]
+    assert [c.id for c in load_claims(config_of(params), write(tmp_path, CLAIMS))] == ["PX-C1", "PX-C2", "PX-C3", "PX-C4"]
     cases = [
         (("arms", "a", "experiment"), "nope", "claims.yaml: PX-C1.arms.a.experiment: unknown experiment 'nope'"),
         (("kind",), "vibes", "claims.yaml: PX-C1.kind: expected one of superiority"),
@@ -72,18 +72,18 @@ def test_registry_validation_errors(tmp_path, params):
             d = d[k]
         d[path[-1]] = value
         with pytest.raises(ConfigError) as e:
-            load_claims(params, write(tmp_path, doc))
+            load_claims(config_of(params), write(tmp_path, doc))
         assert message in str(e.value) and "\n" not in str(e.value)
     doc = json.loads(json.dumps(CLAIMS))
     del doc["claims"][2]["margin"]
     with pytest.raises(ConfigError, match="PX-C3.margin: expected a positive number for an equivalence claim"):
-        load_claims(params, write(tmp_path, doc))
+        load_claims(config_of(params), write(tmp_path, doc))
     params["stats"]["margins"] = {"PX-C3": 0.5}  # params may set the margin instead
-    assert load_claims(params, write(tmp_path, doc))[2].margin == 0.5
+    assert load_claims(config_of(params), write(tmp_path, doc))[2].margin == 0.5
 
 
 def test_check_verdicts_not_run_and_holm(tmp_path, params):
-    claims = load_claims(params, write(tmp_path, CLAIMS))
+    claims = load_claims(config_of(params), write(tmp_path, CLAIMS))
     recs = {r["id"]: r for r in check(claims, runs_frame(), pd.DataFrame(), None, "paper", 0.05, 2, 999)}
     assert recs["PX-C1"]["verdict"] == "supported" and recs["PX-C1"]["comparison"]["paired"]
     assert recs["PX-C4"]["verdict"] == "supported" and len(recs["PX-C4"]["steps"]) == 1
@@ -96,7 +96,7 @@ def test_check_verdicts_not_run_and_holm(tmp_path, params):
 
 
 def test_smoke_never_gives_a_verdict_and_one_seed_is_inconclusive(tmp_path, params):
-    claims = load_claims(params, write(tmp_path, CLAIMS))
+    claims = load_claims(config_of(params), write(tmp_path, CLAIMS))
     recs = {r["id"]: r for r in check(claims, runs_frame(), pd.DataFrame(), None, "smoke", 0.05, 2, 999)}
     assert {r["verdict"] for i, r in recs.items() if i != "PX-C3"} == {"inconclusive (smoke scale)"}
     assert "supported" in recs["PX-C1"]["reason"]
@@ -105,14 +105,14 @@ def test_smoke_never_gives_a_verdict_and_one_seed_is_inconclusive(tmp_path, para
 
 
 def test_no_effect_is_not_supported_and_reports_seeds_needed(tmp_path, params):
-    claims = load_claims(params, write(tmp_path, CLAIMS))
+    claims = load_claims(config_of(params), write(tmp_path, CLAIMS))
     rec = check(claims, runs_frame(shift=0.1, seeds=range(3)), pd.DataFrame(), None, "paper", 0.05, 2, 999)[0]
     assert rec["verdict"] == "inconclusive"
     assert rec["comparison"]["seeds_needed"] is not None and "seeds" in rec["reason"]
 
 
 def test_mcnemar_from_predictions(tmp_path, params):
-    claims = load_claims(params, write(tmp_path, CLAIMS))
+    claims = load_claims(config_of(params), write(tmp_path, CLAIMS))
     runs = runs_frame(seeds=range(2))
     y = np.arange(100) % 10
     preds = {"y_test__cifar10": y}
@@ -136,7 +136,7 @@ def test_phase_arms_read_phases_csv(tmp_path, params):
          "arms": {"a": {"experiment": "better", "model": "cnn", "phase": "gen0"},
                   "b": {"experiment": "base", "model": "cnn"}},
          "reported": "not public", "min_effect": 1.0, "protocol": "test"}]}
-    claims = load_claims(params, write(tmp_path, doc))
+    claims = load_claims(config_of(params), write(tmp_path, doc))
     assert claims[0].arm("a").phase == "gen0" and claims[0].arm("a").label == "better/cnn[gen0]"
     runs = runs_frame()
     phases = pd.DataFrame([{"run": f"better{s}", "experiment": "better", "method": "conventional", "model": "cnn",
@@ -151,4 +151,4 @@ def test_phase_arms_read_phases_csv(tmp_path, params):
     assert rec["verdict"] == "contradicted" and rec["comparison"]["mcnemar_p"] is None
     doc["claims"][0]["arms"]["a"]["phase"] = 0
     with pytest.raises(ConfigError, match=r"PX-C9\.arms\.a: expected .*phase"):
-        load_claims(params, write(tmp_path, doc))
+        load_claims(config_of(params), write(tmp_path, doc))

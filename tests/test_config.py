@@ -3,8 +3,8 @@ import copy
 import pytest
 import yaml
 
-from l2l.config import ConfigError, load_params, plan, resolve_profile
-from tests.conftest import REPO
+from l2l.config import ConfigError, load_params
+from tests.conftest import REPO, config_of, plan_of
 
 
 @pytest.fixture
@@ -14,37 +14,37 @@ def params():
 
 def test_repo_params_valid_for_every_profile(params):
     for name in params["profiles"]:
-        specs = plan(params, profile=name)
+        specs = plan_of(params, name)
         assert specs and len({s.hash for s in specs}) == len(specs)
-        prof = resolve_profile(params, name)
+        prof = config_of(params, name).profile
         assert all(s.seed in prof.seeds for s in specs)
 
 
 def test_smoke_extends_paper_and_overrides(params):
-    smoke = resolve_profile(params, "smoke")
-    paper = resolve_profile(params, "paper")
+    smoke = config_of(params, "smoke").profile
+    paper = config_of(params, "paper").profile
     assert smoke.train["optimizer"]["momentum"] == paper.train["optimizer"]["momentum"]  # inherited
     assert smoke.train["epochs"] < paper.train["epochs"]
     assert set(smoke.experiments) == set(paper.experiments)
 
 
 def test_hash_is_identity(params):
-    a = plan(params, profile="smoke")
-    b = plan(copy.deepcopy(params), profile="smoke")
+    a = plan_of(params, "smoke")
+    b = plan_of(copy.deepcopy(params), "smoke")
     assert [s.hash for s in a] == [s.hash for s in b]
     params["profiles"]["smoke"]["seeds"] = [0, 1, 7]
-    c = plan(params, profile="smoke")
+    c = plan_of(params, "smoke")
     # adding a seed adds runs and leaves the existing identities unchanged
     assert {s.hash for s in a} < {s.hash for s in c}
-    fp = plan(params, {"cifar10": "other-data"}, profile="smoke")
+    fp = plan_of(params, "smoke", {"cifar10": "other-data"})
     assert not {s.hash for s in fp} & {s.hash for s in c}
 
 
 @pytest.mark.parametrize("path, value, message", [
-    (("profile",), "nope", "profile: expected one of the profiles"),
+    (("profile",), "nope", "profile: expected one of paper, smoke"),
     (("profiles", "smoke", "train", "epochs"), 0, "profiles.smoke.train.epochs: expected a positive integer, got 0"),
-    (("profiles", "smoke", "seeds"), [0, "1"], "profiles.smoke.seeds: expected a non-empty list of integers"),
-    (("profiles", "smoke", "seeds"), 3, "profiles.smoke.seeds: expected a non-empty list of integers"),
+    (("profiles", "smoke", "seeds"), [0, "1"], "profiles.smoke.seeds: expected a non-empty list of non-negative integers"),
+    (("profiles", "smoke", "seeds"), 3, "profiles.smoke.seeds: expected a non-empty list of non-negative integers"),
     (("profiles", "paper", "experiments", "conventional", "method"), "magic",
      "profiles.paper.experiments.conventional.method: expected one of"),
     (("profiles", "paper", "models", "cnn", "arch"), "alexnet", "profiles.paper.models.cnn.arch: expected one of"),
@@ -54,7 +54,7 @@ def test_hash_is_identity(params):
     (("data", "source"), "ftp", "data.source: expected one of auto, download, mirror, npz"),
     (("profiles", "paper", "experiments", "conventional", "options"), {"depth": 3},
      "profiles.paper.experiments.conventional.options.depth: unknown option"),
-    (("profiles", "paper", "train", "epochz"), 3, "profiles.paper.train.epochz: expected one of the keys"),
+    (("profiles", "paper", "train", "epochz"), 3, "profiles.paper.train.epochz: unknown key; expected one of"),
 ])
 def test_invalid_params_name_the_key(params, path, value, message):
     d = params
@@ -63,7 +63,7 @@ def test_invalid_params_name_the_key(params, path, value, message):
     d[path[-1]] = value
     params["profile"] = "paper" if path[0] != "profile" else value
     with pytest.raises(ConfigError) as e:
-        plan(params, profile=None if path[0] == "profile" else path[1] if path[0] == "profiles" else "paper")
+        plan_of(params, None if path[0] == "profile" else path[1] if path[0] == "profiles" else "paper")
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -79,12 +79,12 @@ def test_unreadable_params(tmp_path):
 
 def test_unknown_model_argument(params):
     params["profiles"]["paper"]["models"]["cnn"]["widht"] = 3
-    with pytest.raises(ConfigError, match=r"profiles.paper.models.cnn.widht: expected an argument of cnn \(batch_norm, width\)"):
-        plan(params, profile="paper")
+    with pytest.raises(ConfigError, match=r"profiles.paper.models.cnn.widht: unknown key; expected an argument of cnn \(batch_norm, width\)"):
+        plan_of(params, "paper")
 
 
 def test_distill_students_carry_their_teacher_run(params):
-    specs = plan(params, profile="paper")
+    specs = plan_of(params, "paper")
     teachers = {(s.dataset, s.seed): s for s in specs if s.experiment == "p5_teacher"}
     students = [s for s in specs if s.experiment == "p5_distill"]
     assert len(teachers) == 2 * 5 and len(students) == 3 * 2 * 5
@@ -103,15 +103,15 @@ def test_distill_students_carry_their_teacher_run(params):
 def test_missing_teacher_run_is_a_one_line_error(params, edit, missing):
     edit(params["profiles"]["paper"]["experiments"])
     with pytest.raises(ConfigError) as e:
-        plan(params, profile="paper")
+        plan_of(params, "paper")
     assert str(e.value).startswith("params.yaml: profiles.paper.experiments.p5_distill.options.teacher: ")
     assert missing in str(e.value) and "\n" not in str(e.value)
 
 
 def test_teacher_settings_change_its_students_identity_only(params):
-    before = {s.hash: s.experiment for s in plan(params, profile="paper")}
+    before = {s.hash: s.experiment for s in plan_of(params, "paper")}
     params["profiles"]["paper"]["experiments"]["p5_teacher"]["train"] = {"epochs": 50}
-    after = {s.hash: s.experiment for s in plan(params, profile="paper")}
+    after = {s.hash: s.experiment for s in plan_of(params, "paper")}
     changed = set(before) ^ set(after)
     assert {before.get(h) or after[h] for h in changed} == {"p5_teacher", "p5_distill"}
     assert len(set(before) - set(after)) == 10 + 30  # every teacher and every student, nothing else

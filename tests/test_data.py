@@ -16,8 +16,10 @@ import torchvision.datasets
 import torchvision.datasets.cifar
 from torchvision.datasets.utils import calculate_md5
 
-from l2l import data
-from l2l.data import DataError, SourceConfig, SplitConfig, load_prepared, prepare
+from l2l import archives, data
+from l2l.checks import DataError
+from l2l.data import load_prepared, prepare
+from l2l.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES, DATASETS, SourceConfig, SplitConfig
 
 REAL_NPZ = Path(os.environ.get(
     "L2L_CIFAR10_NPZ",
@@ -53,7 +55,7 @@ def make_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: str, pe
     """Write a tar.gz in torchvision's original layout and point the class md5s at its files,
     so the real verification code runs against them."""
     cls = getattr(torchvision.datasets, {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}[dataset])
-    k = data.DATASETS[dataset]
+    k = DATASETS[dataset].num_classes
     rng = np.random.default_rng(123)
     stage = tmp_path / "stage" / cls.base_folder
     stage.mkdir(parents=True)
@@ -119,7 +121,7 @@ def leftovers(parent: Path) -> list[str]:
 @pytest.mark.parametrize("dataset,val_size", [("cifar10", 20), ("cifar100", 100)])
 def test_mirror_prepare_roundtrip(tmp_path, monkeypatch, dataset, val_size):
     fake = make_cifar(tmp_path, monkeypatch, dataset)
-    k = data.DATASETS[dataset]
+    k = DATASETS[dataset].num_classes
     out = tmp_path / "prepared" / dataset
     manifest = prepare(dataset, mirror_src(tmp_path, fake), SplitConfig(val_size, 7, None, seed=0), out)
     arrays, loaded = load_prepared(out)
@@ -252,7 +254,7 @@ def test_npz_heldout_split(tmp_path):
 
     assert m["test_origin"] == "carved" and m["source_counts"] == {"train": 300, "test": None}
     assert m["split_note"].startswith("test split carved from the training set (50 images, stratified, seed 0)")
-    assert m["classes"] == data.CIFAR10_CLASSES
+    assert m["classes"] == CIFAR10_CLASSES
     assert m["source"]["md5"] == calculate_md5(tmp_path / "a.npz")
     assert [m["splits"][s]["class_counts"] for s in ("train", "val", "test")] == [[10] * 10, [3] * 10, [5] * 10]
     ids = {s: image_index(arrays[s][0]) for s in arrays}
@@ -298,7 +300,7 @@ def test_npz_official_test_and_layouts(tmp_path):
 def test_npz_cifar100_names(tmp_path):
     x, y = balanced(300, k=100)
     m = prepare("cifar100", npz_src(tmp_path, x_train=x, y_train=y), SplitConfig(100, 100, None), tmp_path / "p")
-    assert m["classes"] == data.CIFAR100_CLASSES and m["classes"][:2] == ["apple", "aquarium_fish"]
+    assert m["classes"] == CIFAR100_CLASSES and m["classes"][:2] == ["apple", "aquarium_fish"]
     assert len(set(m["classes"])) == 100 and m["classes"] == sorted(m["classes"])  # official order is alphabetical
     assert m["splits"]["val"]["class_counts"] == [1] * 100
 
@@ -380,7 +382,7 @@ def test_write_failure_leaves_nothing(tmp_path, monkeypatch):
     def fail(path, obj):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data, "_write_json", fail)
+    monkeypatch.setattr(archives, "_write_json", fail)
     with pytest.raises(OSError):
         prepare("cifar10", src, SplitConfig(10, 10, None), out)
     assert leftovers(out.parent) == []
@@ -388,7 +390,7 @@ def test_write_failure_leaves_nothing(tmp_path, monkeypatch):
     # A failed re-prepare keeps the previous complete output.
     monkeypatch.undo()
     first = prepare("cifar10", src, SplitConfig(10, 10, None), out)
-    monkeypatch.setattr(data, "_write_json", fail)
+    monkeypatch.setattr(archives, "_write_json", fail)
     with pytest.raises(OSError):
         prepare("cifar10", src, SplitConfig(10, 10, None, seed=5), out)
     assert leftovers(out.parent) == ["c10"]
@@ -405,7 +407,7 @@ def test_real_cifar10_npz(tmp_path):
     assert m["test_origin"] == "carved"  # x_test_first1017 alone is not a test set
     assert m["source_counts"] == {"train": 50000, "test": None}
     assert [m["splits"][s]["class_counts"] for s in ("train", "val", "test")] == [[200] * 10, [50] * 10, [100] * 10]
-    assert m["classes"] == data.CIFAR10_CLASSES
+    assert m["classes"] == CIFAR10_CLASSES
     arrays, _ = load_prepared(tmp_path / "p")
     x, y = arrays["test"]
     assert x.shape == (1000, 3, 32, 32) and y.dtype == np.int64

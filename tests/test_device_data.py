@@ -1,12 +1,13 @@
 import numpy as np
 import torch
 
-from l2l.device_data import NORMALIZATION, DeviceData
+from l2l.datasets import DATASETS
+from l2l.device_data import DeviceData
 from tests.conftest import random_arrays
 
 
 def _unnormalise(x, dataset="cifar10"):
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[dataset])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in DATASETS[dataset].normalization)
     return torch.round((x * std + mean) * 255).to(torch.uint8)
 
 
@@ -30,7 +31,7 @@ def test_crop_and_flip_semantics():
 
 
 def test_epoch_stream_deterministic_and_distinct():
-    data = DeviceData(random_arrays(n_train=64), "cifar10", torch.device("cpu"))
+    data = DeviceData(random_arrays(n_train=64), "cifar10", torch.device("cpu"), crop_padding=4, flip=True)
     a = [torch.cat([x for x, _ in data.train_batches(seed=3, phase=0, epoch=e, batch_size=16)]) for e in (0, 0, 1)]
     assert torch.equal(a[0], a[1])
     assert not torch.equal(a[0], a[2])
@@ -54,6 +55,6 @@ def test_every_image_once_per_epoch_and_labels_follow():
 
 def test_eval_batches_are_unaugmented():
     arrays = random_arrays()
-    data = DeviceData(arrays, "cifar10", torch.device("cpu"))
+    data = DeviceData(arrays, "cifar10", torch.device("cpu"), crop_padding=4, flip=True)
     x = torch.cat([b for b, _ in data.eval_batches("val", 10)])
     assert torch.equal(_unnormalise(x), torch.from_numpy(arrays["val"][0]))

@@ -50,4 +50,4 @@ def test_outputs_and_best_checkpoint(tmp_path, tiny_data):
     with pytest.raises(RuntimeError, match="checksum mismatch"):
         load_checkpoint(tmp_path / "final.pt", sha256="0" * 64)
     assert set(load_checkpoint(tmp_path / "final.pt", sha256=result["final_sha256"])) == set(
-        conventional.predictor(spec, 10).state_dict())
+        conventional.METHOD.predictor(spec, 10).state_dict())

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from l2l.config import ConfigError
-from l2l.executor import executor_config
-from tests.conftest import REPO, smoke_params, write_npz
+from l2l.checks import ConfigError, resolve
+from l2l.config import EXECUTOR
+from tests.conftest import REPO, config_of, smoke_params, write_npz
 from tests.test_pipeline import mlflow_runs, run_stage
 
 # Timings and the machine differ between backends; everything the runs computed must not.
@@ -75,20 +75,20 @@ def test_submitit_local_executor_same_results_as_local(tmp_path, monkeypatch, lo
 @pytest.mark.parametrize("executor, message", [
     ({"backend": "dask"}, "executor.backend: expected one of local, ray, slurm, got 'dask'"),
     ({"runs_per_gpu": 0}, "executor.runs_per_gpu: expected a positive integer, got 0"),
-    ({"gpus": 2}, "executor.gpus: expected one of the keys backend, cpu_threads, ray, runs_per_gpu, slurm, got 'gpus'"),
+    ({"gpus": 2}, "executor.gpus: unknown key; expected one of backend, cpu_threads, ray, runs_per_gpu, slurm"),
     ({"ray": {"address": 5}}, "executor.ray.address: expected a name or null, got 5"),
     ({"cpu_threads": "all"}, "executor.cpu_threads: expected a positive integer, got 'all'"),
     ({"slurm": {"cluster": "pbs"}}, "executor.slurm.cluster: expected one of slurm, local, got 'pbs'"),
-    ({"slurm": {"timeout": 10}}, "executor.slurm.timeout: expected one of the keys"),
+    ({"slurm": {"timeout": 10}}, "executor.slurm.timeout: unknown key; expected one of"),
 ])
 def test_bad_executor_params_one_line(executor, message):
     with pytest.raises(ConfigError) as e:
-        executor_config({"executor": executor})
+        resolve(EXECUTOR, executor, "executor")
     assert str(e.value).startswith(f"params.yaml: {message}") and "\n" not in str(e.value)
 
 
 def test_defaults_local_one_run_per_gpu():
-    cfg = executor_config(yaml.safe_load((REPO / "params.yaml").read_text()))
+    cfg = config_of(yaml.safe_load((REPO / "params.yaml").read_text())).executor
     assert cfg["backend"] == "local" and cfg["runs_per_gpu"] == 1 and cfg["ray"]["address"] is None
 
 
@@ -98,7 +98,8 @@ def test_requeued_slurm_job_resumes_its_runs(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
     import torch
 
-    from l2l import stage
+    from l2l.config import prepared_plan
+    from l2l.data import DeviceDataCache
     from l2l.engine import RunContext, train_run
     from l2l.executor import SlurmJob, Worker
     from l2l.methods import conventional
@@ -107,11 +108,11 @@ def test_requeued_slurm_job_resumes_its_runs(tmp_path, monkeypatch):
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["profiles"]["smoke"]["train"]["epochs"] = 2
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    (spec,) = stage.current_plan()[1]
-    data, k = stage.DeviceDataCache(params, torch.device("cpu")).get(spec)
-    assert train_run(spec, conventional, RunContext(spec, data, k, torch.device("cpu")), ws / "runs" / spec.hash,
+    config, (spec,), _ = prepared_plan()
+    data, k = DeviceDataCache(config.data, torch.device("cpu")).get(spec)
+    assert train_run(spec, conventional.METHOD, RunContext(spec, data, k, torch.device("cpu")), ws / "runs" / spec.hash,
                      stop_after_epochs=1) == {"interrupted": True}  # preempted after epoch 1 of 2
-    job, args = SlurmJob(), ([spec.to_dict()], "smoke", params, Worker(str(ws)))
+    job, args = SlurmJob(), ([spec.to_dict()], "smoke", config.data, Worker(str(ws)))
     requeued = job.checkpoint(*args)
     assert requeued.function is job and requeued.args == args
     (result,) = requeued.result()
@@ -133,6 +134,10 @@ def _teacher_and_students(seeds=(0, 1)):
     return teachers, students
 
 
+def _config():
+    return config_of(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
 def _fake_backend(monkeypatch, fail=()):
     """The local backend replaced by one that records each call's runs and 'finishes' them
     (result.json) unless asked to fail them."""
@@ -140,7 +145,7 @@ def _fake_backend(monkeypatch, fail=()):
 
     calls = []
 
-    def runner(wave, params, cfg, worker):
+    def runner(wave, config, worker):
         calls.append([s.hash for s in wave])
         for s in wave:
             if s.hash in fail:
@@ -158,10 +163,10 @@ def test_run_plan_trains_required_runs_first(tmp_path, monkeypatch):
 
     teachers, students = _teacher_and_students()
     calls = _fake_backend(monkeypatch)
-    run_plan(students + teachers, {}, root=tmp_path)  # students listed first: the waves reorder
+    run_plan(students + teachers, _config(), root=tmp_path)  # students listed first: the waves reorder
     assert calls == [[t.hash for t in teachers], [s.hash for s in students]]
     calls.clear()
-    run_plan(students, {}, root=tmp_path)  # teachers finished earlier: one wave
+    run_plan(students, _config(), root=tmp_path)  # teachers finished earlier: one wave
     assert calls == [[s.hash for s in students]]
 
 
@@ -171,15 +176,15 @@ def test_a_failed_teacher_fails_its_students_in_one_line(tmp_path, monkeypatch):
     teachers, students = _teacher_and_students()
     calls = _fake_backend(monkeypatch, fail={teachers[1].hash})
     with pytest.raises(RuntimeError) as e:
-        run_plan(teachers + students, {}, root=tmp_path)
+        run_plan(teachers + students, _config(), root=tmp_path)
     assert len(calls) == 1  # the students' wave never starts
     msg = str(e.value)
     assert msg.startswith(f"run {teachers[1].hash} failed; 2 runs of later waves not started, 1 of them requiring "
-                          f"a run that did not finish; e.g. {students[1].hash} (p5_distill cnn cifar10 seed 1) requires "
-                          f"{teachers[1].hash} (p5_teacher cnn cifar10 seed 1)")
+                          f"a run that did not finish; e.g. {students[1].hash} (p5_distill/cnn/cifar10/s1) requires "
+                          f"{teachers[1].hash} (p5_teacher/cnn/cifar10/s1)")
     assert "\n" not in msg
     calls.clear()
     with pytest.raises(RuntimeError, match=rf"1 runs require unfinished runs; first: {students[1].hash} .* requires "
                                            rf"{teachers[1].hash}, which has no result.json"):
-        run_plan(students[1:], {}, root=tmp_path)  # the teacher is not in the list and not finished
+        run_plan(students[1:], _config(), root=tmp_path)  # the teacher is not in the list and not finished
     assert calls == []

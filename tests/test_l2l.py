@@ -3,17 +3,22 @@ split-point errors, and the ResNeXt / DenseNet models built from torchvision par
 from __future__ import annotations
 
 import copy
+import types
 
 import numpy as np
 import pytest
 import torch
 import torchvision
 
-from l2l.config import ConfigError, RunSpec
+from l2l.spec import resolve_train
+from l2l.checks import ConfigError
+from l2l.config import load_params
+from l2l.spec import RunSpec
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.methods import conventional, l2l
 from l2l.models import block_names, build_model
+from tests.conftest import config_of
 
 TINY = {
     "cnn": {"arch": "cnn", "width": 4},
@@ -22,16 +27,16 @@ TINY = {
     "densenet": {"arch": "densenet", "growth_rate": 4, "block_config": [1, 2, 1, 1], "num_init_features": 8,
                  "bn_size": 2},
 }
-TRAIN = {"epochs": 2, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9,
+TRAIN = resolve_train({"epochs": 2, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9,
                                                       "weight_decay": 5e-4},
-         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}
+         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}, "test.train")
 
 
 def make_data(n_train: int = 64, n_val: int = 32) -> DeviceData:
     rng = np.random.default_rng(0)
     arrays = {s: (rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n))
               for s, n in (("train", n_train), ("val", n_val))}
-    return DeviceData(arrays, "cifar10", torch.device("cpu"))
+    return DeviceData(arrays, "cifar10", torch.device("cpu"), crop_padding=4, flip=True)
 
 
 def make_spec(options: dict | None = None, model: str = "cnn", method: str = "l2l", epochs: int = 2) -> RunSpec:
@@ -135,8 +140,9 @@ def test_mutual_losses_give_no_gradient_to_the_frozen_side():
 def test_distillation_loss_weights():
     logits, target, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
     ce = torch.nn.functional.cross_entropy(logits, y)
-    assert torch.allclose(l2l.distillation_loss(logits, target, y, 0.0, 4.0), ce)
-    assert l2l.distillation_loss(logits, logits, y, 1.0, 4.0).abs() < 1e-6  # KL of a distribution to itself
+    mutual = types.SimpleNamespace(o={"temperature": 4.0})  # the one option the loss reads
+    assert torch.allclose(l2l.LayerToLayer.distillation_loss(mutual, logits, target, y, 0.0), ce)
+    assert l2l.LayerToLayer.distillation_loss(mutual, logits, logits, y, 1.0).abs() < 1e-6  # KL of a distribution to itself
 
 
 # --- incremental ----------------------------------------------------------------------
@@ -224,20 +230,19 @@ def test_claims_records_name_experiments_and_models_of_the_profiles():
 
     import yaml
 
-    from l2l.config import load_params, resolve_profile
 
     root = Path(__file__).resolve().parents[1]
     records = yaml.safe_load((root / "claims" / "l2l.yaml").read_text())
     params = load_params(root / "params.yaml")
-    paper, smoke = resolve_profile(params, "paper"), resolve_profile(params, "smoke")
+    paper, smoke = config_of(params, "paper").profile, config_of(params, "smoke").profile
     assert len({r["id"] for r in records}) == len(records) == 4 * 2 * 3 * 2
     in_smoke = set()
     for r in records:
         assert r["kind"] == "superiority" and r["reported"] == "not public" and r["dataset"] in paper.datasets
         for arm in r["arms"].values():
-            assert arm["model"] in paper.experiments[arm["experiment"]].get("models", paper.models)
+            assert arm["model"] in paper.experiments[arm["experiment"]].models
         if r["dataset"] in smoke.datasets and all(
-                arm["model"] in smoke.experiments[arm["experiment"]].get("models", smoke.models)
+                arm["model"] in smoke.experiments[arm["experiment"]].models
                 for arm in r["arms"].values()):
             in_smoke.add(r["id"].split("/")[0])
     assert in_smoke == {"P1-C2"}  # what the smoke profile's comment promises

@@ -11,7 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from l2l.config import ConfigError, RunSpec, load_params, plan
+from l2l.spec import resolve_train
+from l2l.checks import ConfigError
+from l2l.config import load_params
+from l2l.methods import METHODS
+from l2l.spec import RunSpec
+from tests.conftest import config_of, plan_of
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, train_run
 from l2l.layerwise_analysis import (critical_stage, early_overfit, record_stage_figure, report_section, saturation,
@@ -23,9 +28,9 @@ from l2l.probe import probe_stages
 from l2l.pruning import count_parameters, prune_lowest, slice_pruned, taylor_scores
 
 CPU = torch.device("cpu")
-TRAIN = {"epochs": 1, "batch_size": 32, "eval_batch_size": 64,
+TRAIN = resolve_train({"epochs": 1, "batch_size": 32, "eval_batch_size": 64,
          "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-         "schedule": {"name": "step", "step_size": 1, "gamma": 0.2}, "augment": {"crop_padding": 4, "flip": True}}
+         "schedule": {"name": "step", "step_size": 1, "gamma": 0.2}, "augment": {"crop_padding": 4, "flip": True}}, "test.train")
 TINY_K3 = {"arch": "layerwise_cnn", "preset": "k3", "J": 3, "M": 4, "M_tilde": 4, "downsample_at": [1]}
 TINY_COMPRESS = {"arch": "layerwise_cnn", "preset": "compress", "M": 6, "M_tilde": 6, "final_M_tilde": 3}
 
@@ -46,7 +51,7 @@ def data() -> DeviceData:
     def split(n):
         return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n)
 
-    return DeviceData({"train": split(96), "val": split(32), "test": split(32)}, "cifar10", CPU)
+    return DeviceData({"train": split(96), "val": split(32), "test": split(32)}, "cifar10", CPU, crop_padding=4, flip=True)
 
 
 def make_spec(method, model_cfg, options=None, train=None, seed=0) -> RunSpec:
@@ -393,12 +398,11 @@ def test_stage_figure():
 @pytest.mark.parametrize("profile", ["paper", "smoke"])
 def test_profiles_plan_and_build(profile):
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    specs = [s for s in plan(params, profile=profile) if s.method == "layerwise" or s.options.get("probe_epochs")]
+    specs = [s for s in plan_of(params, profile) if s.method == "layerwise" or s.options.get("probe_epochs")]
     assert {s.experiment for s in specs} >= {"layerwise", "layerwise_e2e", "compress_layerwise"}
     for s in {(s.method, s.model): s for s in specs}.values():
         with torch.device("meta"):
-            method = layerwise if s.method == "layerwise" else conventional
-            assert method.predictor(s, 10)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+            assert METHODS[s.method].predictor(s, 10)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     if profile == "paper":
         k3 = next(s for s in specs if s.model == "p3_k3" and s.method == "layerwise")
         assert k3.train["epochs"] == 50 and k3.train["schedule"] == {"name": "step", "step_size": 15, "gamma": 0.2}
@@ -416,7 +420,7 @@ def test_claims_records_load_and_check(tmp_path):
     doc = {"papers": yaml.safe_load((repo / "claims.yaml").read_text())["papers"],
            "claims": yaml.safe_load((repo / "claims" / "layerwise.yaml").read_text())}
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(doc))
-    claims = {c.id: c for c in load_claims(load_params(repo / "params.yaml"), tmp_path / "claims.yaml")}
+    claims = {c.id: c for c in load_claims(config_of(load_params(repo / "params.yaml")), tmp_path / "claims.yaml")}
     assert {"P3-C1", "P3-C2", "P3-C3", "P3-C4", "P3-C5", "P2-C1-vgg16", "P2-C2-resnet20"} <= set(claims)
     assert claims["P3-C5"].margin == 1.0 and claims["P2-C1-p3cnn"].extra["threshold"] == 0.5
 

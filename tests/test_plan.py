@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from l2l.cli import _hours, main
-from l2l.config import load_params, plan
+from l2l.config import load_config, plan
 from l2l.cost import EVAL_SPEEDUP, load_throughput, train_flops_per_image
 from tests.conftest import REPO, smoke_params, write_npz
 from tests.test_pipeline import CLAIMS, run_stage
@@ -45,7 +45,7 @@ def test_counts_done_and_estimate_from_the_named_measurement(workspace, capsys):
     assert f"| wide | cifar10 | 2 | 0 | 2 | 1 | {_hours(wide)} | {_hours(2 * wide)} | FLOPs-scaled from cnn |" in out
 
     fingerprint = json.loads((workspace / "data/prepared/cifar10/manifest.json").read_text())["fingerprint"]
-    spec = plan(load_params(), {"cifar10": fingerprint})[0]
+    spec = plan(load_config(), {"cifar10": fingerprint})[0]
     (workspace / "runs" / spec.hash).mkdir(parents=True)
     (workspace / "runs" / spec.hash / "result.json").write_text("{}")  # a finished run
     out = _plan(capsys, "--runs")
@@ -71,8 +71,7 @@ def test_unknown_device_one_line_error(workspace, capsys):
 
 def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    params = load_params()
-    n = len(plan(params, None, "paper"))
+    n = len(plan(load_config(profile="paper")))
     main(["plan", "--profile", "paper"])
     out = capsys.readouterr().out
     assert f"{n} runs," in out and "remaining hours" in out

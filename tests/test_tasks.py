@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_spec
-from l2l.config import ConfigError, plan
+from conftest import REPO, make_spec, plan_of
+from l2l.spec import resolve_train
+from l2l.checks import ConfigError
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.losses import multilabel_kd_loss
@@ -20,7 +21,10 @@ from l2l.methods import conventional, distill
 from l2l.methods.teaching import kd_step
 from l2l.models import build_model
 from l2l.tasks import MultiLabel, SingleLabel, task_of
-from l2l.voc import ABSENT, DIFFICULT, PRESENT, mean_average_precision, voc_bce_loss
+from l2l.datasets import VOC_ABSENT as ABSENT
+from l2l.datasets import VOC_DIFFICULT as DIFFICULT
+from l2l.datasets import VOC_PRESENT as PRESENT
+from l2l.tasks import mean_average_precision, voc_bce_loss
 
 VOC_TASK = {"kind": "multi-label", "ap_mode": "area", "difficult": "ignore"}
 CPU = torch.device("cpu")
@@ -46,8 +50,8 @@ def quadrant_arrays(n_train=192, n_val=64, n_test=64, size=16, seed=0):
 
 
 def voc_spec(**overrides):
-    train = {"epochs": 4, "batch_size": 32, "eval_batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05,
-             "momentum": 0.9}, "schedule": {"name": "cosine"}, "augment": {"crop_padding": 1, "flip": False}}
+    train = resolve_train({"epochs": 4, "batch_size": 32, "eval_batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05,
+             "momentum": 0.9}, "schedule": {"name": "cosine"}, "augment": {"crop_padding": 1, "flip": False}}, "test.train")
     d = dict(dataset="voc2007", model_cfg={"arch": "cnn", "width": 8}, train=train,
              data={"fingerprint": "test", "task": VOC_TASK})
     d.update(overrides)
@@ -137,6 +141,7 @@ def _voc_params(experiments: dict) -> dict:
     paper = params["profiles"]["paper"]
     paper["experiments"] = experiments
     paper["datasets"] = ["cifar10", "voc2007"]
+    del params["profiles"]["smoke"]  # its overrides name the paper's experiments, replaced here
     return params
 
 
@@ -147,19 +152,19 @@ def _voc_params(experiments: dict) -> dict:
 def test_plan_refuses_single_label_methods_on_voc(experiment):
     with pytest.raises(ConfigError, match=r"experiments\.x\.datasets: method \w+ with these options trains on "
                                           r"single-label datasets only, got voc2007 \(multi-label\)"):
-        plan(_voc_params({"x": experiment}))
+        plan_of(_voc_params({"x": experiment}))
 
 
 def test_plan_gives_voc_runs_their_task_and_keeps_cifar_identities():
     exps = {"p5_teacher": {"method": "conventional", "models": ["p5_teacher"], "datasets": ["cifar10", "voc2007"]},
             "x": {"method": "distill", "models": ["p5_narrow_deep"], "datasets": ["cifar10", "voc2007"]}}
     params = _voc_params(exps)
-    specs = plan(params)
+    specs = plan_of(params)
     voc = [s for s in specs if s.dataset == "voc2007"]
     assert voc and all(s.data["task"] == VOC_TASK and s.data["image_size"] == 128 for s in voc)
     assert all("task" not in s.data for s in specs if s.dataset == "cifar10")
     # a VOC setting changes the VOC runs' identity only
     other = copy.deepcopy(params)
     other["data"]["voc2007"]["ap_mode"] = "11point"
-    changed = {s.hash for s in plan(other)} ^ {s.hash for s in specs}
-    assert changed and all(s.dataset == "voc2007" for s in specs + plan(other) if s.hash in changed)
+    changed = {s.hash for s in plan_of(other)} ^ {s.hash for s in specs}
+    assert changed and all(s.dataset == "voc2007" for s in specs + plan_of(other) if s.hash in changed)

@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from l2l.config import ConfigError, RunSpec
+from l2l.spec import resolve_train
+from l2l.checks import ConfigError
+from l2l.spec import RunSpec
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.losses import (confidence_penalty_ce, entropy, kd_loss, kd_objective, label_smoothing_ce,
@@ -26,9 +28,9 @@ from l2l.profiling import flops, latencies, latency
 from l2l.pruning import count_parameters
 
 TINY = {"arch": "cifar_resnet", "depth": 8, "width": 4}
-TRAIN = {"epochs": 1, "batch_size": 32, "eval_batch_size": 100,
+TRAIN = resolve_train({"epochs": 1, "batch_size": 32, "eval_batch_size": 100,
          "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 2, "flip": True}}
+         "schedule": {"name": "cosine"}, "augment": {"crop_padding": 2, "flip": True}}, "test.train")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -208,8 +210,9 @@ class Spy:
     the modes of the modules at every step."""
 
     def __init__(self, method, frozen_keys=lambda phase: []):
-        self.method, self.frozen_keys = method, frozen_keys
-        self.OPTIONS, self.validate_options, self.predictor = method.OPTIONS, method.validate_options, method.predictor
+        self.method, self.frozen_keys = method.METHOD, frozen_keys
+        self.OPTIONS, self.validate_options, self.predictor = (self.method.OPTIONS, self.method.validate_options,
+                                                              self.method.predictor)
         self.phases_seen, self.finished, self.step_modes = [], [], []
 
     def phases(self, spec, ctx):

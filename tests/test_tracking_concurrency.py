@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from l2l.config import RunSpec
+from l2l.spec import RunSpec
 from l2l.tracking import EPOCH_METRICS, RunTracker, single_writer
 
 pytestmark = pytest.mark.slow

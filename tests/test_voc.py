@@ -23,10 +23,11 @@ from PIL import Image
 from torchvision.datasets.utils import calculate_md5
 
 from l2l import voc
-from l2l.config import ConfigError
-from l2l.data import DataError, load_prepared, prepare_dataset
-from l2l.voc import (ABSENT, CLASSES, DIFFICULT, PRESENT, average_precision, mean_average_precision,
-                     parse_annotation, prepare_voc, voc_bce_loss)
+from l2l.checks import ConfigError, DataError
+from l2l.data import load_prepared, prepare_dataset
+from l2l.datasets import DataSettings, resolve_data
+from l2l.tasks import average_precision, mean_average_precision, voc_bce_loss
+from l2l.voc import ABSENT, CLASSES, DIFFICULT, PRESENT, parse_annotation, prepare_voc
 from tests.conftest import REPO, smoke_params, write_npz
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -95,10 +96,10 @@ def make_archives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return mirror
 
 
-def voc_params(tmp_path: Path, **data) -> dict:
-    """The data section a VOC preparation reads (the source's keys, data.voc2007 at a small size)."""
-    return {"data": {"root": str(tmp_path / "data"), "source": "auto", "mirror": None, "split_seed": 0,
-                     "voc2007": {"image_size": 12, "val_size": 2}, **data}}
+def voc_data(tmp_path: Path, **data) -> DataSettings:
+    """The data settings a VOC preparation reads (the source's keys, data.voc2007 at a small size), resolved."""
+    return resolve_data({"root": str(tmp_path / "data"), "source": "auto", "mirror": None, "split_seed": 0,
+                         "voc2007": {"image_size": 12, "val_size": 2}, **data})
 
 
 def expected_labels(objects) -> np.ndarray:
@@ -210,7 +211,7 @@ def test_tampered_array_is_detected(tmp_path):
 
 def test_mirror_of_the_original_archives(tmp_path, monkeypatch):
     mirror = make_archives(tmp_path, monkeypatch)
-    m = prepare_dataset(voc_params(tmp_path, mirror=str(mirror)), "voc2007")
+    m = prepare_dataset(voc_data(tmp_path, mirror=str(mirror)), None, "voc2007")
     arrays, loaded = load_prepared(tmp_path / "data" / "prepared" / "voc2007")
     assert loaded == m
     check_labels(arrays)
@@ -244,7 +245,7 @@ def test_mirror_bad_archive_names_it(tmp_path, monkeypatch, key, damage):
     damage(archive)
     match = "mirror archive not found" if damage is Path.unlink else "corrupt or truncated archive"
     with pytest.raises(DataError, match=match) as e:
-        prepare_dataset(voc_params(tmp_path, mirror=str(mirror)), "voc2007")
+        prepare_dataset(voc_data(tmp_path, mirror=str(mirror)), None, "voc2007")
     assert str(archive) in one_line(e)
     assert not (tmp_path / "data" / "prepared").exists()
 
@@ -256,7 +257,7 @@ def test_mirror_archive_that_passes_md5_but_does_not_extract(tmp_path, monkeypat
     _truncate(archive)
     monkeypatch.setitem(torchvision.datasets.voc.DATASET_YEAR_DICT["2007-test"], "md5", calculate_md5(archive))
     with pytest.raises(DataError, match="cannot extract archive") as e:
-        prepare_dataset(voc_params(tmp_path, mirror=str(mirror)), "voc2007")
+        prepare_dataset(voc_data(tmp_path, mirror=str(mirror)), None, "voc2007")
     assert str(archive) in one_line(e)
 
 
@@ -285,7 +286,7 @@ def test_download_through_torchvision(tmp_path, monkeypatch):
     with http_server(mirror) as base_url:
         for key in ("2007", "2007-test"):
             monkeypatch.setitem(table[key], "url", f"{base_url}/{table[key]['filename']}")
-        m = prepare_dataset(voc_params(tmp_path), "voc2007")
+        m = prepare_dataset(voc_data(tmp_path), None, "voc2007")
     assert m["source"] == {"kind": "download", "archives": [
         {"path": table[k]["url"], "md5": table[k]["md5"]} for k in ("2007", "2007-test")]}
     arrays, _ = load_prepared(tmp_path / "data" / "prepared" / "voc2007")
@@ -301,7 +302,7 @@ def test_download_failure_names_the_offline_options(tmp_path, monkeypatch):
     table = torchvision.datasets.voc.DATASET_YEAR_DICT
     monkeypatch.setitem(table["2007"], "url", f"http://127.0.0.1:{port}/VOCtrainval_06-Nov-2007.tar")
     with pytest.raises(DataError, match="voc2007 trainval: download of .* failed .*refused") as e:
-        prepare_dataset(voc_params(tmp_path), "voc2007")
+        prepare_dataset(voc_data(tmp_path), None, "voc2007")
     msg = one_line(e)
     assert "data.voc2007.root" in msg and "data.mirror" in msg
     assert "VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar" in msg
@@ -311,8 +312,8 @@ def test_download_failure_names_the_offline_options(tmp_path, monkeypatch):
 def test_extracted_directory(tmp_path):
     base = make_voc(tmp_path / "VOC")
     # root wins over the mirror and a forced source: it names VOC's own copy
-    m = prepare_dataset(voc_params(tmp_path, source="mirror", mirror=str(tmp_path / "nowhere"),
-                                   voc2007={"root": str(base), "image_size": 12, "val_size": 2}), "voc2007")
+    m = prepare_dataset(voc_data(tmp_path, source="mirror", mirror=str(tmp_path / "nowhere"),
+                                   voc2007={"root": str(base), "image_size": 12, "val_size": 2}), None, "voc2007")
     assert m["source"] == {"kind": "directory", "path": str(base)}
     check_labels(load_prepared(tmp_path / "data" / "prepared" / "voc2007")[0])
     assert not (tmp_path / "data" / "raw").exists()
@@ -324,7 +325,7 @@ def test_bad_root_names_it(tmp_path, missing):
     if missing:
         (base / missing).rename(tmp_path / "moved")
     with pytest.raises(DataError, match="not an extracted VOCdevkit/VOC2007 directory") as e:
-        prepare_dataset(voc_params(tmp_path, voc2007={"root": str(base)}), "voc2007")
+        prepare_dataset(voc_data(tmp_path, voc2007={"root": str(base)}), None, "voc2007")
     msg = one_line(e)
     assert msg.startswith(f"{base}: ") and (missing or "Annotations") in msg and "data.voc2007.root" in msg
 
@@ -333,7 +334,7 @@ def test_bad_root_names_it(tmp_path, missing):
                                       ({"npz": {"voc2007": "a.npz"}}, "data.npz.voc2007")])
 def test_no_npz_source(tmp_path, data, key):
     with pytest.raises(ConfigError, match=f"params.yaml: {key}: voc2007 has no npz source") as e:
-        prepare_dataset(voc_params(tmp_path, **data), "voc2007")
+        prepare_dataset(voc_data(tmp_path, **data), None, "voc2007")
     assert "data.voc2007.root" in one_line(e)
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import torch.nn as nn
-
-from l2l.config import ConfigError, RunSpec
+from l2l.checks import config_error
+from l2l.datasets import MULTI_LABEL, SINGLE_LABEL
 from l2l.engine import Phase, RunContext
+from l2l.methods.base import Method, model_predictor
 from l2l.methods.options import validate
-from l2l.models import build_model
 from l2l.probe import probe_stages
-from l2l.tasks import MULTI_LABEL, SINGLE_LABEL
+from l2l.spec import RunSpec
 
 OPTIONS: dict = {
     "probe_epochs": 0,  # 0: no probes; else epochs of linear-probe training per stage after training
@@ -33,21 +32,20 @@ def supported_tasks(options: dict) -> tuple[str, ...]:
 def validate_options(options: dict, path: str) -> dict:
     out = validate(options, OPTIONS, path)
     if out["probe_epochs"] < 0:
-        raise ConfigError(f"params.yaml: {path}.probe_epochs: expected a non-negative integer, got {out['probe_epochs']}")
+        raise config_error(f"{path}.probe_epochs", "a non-negative integer", out["probe_epochs"])
     if out["probe_lr"] <= 0:
-        raise ConfigError(f"params.yaml: {path}.probe_lr: expected a positive number, got {out['probe_lr']}")
+        raise config_error(f"{path}.probe_lr", "a positive number", out["probe_lr"])
     return out
 
 
-def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
-    return build_model(spec.model_cfg, num_classes)
-
-
 def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
-    model = ctx.prepare(predictor(spec, ctx.num_classes))
+    model = ctx.prepare(model_predictor(spec, ctx.num_classes))
     opt = ctx.optimizer(model.parameters())
     epochs = spec.train["epochs"]
     probe_epochs = spec.options.get("probe_epochs", 0)
     on_end = (lambda: probe_stages(model, ctx, probe_epochs, spec.options["probe_lr"])) if probe_epochs else None
     yield Phase("end_to_end", epochs, {"model": model}, {"sgd": opt}, ctx.supervised_step(model, opt),
                 predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)}, on_end=on_end)
+
+
+METHOD = Method("conventional", OPTIONS, phases, validate=validate_options, supported_tasks=supported_tasks)

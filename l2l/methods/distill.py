@@ -38,13 +38,15 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from l2l.config import ConfigError, RunSpec
+from l2l.checks import ConfigError, config_error
+from l2l.datasets import MULTI_LABEL, SINGLE_LABEL
 from l2l.engine import Phase, RunContext, device_info, load_checkpoint
 from l2l.io import read_json
+from l2l.methods.base import Method, model_predictor
 from l2l.methods.options import validate
-from l2l.methods.teaching import check_kd_options, final_accuracies, freeze, kd_step, option_error, profile, train_mode
+from l2l.methods.teaching import check_kd_options, final_accuracies, freeze, kd_step, profile, train_mode
 from l2l.models import build_model
-from l2l.tasks import MULTI_LABEL, SINGLE_LABEL
+from l2l.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +74,16 @@ def validate_options(options: dict, path: str) -> dict:
     o = validate(options, OPTIONS, path)
     t = o["teacher"]
     if set(t) != {"experiment", "model"} or not all(isinstance(v, str) for v in t.values()):
-        raise option_error(path, "teacher", "a run of the plan as {experiment: <name>, model: <name>}", t)
+        raise config_error(f"{path}.teacher", "a run of the plan as {experiment: <name>, model: <name>}", t)
     b = o["latency_batches"]
     if not b or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in b):
-        raise option_error(path, "latency_batches", "a non-empty list of positive batch sizes", b)
+        raise config_error(f"{path}.latency_batches", "a non-empty list of positive batch sizes", b)
     if o["latency_warmup"] < 0:
-        raise option_error(path, "latency_warmup", "a non-negative integer", o["latency_warmup"])
+        raise config_error(f"{path}.latency_warmup", "a non-negative integer", o["latency_warmup"])
     if o["latency_repeats"] < 1:
-        raise option_error(path, "latency_repeats", "a positive integer", o["latency_repeats"])
+        raise config_error(f"{path}.latency_repeats", "a positive integer", o["latency_repeats"])
     check_kd_options(o, path)
     return o
-
-
-def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
-    return build_model(spec.model_cfg, num_classes)
 
 
 def teacher_checkpoint(spec: RunSpec, runs: Path) -> tuple[Path, str]:
@@ -93,8 +91,7 @@ def teacher_checkpoint(spec: RunSpec, runs: Path) -> tuple[Path, str]:
     h = spec.options["teacher_run"]["hash"]
     result = runs / h / "result.json"
     if not result.exists():
-        raise RuntimeError(f"run {spec.hash} ({spec.experiment} {spec.model} {spec.dataset} seed {spec.seed}): its "
-                           f"teacher run {h} has not finished ({result} missing); the train stage trains it first")
+        raise RuntimeError(f"run {spec.hash} ({spec.label}): its teacher run {h} has not finished ({result} missing); the train stage trains it first")
     return runs / h / "final.pt", read_json(result)["final_sha256"]
 
 
@@ -125,7 +122,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     # The student from the engine's seeded stream: its initialisation equals that of a conventional
     # run of the same model and seed (the no-distillation baseline); the teacher's shell (its weights
     # are loaded) does not move that stream.
-    student = ctx.prepare(build_model(spec.model_cfg, ctx.num_classes))
+    student = ctx.prepare(model_predictor(spec, ctx.num_classes))
     with torch.random.fork_rng(devices=[]):
         teacher = freeze(ctx.prepare(build_model(o["teacher_run"]["model_cfg"], ctx.num_classes)))
     epochs = spec.train["epochs"]
@@ -147,3 +144,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                 on_end=lambda: _student_measures(ctx, student, teacher),
                 tags={"latency_device": device_info(ctx.device)["device_name"],
                       "latency_dtype": "bf16" if ctx.amp else "fp32"})
+
+
+METHOD = Method("distill", OPTIONS, phases, validate=validate_options, supported_tasks=supported_tasks,
+                requires=requires)

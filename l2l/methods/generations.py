@@ -45,17 +45,20 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from l2l.config import ConfigError, RunSpec
+from l2l.checks import config_error
 from l2l.engine import Phase, RunContext
 from l2l.losses import TSD_NORMS, confidence_penalty_ce, label_smoothing_ce, tsd
+from l2l.methods.base import Method, model_predictor
 from l2l.methods.options import validate
-from l2l.methods.teaching import (LabelLoss, accuracy, check_kd_options, check_number, cross_entropy,
-                                  final_accuracies, freeze, kd_step, loss_step, option_error, output_measures,
-                                  train_mode)
-from l2l.models import build_model
+from l2l.methods.teaching import (LabelLoss, check_kd_options, check_number, final_accuracies, freeze, kd_step,
+                                  loss_step, output_measures, train_mode)
 from l2l.profiling import flops
 from l2l.pruning import count_parameters
-from l2l.tasks import SINGLE_LABEL
+from l2l.spec import RunSpec
+from l2l.tasks import SingleLabel
+
+# the label loss and the top-1 metric of the single-label task (generations train on CIFAR only)
+cross_entropy, accuracy = SingleLabel().loss, SingleLabel().score
 
 log = logging.getLogger(__name__)
 
@@ -75,29 +78,21 @@ OPTIONS: dict = {
 }
 
 
-def supported_tasks(options: dict) -> tuple[str, ...]:
-    return (SINGLE_LABEL,)  # softmax outputs and top-1 accuracy throughout
-
-
 def validate_options(options: dict, path: str) -> dict:
     o = validate(options, OPTIONS, path)
     if o["generations"] < 0:
-        raise option_error(path, "generations", "a non-negative integer", o["generations"])
+        raise config_error(f"{path}.generations", "a non-negative integer", o["generations"])
     if o["teacher_loss"] not in TEACHER_LOSSES:
-        raise option_error(path, "teacher_loss", "one of " + ", ".join(TEACHER_LOSSES), o["teacher_loss"])
+        raise config_error(f"{path}.teacher_loss", "one of " + ", ".join(TEACHER_LOSSES), o["teacher_loss"])
     if o["tsd_k"] < 2:
-        raise option_error(path, "tsd_k", "an integer >= 2 (the top class and at least one more)", o["tsd_k"])
+        raise config_error(f"{path}.tsd_k", "an integer >= 2 (the top class and at least one more)", o["tsd_k"])
     if o["tsd_norm"] not in TSD_NORMS:
-        raise option_error(path, "tsd_norm", "one of " + ", ".join(TSD_NORMS), o["tsd_norm"])
+        raise config_error(f"{path}.tsd_norm", "one of " + ", ".join(TSD_NORMS), o["tsd_norm"])
     check_number(o, "eta", path, 0.0)
     check_number(o, "epsilon", path, 0.0, 1.0, high_open=True)
     check_number(o, "beta", path, 0.0)
     check_kd_options(o, path)
     return o
-
-
-def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
-    return build_model(spec.model_cfg, num_classes)
 
 
 def teacher_loss(o: dict) -> LabelLoss:
@@ -160,14 +155,18 @@ def _measures(ctx: RunContext, models: list[nn.Module], g: int, probs: dict) -> 
     return out
 
 
+def check(spec: RunSpec, num_classes: int, path: str) -> None:
+    """Plan time: TSD's top-k fits the dataset's classes."""
+    if spec.options["tsd_k"] > num_classes:
+        raise config_error(f"{path}.tsd_k", f"at most the {num_classes} classes of {spec.dataset}", spec.options["tsd_k"])
+
+
 def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     o = spec.options
-    if o["tsd_k"] > ctx.num_classes:
-        raise ConfigError(f"params.yaml: experiments.{spec.experiment}.options.tsd_k: expected at most the "
-                          f"{ctx.num_classes} classes of {spec.dataset}, got {o['tsd_k']}")
+    check(spec, ctx.num_classes, f"experiments.{spec.experiment}.options")
     # All generations are built up front: each one's initialisation depends on the seed only
     # (gen0's equals a conventional run's), never on how long the earlier ones trained.
-    models = [ctx.prepare(build_model(spec.model_cfg, ctx.num_classes)) for _ in range(o["generations"] + 1)]
+    models = [ctx.prepare(model_predictor(spec, ctx.num_classes)) for _ in range(o["generations"] + 1)]
     patriarch_loss = teacher_loss(o)
     student_loss = patriarch_loss if o["tolerant_in_students"] else cross_entropy
     epochs = spec.train["epochs"]
@@ -191,3 +190,6 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                     {"sgd": opt}, step, predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)},
                     train_mode=train_mode(model, elders), on_epoch_start=on_epoch_start,
                     on_end=lambda g=g: _measures(ctx, models, g, probs))
+
+
+METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check)  # single-label only

@@ -46,17 +46,21 @@ the conventional run's: the equal-epochs and equal-updates baselines (convention
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from l2l.config import ConfigError, RunSpec
+from l2l.checks import ConfigError, config_error
 from l2l.engine import Phase, RunContext
+from l2l.losses import kd_objective
+from l2l.methods.base import Method, model_predictor
 from l2l.methods.options import validate
 from l2l.models import block_names, build_model
-from l2l.tasks import SINGLE_LABEL
+from l2l.spec import RunSpec
 
 READINGS = ("alternating", "mutual", "incremental")
 STEPS = ("alternating", "mutual")
@@ -90,11 +94,7 @@ def _split_option(v, path: str):
 
 def _choice(o: dict, key: str, choices: tuple[str, ...], path: str) -> None:
     if o[key] not in choices:
-        raise ConfigError(f"params.yaml: {path}.{key}: expected one of {', '.join(choices)}, got {o[key]!r}")
-
-
-def supported_tasks(options: dict) -> tuple[str, ...]:
-    return (SINGLE_LABEL,)  # softmax outputs and top-1 accuracy throughout
+        raise config_error(f"{path}.{key}", "one of " + ", ".join(choices), o[key])
 
 
 def validate_options(options: dict, path: str) -> dict:
@@ -104,16 +104,15 @@ def validate_options(options: dict, path: str) -> dict:
                          ("optimizer_state", OPTIMIZER_STATES)):
         _choice(o, key, choices, path)
     if o["temperature"] <= 0:
-        raise ConfigError(f"params.yaml: {path}.temperature: expected a positive number, got {o['temperature']!r}")
+        raise config_error(f"{path}.temperature", "a positive number", o["temperature"])
     for key in ("student_kd_weight", "teacher_kd_weight"):
         if not 0 <= o[key] <= 1:
-            raise ConfigError(f"params.yaml: {path}.{key}: expected a number in [0, 1], got {o[key]!r}")
+            raise config_error(f"{path}.{key}", "a number in [0, 1]", o[key])
     o["incremental_splits"] = [_split_option(v, f"{path}.incremental_splits[{i}]")
                                for i, v in enumerate(o["incremental_splits"])]
     e = o["incremental_epochs"]
     if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in e) or e != sorted(set(e)):
-        raise ConfigError(f"params.yaml: {path}.incremental_epochs: expected an increasing list of positive "
-                          f"epoch numbers, got {e!r}")
+        raise config_error(f"{path}.incremental_epochs", "an increasing list of positive epoch numbers", e)
     return o
 
 
@@ -152,16 +151,6 @@ def split_schedule(options: dict, names: list[str], epochs: int, path: str = "op
                           f"{len(points) - 1} increasing move epochs within 1..{epochs - 1}, got {starts} "
                           f"(too few epochs for the points?)")
     return [points[sum(e >= s for s in starts)] for e in range(epochs)]
-
-
-def distillation_loss(logits: torch.Tensor, target_logits: torch.Tensor, y: torch.Tensor, weight: float,
-                      temperature: float) -> torch.Tensor:
-    """(1 - w) * CE(labels) + w * T^2 * KL(softmax(target / T) || softmax(logits / T)); the
-    target is a constant (no gradient flows into the side that produced it)."""
-    logits, target = logits.float(), target_logits.detach().float()
-    kd = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(target / temperature, 1),
-                  reduction="batchmean", log_target=True)
-    return (1 - weight) * F.cross_entropy(logits, y) + weight * temperature ** 2 * kd
 
 
 def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -236,7 +225,7 @@ class LayerToLayer:
                 return loss, logits
             with torch.no_grad():
                 logits = self.teacher(h)
-            loss = distillation_loss(self.head(h), logits, y, self.o["student_kd_weight"], self.o["temperature"])
+            loss = self.distillation_loss(self.head(h), logits, y, self.o["student_kd_weight"])
         return loss, logits
 
     def teacher_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,8 +237,15 @@ class LayerToLayer:
             logits = self.teacher(h)
             if not self.mutual:
                 return F.cross_entropy(logits.float(), y), logits
-            loss = distillation_loss(logits, student_logits, y, self.o["teacher_kd_weight"], self.o["temperature"])
+            loss = self.distillation_loss(logits, student_logits, y, self.o["teacher_kd_weight"])
         return loss, logits
+
+    def distillation_loss(self, logits: torch.Tensor, target_logits: torch.Tensor, y: torch.Tensor,
+                          weight: float) -> torch.Tensor:
+        """Mutual learning: (1 - w) * CE(labels) + w * T^2 * KL(softmax(target / T) || softmax(logits / T)),
+        the target a constant (no gradient flows into the side that produced it)."""
+        return kd_objective(logits, target_logits.detach(), F.cross_entropy(logits.float(), y),
+                            self.o["temperature"], weight)
 
     def student_update(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, logits = self.student_loss(x, y)
@@ -269,13 +265,20 @@ class LayerToLayer:
         return F.cross_entropy(logits.detach().float(), y), logits
 
 
-def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
-    return build_model(spec.model_cfg, num_classes)
+def check(spec: RunSpec, num_classes: int, path: str) -> None:
+    """Plan time: the split points name blocks of the run's model and fit its epochs."""
+    split_schedule(spec.options, _block_names(json.dumps(spec.model_cfg, sort_keys=True)), spec.train["epochs"], path)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_names(model_cfg: str) -> list[str]:
+    with torch.device("meta"):  # the blocks' names only: nothing is allocated
+        return block_names(build_model(json.loads(model_cfg), 10))
 
 
 def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     o, epochs = spec.options, spec.train["epochs"]
-    model = predictor(spec, ctx.num_classes)  # first, so its initialisation is the conventional run's
+    model = model_predictor(spec, ctx.num_classes)  # first, so its initialisation is the conventional run's
     names = block_names(model)
     schedule = split_schedule(o, names, epochs, f"experiments.{spec.experiment}.options")
     step = o["incremental_step"] if o["reading"] == "incremental" else o["reading"]
@@ -303,3 +306,6 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                 on_epoch_start=on_epoch_start, on_end=on_end,
                 tags={"l2l.reading": o["reading"], "l2l.split": ">".join(moves),
                       "l2l.split_index": ">".join(str(k) for k in dict.fromkeys(schedule))})
+
+
+METHOD = Method("l2l", OPTIONS, phases, validate=validate_options, check=check)  # single-label only

@@ -35,12 +35,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from l2l.config import ConfigError, RunSpec
+from l2l.checks import config_error
 from l2l.engine import Phase, RunContext
+from l2l.methods.base import Method
 from l2l.methods.options import validate
 from l2l.models import ChannelMask, aux_head, build_model, layerwise_cnn_heads, stage_ends, stage_outputs
 from l2l.pruning import count_parameters, prune_lowest, slice_pruned, taylor_scores
-from l2l.tasks import SINGLE_LABEL
+from l2l.spec import RunSpec
 
 OPTIONS: dict = {
     # The run's predictor: "last" (trunk + last head, P3's prediction) or "ensemble" (all heads,
@@ -62,20 +63,16 @@ OPTIONS: dict = {
 PREDICTS = ("last", "ensemble")
 
 
-def supported_tasks(options: dict) -> tuple[str, ...]:
-    return (SINGLE_LABEL,)  # softmax outputs and top-1 accuracy throughout
-
-
 def validate_options(options: dict, path: str) -> dict:
     out = validate(options, OPTIONS, path)
     if out["predict"] not in PREDICTS:
-        raise ConfigError(f"params.yaml: {path}.predict: expected one of {', '.join(PREDICTS)}, got {out['predict']!r}")
+        raise config_error(f"{path}.predict", "one of " + ", ".join(PREDICTS), out["predict"])
     for key in ("aux_convs", "aux_width", "prune_to"):
         if out[key] < 0:
-            raise ConfigError(f"params.yaml: {path}.{key}: expected a non-negative integer, got {out[key]}")
+            raise config_error(f"{path}.{key}", "a non-negative integer", out[key])
     if out["prune_to"] and out["prune_finetune_epochs"] < 1:
-        raise ConfigError(f"params.yaml: {path}.prune_finetune_epochs: expected a positive integer with prune_to, "
-                          f"got {out['prune_finetune_epochs']}")
+        raise config_error(f"{path}.prune_finetune_epochs", "a positive integer with prune_to",
+                           out["prune_finetune_epochs"])
     return out
 
 
@@ -101,11 +98,11 @@ class StageEnsemble(nn.Module):
         return sum(w * heads[s](f) for s, (w, f) in enumerate(zip(self.weights, outs)))
 
 
-def _model_cfg(spec: RunSpec) -> dict:
+def _model_cfg(spec: RunSpec, path: str | None = None) -> dict:
     if spec.options["prune_to"]:
         if spec.model_cfg["arch"] != "layerwise_cnn":
-            raise ConfigError(f"params.yaml: experiments.{spec.experiment}.options.prune_to: pruning needs a "
-                              f"layerwise_cnn model, got {spec.model}")
+            raise config_error(f"{path or f'experiments.{spec.experiment}.options'}.prune_to",
+                               "a layerwise_cnn model (pruning masks its blocks' channels)", spec.model)
         return {**spec.model_cfg, "channel_mask": True}
     return spec.model_cfg
 
@@ -201,7 +198,7 @@ def _prune(ctx: RunContext, prefix: nn.Sequential, block: nn.Sequential, head: n
     mask = next(m for m in block.modules() if isinstance(m, ChannelMask))
     was = prefix.training, head.training
     prefix.eval(), head.eval()
-    batches = ctx.data.eval_batches("train", ctx.spec.train.get("eval_batch_size", 1000))
+    batches = ctx.data.eval_batches("train", ctx.spec.train["eval_batch_size"])
     prune_lowest(mask, taylor_scores(prefix, head, batches, ctx.autocast), keep)
     prefix.train(was[0]), head.train(was[1])
 
@@ -216,3 +213,11 @@ def _stage_metrics(ctx: RunContext, model: nn.Sequential, heads: nn.ModuleList, 
     out["ensemble_test_acc"] = ctx.evaluate(ens, "test")["acc"]
     out["params"] = float(count_parameters(slice_pruned(pred) if ctx.spec.options["prune_to"] else pred))
     return out
+
+
+def check(spec: RunSpec, num_classes: int, path: str) -> None:
+    """Plan time: pruning only on a model whose blocks can be masked."""
+    _model_cfg(spec, path)
+
+
+METHOD = Method("layerwise", OPTIONS, phases, validate=validate_options, predictor=predictor, check=check)

@@ -1,7 +1,7 @@
 """Validation of a method's options against its declared defaults."""
 from __future__ import annotations
 
-from l2l.config import ConfigError
+from l2l.checks import config_error
 
 
 def validate(options: dict, defaults: dict, path: str) -> dict:
@@ -9,13 +9,18 @@ def validate(options: dict, defaults: dict, path: str) -> dict:
     out = dict(defaults)
     for k, v in options.items():
         if k not in defaults:
-            known = ", ".join(sorted(defaults)) or "none"
-            raise ConfigError(f"params.yaml: {path}.{k}: unknown option (known: {known})")
+            raise config_error(f"{path}.{k}", "one of " + (", ".join(sorted(defaults)) or "no options"),
+                               problem="unknown option")
         d = defaults[k]
         if d is not None and not _same_kind(v, d):
-            raise ConfigError(f"params.yaml: {path}.{k}: expected {type(d).__name__}, got {v!r}")
+            raise config_error(f"{path}.{k}", _kind_name(d), v)
         out[k] = v
     return out
+
+
+def _kind_name(d) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(d), type(d).__name__)
 
 
 def _same_kind(v, d) -> bool:

@@ -7,9 +7,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from l2l.config import ConfigError
+from l2l.checks import number
 from l2l.engine import RunContext, StepFn
 from l2l.losses import entropy, kd_objective
 from l2l.profiling import flops, latencies
@@ -19,19 +18,10 @@ LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (normalised images, labels) -> teacher logits
 
 
-def option_error(path: str, key: str, expected: str, got) -> ConfigError:
-    return ConfigError(f"params.yaml: {path}.{key}: expected {expected}, got {got!r}")
-
-
 def check_number(o: dict, key: str, path: str, low: float, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> None:
     """o[key] must lie in the interval low..high (open ends where asked)."""
-    v = o[key]
-    ok = (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
-    if not ok:
-        interval = ("(" if low_open else "[") + f"{low}, " + ("inf)" if high is None else f"{high}" +
-                                                              (")" if high_open else "]"))
-        raise option_error(path, key, f"a number in {interval}", v)
+    number(o[key], f"{path}.{key}", low, high, low_open, high_open)
 
 
 def check_kd_options(o: dict, path: str) -> None:
@@ -79,10 +69,6 @@ def kd_step(ctx: RunContext, student: nn.Module, opt: torch.optim.Optimizer, tea
     return step
 
 
-def accuracy(probs_or_logits: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * (probs_or_logits.argmax(1) == y).float().mean().item()
-
-
 def output_measures(logits: torch.Tensor) -> dict[str, float]:
     """How peaked a model's outputs are: mean top-1 softmax probability and mean entropy (nats)."""
     return {"confidence": logits.softmax(1).max(1).values.mean().item(),
@@ -111,7 +97,3 @@ def profile(ctx: RunContext, models: dict[str, nn.Module], batches: list[int], w
             out[name][f"latency_{dtype}_b{b}_ms"] = t["median_ms"]
             out[name][f"latency_{dtype}_b{b}_iqr_ms"] = t["iqr_ms"]
     return out
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), y)
