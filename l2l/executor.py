@@ -83,7 +83,7 @@ def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> d
         device = pick_device()
         if device.type == "cpu" and worker.cpu_threads:
             torch.set_num_threads(worker.cpu_threads)
-        key = (os.getcwd(), str(device), data)
+        key = (os.getcwd(), str(device), repr(data))
         if key not in _DATA:
             _DATA.clear()
             _DATA[key] = DeviceDataCache(data, device)

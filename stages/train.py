@@ -6,7 +6,7 @@ its last epoch checkpoint. Where the runs execute (this process, worker processe
 Ray, Slurm) is params.yaml's `executor` (l2l/executor.py).
 """
 from l2l import stage
-from l2l.claims import load_claims
+from l2l.claims import CLAIMS_FILE, load_claims
 from l2l.config import prepared_plan
 from l2l.engine import device_info, pick_device
 from l2l.executor import run_plan
@@ -14,7 +14,8 @@ from l2l.executor import run_plan
 
 def run() -> None:
     config, specs, _ = prepared_plan()
-    load_claims(config)  # a claim naming no run of params.yaml fails now, not after all training
+    if CLAIMS_FILE.exists():  # a claim naming no run of params.yaml fails now, not after all training
+        load_claims(config)
     backend = config.executor["backend"]
     profile = config.profile.name
     todo = [s for s in specs if not (stage.RUNS / s.hash / "result.json").exists()]

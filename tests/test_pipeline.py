@@ -152,13 +152,15 @@ def test_failed_run_is_marked_failed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_stage("data")
-    from l2l.methods import conventional
+    import dataclasses
+
+    from l2l.methods import METHODS
 
     def broken(spec, ctx):
         raise RuntimeError("loss is NaN")
         yield
 
-    monkeypatch.setattr(conventional, "phases", broken)
+    monkeypatch.setitem(METHODS, "conventional", dataclasses.replace(METHODS["conventional"], phases=broken))
     with pytest.raises(RuntimeError, match="loss is NaN"):
         run_stage("train")
     import mlflow
