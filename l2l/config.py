@@ -268,11 +268,13 @@ def resolve_profile(params: dict, name: str | None = None) -> Profile:
     for e, ecfg in experiments.items():
         epath = f"{path}.experiments.{e}"
         _mapping(ecfg, epath)
-        known = {"method", "models", "datasets", "train", "options"}
+        known = {"method", "models", "datasets", "train", "options", "seeds"}
         for k in ecfg:
             if k not in known:
                 raise _fail(f"{epath}.{k}", "one of the keys " + ", ".join(sorted(known)), k)
         method = _choice(_get(ecfg, "method", epath), f"{epath}.method", list(METHODS))
+        if "seeds" in ecfg:  # per-experiment seeds (chosen from the claims' power, params.yaml)
+            _seeds(ecfg["seeds"], f"{epath}.seeds")
         _str_list(ecfg.get("models", list(models)), f"{epath}.models", list(models))
         exp_datasets = _str_list(ecfg.get("datasets", datasets), f"{epath}.datasets", DATASETS)
         validate_train(deep_merge(train, _mapping(ecfg.get("train", {}), f"{epath}.train")), f"{epath}.train")
@@ -304,7 +306,7 @@ def plan(params: dict, fingerprints: dict[str, str] | None = None, profile: str 
         for model in ecfg.get("models", list(prof.models)):
             for dataset in [d for d in ecfg.get("datasets", prof.datasets) if d in prof.datasets]:
                 data = {**dataset_data(params, prof, dataset), "fingerprint": (fingerprints or {}).get(dataset)}
-                for seed in prof.seeds:
+                for seed in ecfg.get("seeds", prof.seeds):
                     specs.append(RunSpec(exp, ecfg["method"], model, dataset, seed,
                                          prof.models[model], train, options, data))
     return _resolve_required_runs(specs, prof)

@@ -3,23 +3,22 @@ results/claims.json (+ per-claim metrics for `dvc metrics diff`) and one MLflow 
 import pandas as pd
 
 from l2l import stage
-from l2l.claims import check, load_claims, load_predictions
+from l2l.claims import check, load_claims, load_predictions, stats_settings
 from l2l.config import load_params
 from l2l.io import write_json
 from l2l.layerwise_analysis import record_stage_figure
-from l2l.stats import __doc__ as VERDICT_RULE
+from l2l.stats import VERDICT_RULE
 from l2l.tracking import log_claims, log_figure
 
 
 def run() -> None:
     params = load_params()
-    settings = {"alpha": 0.05, "min_seeds": 2, "bootstrap_resamples": 9999, **params.get("stats", {})}
+    settings = stats_settings(params)
     claims = load_claims(params)
     runs = pd.read_csv(stage.RESULTS / "runs.csv")
     phases = pd.read_csv(stage.RESULTS / "phases.csv")
     records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), params["profile"],
-                    alpha=settings["alpha"], min_seeds=settings["min_seeds"],
-                    n_resamples=settings["bootstrap_resamples"])
+                    alpha=settings["alpha"], min_seeds=settings["min_seeds"])
     mlflow_ids = log_claims(params["profile"], records)
     for rec in records:  # per-stage claims carry their architecture's per-stage figure
         fig = record_stage_figure(rec, phases)
@@ -27,12 +26,11 @@ def run() -> None:
             log_figure(mlflow_ids[rec["id"]], fig, f"stages_{rec['id']}.png")
     for rec in records:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])
-    rule = VERDICT_RULE[VERDICT_RULE.index("Verdict rule"):].strip()
     write_json(stage.RESULTS / "claims.json", {"profile": params["profile"], "settings": settings,
-                                               "verdict_rule": rule, "claims": records})
+                                               "verdict_rule": VERDICT_RULE, "claims": records})
     write_json(stage.RESULTS / "claims_metrics.json", {
         r["id"]: {k: (r.get("comparison") or {}).get(k) for k in ("diff", "ci_low", "ci_high", "mean_a", "n_a")}
-        | {"p_holm": r.get("p_holm")} for r in records})
+        | {"p_holm": r.get("p_holm"), "p_contra_holm": r.get("p_contra_holm")} for r in records})
     counts = pd.Series([r["verdict"] for r in records]).value_counts().to_dict()
     stage.log.info("claims: %d checked: %s", len(records), counts)
 
