@@ -300,24 +300,27 @@ def planning_sd(claim: Claim, run_sd: float) -> float:
     return run_sd if claim.kind == "reported_value" else run_sd * DIFF_SD_FACTOR
 
 
-def power_table(params: dict, profile: str, claims: list[Claim]) -> list[dict]:
-    """Per claim whose arms the profile trains: its family and size, planned seeds per arm (the
-    fewest of its arms' experiments), the rule's power at the effect of interest with them under
-    stats.planning_sd, and the seeds per arm for 80%."""
-    st = stats_settings(params)
+def profile_claims(params: dict, profile: str, claims: list[Claim]) -> list[tuple[Claim, int, int]]:
+    """The claims whose arms the profile trains, each with its planned seeds per arm (the fewest
+    of its arms' experiments) and the number of tests in its family in this profile."""
     prof = resolve_profile(params, profile)
-    seeds = {e: len(ecfg.get("seeds", prof.seeds)) for e, ecfg in prof.experiments.items()
-             if any(d in prof.datasets for d in ecfg.get("datasets", prof.datasets))}
+    seeds = {e: len(ecfg.get("seeds", prof.seeds)) for e, ecfg in prof.experiments.items()}
     trained = {(e, m, d) for e, ecfg in prof.experiments.items() for m in ecfg.get("models", list(prof.models))
                for d in ecfg.get("datasets", prof.datasets) if d in prof.datasets}
     mine = [c for c in claims if all((a.experiment, a.model, c.dataset) in trained for a in c.arms)]
     sizes: dict[str, int] = {}
     for c in mine:
         sizes[c.family_key] = sizes.get(c.family_key, 0) + 1
+    return [(c, min(seeds[a.experiment] for a in c.arms), sizes[c.family_key]) for c in mine]
+
+
+def power_table(params: dict, profile: str, claims: list[Claim]) -> list[dict]:
+    """Per claim whose arms the profile trains: its family and size, planned seeds per arm (the
+    fewest of its arms' experiments), the rule's power at the effect of interest with them under
+    stats.planning_sd, and the seeds per arm for 80%."""
+    st = stats_settings(params)
     rows = []
-    for c in mine:
-        n = min(seeds[a.experiment] for a in c.arms)
-        m = sizes[c.family_key]
+    for c, n, m in profile_claims(params, profile, claims):
         sd = planning_sd(c, st["planning_sd"])
         power, how = claim_power(c, n, sd, st["alpha"], m)
         rows.append({"claim": c.id, "kind": c.kind, "family": c.family_key, "family_tests": m, "seeds": n,
@@ -353,10 +356,10 @@ def _compare(claim: Claim, ctx: Context) -> tuple[stats.Comparison, list[stats.C
 
 
 def decide(claims: list[Claim], comps: list[stats.Comparison | None], alpha: float,
-           min_seeds: int) -> list[dict | None]:
+           min_seeds: int, power: bool = True) -> list[dict | None]:
     """The verdicts of checked claims (comps[i] None = not run): Holm within each family, separately for
     the supporting and the contradicting p; fills each comparison's family size, adjusted interval,
-    power and seeds needed. -> per claim {verdict, reason, p_holm, p_contra_holm, family} or None."""
+    power and seeds needed (power=False skips those: they never change a verdict). -> per claim {verdict, reason, p_holm, p_contra_holm, family} or None."""
     out: list[dict | None] = [None] * len(claims)
     families: dict[str, list[int]] = {}
     for i, (cl, c) in enumerate(zip(claims, comps)):
@@ -371,7 +374,7 @@ def decide(claims: list[Claim], comps: list[stats.Comparison | None], alpha: flo
             assert c is not None
             stats.adjust(c, m, alpha)
             n = min(c.n_a, c.n_b) if c.n_b else c.n_a
-            if c.sd is not None and c.sd > 0:
+            if power and c.sd is not None and c.sd > 0:
                 c.power = claim_power(cl, n, c.sd, alpha, m)[0] if n >= 2 else None
                 c.seeds_needed = seeds_needed(cl, c.sd, alpha, m, start=max(min_seeds, 2))
             v, r = stats.verdict(c, alpha=alpha, p_adjusted=p, p_contra_adjusted=pc, min_seeds=min_seeds)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from l2l.config import ConfigError, load_params
 from l2l.cost import THROUGHPUT_FILE, RunCost, load_throughput, run_costs
+from l2l.stats import MAX_SEEDS
 
 GROUP = ("experiment", "method", "model", "dataset")
 
@@ -81,7 +82,23 @@ def _claims(params: dict, profile: str, costs: list[RunCost], path: Path) -> lis
         n_done = sum(c.done for c in mine)
         rows.append([cl.id, label, cl.dataset, len(mine), n_done, len(mine) - n_done, _hours(_sum(mine))])
     return ["A run serving several claims counts in each.", ""] + _table(
-        ["claim", "arms", "dataset", "runs", "done", "remaining", "remaining hours"], rows)
+        ["claim", "arms", "dataset", "runs", "done", "remaining", "remaining hours"], rows) + \
+        ["", "## Power per claim", ""] + _power(params, profile, claims)
+
+
+def _power(params: dict, profile: str, claims: list) -> list[str]:
+    from l2l.claims import power_table, stats_settings
+
+    st = stats_settings(params)
+    rows = [[r["claim"], f"{r['family']} ({r['family_tests']})", r["kind"], r["seeds"],
+             "-" if r["effect"] is None else f"{r['effect']:g}", f"{r['sd']:.2f}",
+             "-" if r["power"] is None else f"{'>= ' if r['power_how'] == 'lower bound' else ''}{100 * r['power']:.0f}%",
+             r["seeds_for_80"] or f"> {MAX_SEEDS}"] for r in power_table(params, profile, claims)]
+    return [f"Power of the full verdict rule (l2l/stats.py) at each claim's effect of interest (superiority: the "
+            f"paper's difference or min_effect; equivalence / reported value: truly equal, against the margin / "
+            f"tolerance), between-seed sd stats.planning_sd = {st['planning_sd']} points per run (x sqrt 2 for a "
+            f"difference), each test at its family's first Holm level alpha/m (alpha {st['alpha']}).", ""] + _table(
+        ["claim", "family (tests)", "kind", "seeds per arm", "effect / bound", "sd", "power", "seeds for 80%"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
