@@ -17,7 +17,10 @@ def test_repo_params_valid_for_every_profile(params):
         specs = plan(params, profile=name)
         assert specs and len({s.hash for s in specs}) == len(specs)
         prof = resolve_profile(params, name)
-        assert all(s.seed in prof.seeds for s in specs)
+        assert all(s.seed in prof.experiments[s.experiment].get("seeds", prof.seeds) for s in specs)
+    paper = resolve_profile(params, "paper")  # per-experiment seeds (chosen from the claims' power)
+    assert {s.seed for s in plan(params, profile="paper") if s.experiment == "layerwise"} == \
+        set(paper.experiments["layerwise"]["seeds"]) != set(paper.seeds)
 
 
 def test_smoke_extends_paper_and_overrides(params):
