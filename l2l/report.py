@@ -326,7 +326,7 @@ def claims_sections(doc: Doc, results: Path) -> None:
               + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "") + ".")
         doc.p(f"Protocol here: {rec['protocol']}")
         arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": _arm_model(a), "n": len(a["values"]),
-                              "per seed": ", ".join(f"s{s}: {v:.2f}" for s, v in a["values"].items())}
+                              "per seed": ", ".join(f"s{s}: {_num(v)}" for s, v in a["values"].items())}
                              for n, a in rec["arms"].items()])
         doc.table(arms)
         c = rec["comparison"]

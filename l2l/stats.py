@@ -35,7 +35,7 @@ VERDICT_RULE = """\
 Every claim gets supported, contradicted or inconclusive, with a reason. alpha (params stats.alpha) is the error rate per family.
 Families: each claim record names a family (default: its paper) and a role; primary claims of a family form one family, its sensitivity claims (other readings of an ambiguous method) a second one, "<family>/sensitivity". Holm's correction runs within a family, separately for the supporting and for the contradicting test of each claim; McNemar is descriptive and in no family.
 Runs pair on the seeds both arms have (the others are named); with fewer than 2 shared seeds Welch tests are used. Diverged (non-finite) runs are dropped and named in the reason. Fewer than min_seeds (at least 3) values in an arm: inconclusive.
-Intervals: the 95% (1 - alpha) t-interval of the mean (difference), and the family-adjusted (Bonferroni, 1 - alpha/m) t-interval; no bootstrap.
+Intervals: the 95% (1 - alpha) t-interval of the mean (difference), and the family-adjusted t-interval whose each bound is at the family's first Holm level alpha/m (two-sided 1 - 2 alpha/m: a one-sided test at alpha/m rejects exactly when its bound excludes the null); no bootstrap.
 Superiority A > B (effect of interest min_effect): supported if the one-sided paired t-test of diff > 0 has Holm p < alpha; contradicted if the one-sided test of diff < min_effect (diff < 0 without a min_effect) has Holm p < alpha, i.e. the family-adjusted upper bound lies below min_effect: no meaningful effect is a finding; contradiction wins when both hold.
 Ordering A1 < A2 < ...: every step a superiority test at the same adjusted level; supported if every step is (intersection-union: p = the largest step p); contradicted if any step is (p = the smallest step p times the number of steps).
 Equivalence |A - B| < margin: supported if the TOST p (both one-sided tests against -+margin) has Holm p < alpha; contradicted if the difference is shown outside the margin (p = twice the smaller one-sided p of diff > margin, diff < -margin), i.e. each side at alpha/2.
@@ -76,7 +76,7 @@ class Comparison:
     zero_variance: bool = False
     dropped: list[str] = field(default_factory=list)  # runs left out: "arm a seed 3 (non-finite)"
     family_size: int | None = None  # m of its family (set by l2l.claims)
-    adj_ci_low: float | None = None  # (1 - alpha/m) t-interval
+    adj_ci_low: float | None = None  # t-interval with each bound at alpha/m
     adj_ci_high: float | None = None
     power: float | None = None  # power of the full rule at the effect of interest, these seeds
 
@@ -556,7 +556,8 @@ def _verdict(c: Comparison, alpha: float, p: float | None, pc: float | None, min
         return "inconclusive", f"TOST not significant: {stat}{_tail(c)}"
     # superiority, ordering and the intersection-union kinds (saturation, ...)
     if con:
-        why = "A is worse than B" if c.ci_high < 0 else "effect shown below what matters"
+        why = "A is worse than B" if c.ci_high < 0 else \
+            f"effect shown below what matters (min_effect {_fmt(c.min_effect)}, the contradicting test)"
         return "contradicted", f"{why}: {stat}"
     if sup:
         return "supported", f"A > B: {stat}"
@@ -583,8 +584,8 @@ def _zero_variance_verdict(c: Comparison, n: int) -> tuple[str, str]:
 
 
 def adjust(c: Comparison, m: int, alpha: float) -> None:
-    """Set the family size and the family-adjusted (Bonferroni, 1 - alpha/m) interval."""
+    """Set the family size and the family-adjusted interval: each bound at alpha/m (two-sided 1 - 2 alpha/m)."""
     c.family_size = m
     if c.se is not None and c.df is not None and c.se > 0:
         est = c.mean_a if c.kind == "reported_value" else c.diff
-        c.adj_ci_low, c.adj_ci_high = t_interval(est, c.se, c.df, 1 - alpha / m)
+        c.adj_ci_low, c.adj_ci_high = t_interval(est, c.se, c.df, 1 - 2 * alpha / m)
