@@ -314,16 +314,18 @@ def profile_claims(params: dict, profile: str, claims: list[Claim]) -> list[tupl
     return [(c, min(seeds[a.experiment] for a in c.arms), sizes[c.family_key]) for c in mine]
 
 
-def power_table(params: dict, profile: str, claims: list[Claim]) -> list[dict]:
+def power_table(params: dict, profile: str, claims: list[Claim], measured: dict[str, float] | None = None) -> list[dict]:
     """Per claim whose arms the profile trains: its family and size, planned seeds per arm (the
-    fewest of its arms' experiments), the rule's power at the effect of interest with them under
-    stats.planning_sd, and the seeds per arm for 80%."""
+    fewest of its arms' experiments), the rule's power at the effect of interest with them, and the
+    seeds per arm for 80%; sd = the measured sd of the claim's tested quantity (`measured`: claim id
+    -> sd, from results/claims.json) where runs exist, else from stats.planning_sd."""
     st = stats_settings(params)
     rows = []
     for c, n, m in profile_claims(params, profile, claims):
-        sd = planning_sd(c, st["planning_sd"])
+        sd = (measured or {}).get(c.id) or planning_sd(c, st["planning_sd"])
         power, how = claim_power(c, n, sd, st["alpha"], m)
         rows.append({"claim": c.id, "kind": c.kind, "family": c.family_key, "family_tests": m, "seeds": n,
+                     "sd_source": "measured" if (measured or {}).get(c.id) else "planning_sd",
                      "effect": effect_of_interest(c) if c.kind not in ("equivalence", "reported_value")
                      else power_bound(c), "sd": sd, "power": power, "power_how": how,
                      "seeds_for_80": seeds_needed(c, sd, st["alpha"], m, start=st["min_seeds"])})
