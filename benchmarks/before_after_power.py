@@ -1,6 +1,7 @@
 """`python benchmarks/before_after_power.py [replicates]`: before/after power of three claims at the paper profile, planning sd 0.6 per run, normal seeds.
 Before: the rule of 1254cba (l2l/stats.py then), 5 seeds, Holm over all 67 claims (first step: p x 67,
-others null), BCa bootstrap 999 resamples. After: the new rule's analytic power (l2l plan) and a simulation."""
+others null), BCa bootstrap 999 resamples. Prints the before figures (P(supported) with its Monte Carlo
+s.e.); the after figures are `l2l plan`'s power column and benchmarks/calibration.py's table."""
 import importlib.util
 import subprocess
 import sys
@@ -13,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 OLD = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
 OLD.write(subprocess.run(["git", "-C", str(REPO), "show", "1254cba:l2l/stats.py"], capture_output=True, text=True,
                          check=True).stdout)
-OLD.close()
+OLD.close()  # the old module is read from git, never from the work tree
 spec = importlib.util.spec_from_file_location("old_stats", OLD.name)
 old = importlib.util.module_from_spec(spec)
 sys.modules["old_stats"] = old
@@ -40,3 +41,4 @@ for name, n_old in (("P1-C1 superiority +0.5", 5), ("P3-C1 reported value, truth
     p = np.mean(hits); res[name] = (p, np.sqrt(p * (1 - p) / R))
 for k, (p, se) in res.items():
     print(f"before | {k} | {100*p:.1f} ± {100*se:.1f}%")
+Path(OLD.name).unlink()
