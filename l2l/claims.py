@@ -2,8 +2,9 @@
 
 A claim names its arms (an experiment of params.yaml, a model, the claim's dataset); the runs
 of each arm pair by seed. Every claim of the registry appears in the output: checked, or
-"not run" with the reason (its arms are not in the active profile). Holm's correction runs
-across the family of all claims checked in one report.
+"not run" with the reason (its arms are not in the active profile). Each claim belongs to a family
+(`family`, default its paper; `role: sensitivity` puts it in "<family>/sensitivity"); Holm's
+correction runs within a family (l2l.stats.VERDICT_RULE).
 """
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ import yaml
 
 from l2l import stats
 from l2l.checks import ConfigError
-from l2l.config import Config
+from l2l.config import Config, Profile
 from l2l.layerwise_analysis import early_overfit_check, saturation_check
 
 CLAIMS_FILE = Path("claims.yaml")
 TWO_ARM_KINDS = ("superiority", "equivalence")
 BUILTIN_KINDS = ("superiority", "equivalence", "ordering", "reported_value")
 REQUIRED = ("id", "paper", "claim", "kind", "metric", "dataset", "arms", "reported", "protocol")
+OPTIONAL = ("margin", "min_effect", "tolerance", "family", "role", "role_reason")
+ROLES = ("primary", "sensitivity")
+DIFF_SD_FACTOR = math.sqrt(2)  # planning: a difference of two independent runs has sqrt(2) x one run's sd
 
 
 @dataclass
@@ -54,6 +58,15 @@ class Claim:
     margin: float | None = None
     min_effect: float | None = None
     extra: dict = field(default_factory=dict)  # fields of custom kinds (e.g. a saturation threshold)
+    tolerance: float | None = None  # reported_value: points from the paper's number that still reproduce it
+    family: str = ""  # the multiplicity family (default: the paper)
+    role: str = "primary"  # primary | sensitivity (another reading of what the paper left open)
+    role_reason: str = ""
+
+    @property
+    def family_key(self) -> str:
+        """Where Holm runs: the family, or its sensitivity family."""
+        return self.family if self.role == "primary" else f"{self.family}/sensitivity"
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -75,7 +88,6 @@ class Context:
     runs: pd.DataFrame
     phases: pd.DataFrame
     alpha: float
-    n_resamples: int
 
 
 # A custom kind: (claim, ctx, arm values) -> (Comparison, its raw p for Holm, extra numbers for the report).
@@ -131,19 +143,33 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
         if rec["kind"] not in kinds:
             raise _err(cid, "kind", f"expected one of {', '.join(kinds)}, got {rec['kind']!r}")
         arms = _arms(cid, rec, experiments)
-        margin = rec.get("margin")
-        margin = config.stats["margins"].get(cid, margin)
+        st = config.stats
+        margin = st["margins"].get(cid, rec.get("margin"))
         if rec["kind"] == "equivalence" and (not isinstance(margin, (int, float)) or margin <= 0):
             raise _err(cid, "margin", f"expected a positive number for an equivalence claim, got {margin!r}")
+        tolerance = st["tolerances"].get(cid, rec.get("tolerance"))
+        if rec["kind"] == "reported_value" and (not isinstance(tolerance, (int, float)) or tolerance <= 0):
+            raise _err(cid, "tolerance", "expected a positive number (points from the paper's number that still "
+                                         f"reproduce it) for a reported_value claim, got {tolerance!r}")
+        if rec.get("min_effect") is not None and not (isinstance(rec["min_effect"], (int, float))
+                                                      and rec["min_effect"] > 0):
+            raise _err(cid, "min_effect", f"expected a positive number, got {rec['min_effect']!r}")
+        role = rec.get("role", "primary")
+        if role not in ROLES:
+            raise _err(cid, "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        family = rec.get("family", rec["paper"])
+        if not isinstance(family, str) or not family:
+            raise _err(cid, "family", f"expected a non-empty name, got {family!r}")
         reported = rec["reported"]
         if not (reported == "not public" or isinstance(reported, dict) and "source" in reported):
             raise _err(cid, "reported", "expected 'not public' or a mapping with value (or per-arm values) and source")
         if rec["kind"] == "reported_value" and not isinstance(reported, dict):
             raise _err(cid, "reported", "a reported_value claim needs the paper's value")
-        known = set(REQUIRED) | {"margin", "min_effect"}
+        known = set(REQUIRED) | set(OPTIONAL)
         out.append(Claim(cid, rec["paper"], doc["papers"][rec["paper"]], rec["claim"], rec["kind"], rec["metric"],
                          rec["dataset"], arms, reported, rec["protocol"], margin, rec.get("min_effect"),
-                         {k: v for k, v in rec.items() if k not in known}))
+                         {k: v for k, v in rec.items() if k not in known}, tolerance, family, role,
+                         rec.get("role_reason", "")))
     return out
 
 
@@ -209,43 +235,140 @@ def _mcnemar(claim: Claim, runs: pd.DataFrame, preds: Any) -> float | None:
     return stats.combine_mcnemar(ps)
 
 
-def _effect_of_interest(claim: Claim) -> float | None:
+def effect_of_interest(claim: Claim) -> float | None:
+    """The effect the rule's power is computed at: the paper's reported difference, else min_effect
+    (0 for equivalence and reported values: power to show agreement when there is agreement)."""
+    if claim.kind in ("equivalence", "reported_value"):
+        return 0.0
     r = claim.reported
-    if isinstance(r, dict) and "a" in r and "b" in r:
+    if claim.kind == "superiority" and isinstance(r, dict) and "a" in r and "b" in r:
         return float(r["a"]) - float(r["b"])
+    steps = [a.name for a in claim.arms]
+    if claim.min_effect is None and claim.kind == "ordering" and isinstance(r, dict) and set(steps) <= set(r):
+        return min(float(r[b]) - float(r[a]) for a, b in zip(steps, steps[1:]))  # the paper's smallest step
     return claim.min_effect
+
+
+def power_bound(claim: Claim) -> float | None:
+    """The bound a claim's second test is against: margin, tolerance or saturation threshold."""
+    if claim.kind == "equivalence":
+        return claim.margin
+    if claim.kind == "reported_value":
+        return claim.tolerance
+    return claim.extra.get("threshold") if claim.kind == "saturation" else None
+
+
+def claim_power(claim: Claim, n: int, sd: float, alpha: float, m: int) -> tuple[float | None, str]:
+    """Power of the full rule for this claim with n seeds per arm, per-seed sd `sd` of the tested
+    difference (of one arm for a reported value), in a family of m tests."""
+    parts = len(claim.arms) - 1 if claim.kind == "ordering" else 1
+    return stats.rule_power(claim.kind, n, sd, alpha / max(m, 1), effect=effect_of_interest(claim),
+                            bound=power_bound(claim), parts=parts)
+
+
+def seeds_needed(claim: Claim, sd: float, alpha: float, m: int, start: int = 3) -> int | None:
+    return stats.seeds_for_power(lambda n: claim_power(claim, n, sd, alpha, m)[0], start=start)
+
+
+def planning_sd(claim: Claim, run_sd: float) -> float:
+    """The sd of the tested per-seed quantity from the between-seed sd of one run's metric."""
+    return run_sd if claim.kind == "reported_value" else run_sd * DIFF_SD_FACTOR
+
+
+def profile_claims(prof: Profile, claims: list[Claim]) -> list[tuple[Claim, int, int]]:
+    """The claims whose arms the profile trains, each with its planned seeds per arm (the fewest
+    of its arms' experiments) and the number of tests in its family in this profile."""
+    seeds = {e: len(exp.seeds) for e, exp in prof.experiments.items()}
+    trained = {(e, m, d) for e, exp in prof.experiments.items() for m in exp.models for d in exp.datasets}
+    mine = [c for c in claims if all((a.experiment, a.model, c.dataset) in trained for a in c.arms)]
+    sizes: dict[str, int] = {}
+    for c in mine:
+        sizes[c.family_key] = sizes.get(c.family_key, 0) + 1
+    return [(c, min(seeds[a.experiment] for a in c.arms), sizes[c.family_key]) for c in mine]
+
+
+def power_table(config: Config, claims: list[Claim], measured: dict[str, float] | None = None) -> list[dict]:
+    """Per claim whose arms the profile trains: its family and size, planned seeds per arm (the
+    fewest of its arms' experiments), the rule's power at the effect of interest with them, and the
+    seeds per arm for 80%; sd = the measured sd of the claim's tested quantity (`measured`: claim id
+    -> sd, from results/claims.json) where runs exist, else from stats.planning_sd."""
+    st = config.stats
+    rows = []
+    for c, n, m in profile_claims(config.profile, claims):
+        sd = (measured or {}).get(c.id) or planning_sd(c, st["planning_sd"])
+        power, how = claim_power(c, n, sd, st["alpha"], m)
+        rows.append({"claim": c.id, "kind": c.kind, "family": c.family_key, "family_tests": m, "seeds": n,
+                     "sd_source": "measured" if (measured or {}).get(c.id) else "planning_sd",
+                     "effect": effect_of_interest(c) if c.kind not in ("equivalence", "reported_value")
+                     else power_bound(c), "sd": sd, "power": power, "power_how": how,
+                     "seeds_for_80": seeds_needed(c, sd, st["alpha"], m, start=st["min_seeds"])})
+    return rows
+
+
+def compare_values(claim: Claim, vals: dict[str, dict], alpha: float) -> tuple[stats.Comparison, list]:
+    """The built-in kinds' comparison from arm name -> {seed: value} -> (comparison, ordering steps)."""
+    if claim.kind == "superiority":
+        return stats.compare_superiority(vals["a"], vals["b"], alpha=alpha, min_effect=claim.min_effect,
+                                         effect_of_interest=effect_of_interest(claim)), []
+    if claim.kind == "equivalence":
+        return stats.compare_equivalence(vals["a"], vals["b"], margin=claim.margin, alpha=alpha), []
+    if claim.kind == "reported_value":
+        return stats.compare_reported(vals["a"], float(claim.reported["value"]), tolerance=claim.tolerance,
+                                      alpha=alpha), []
+    if claim.kind == "ordering":
+        return stats.compare_ordering([vals[a.name] for a in claim.arms], alpha=alpha, min_effect=claim.min_effect)
+    raise ValueError(f"{claim.id}: kind {claim.kind!r} is not built in")
 
 
 def _compare(claim: Claim, ctx: Context) -> tuple[stats.Comparison, list[stats.Comparison], dict]:
     """-> (comparison, ordering steps, extra numbers)."""
+    if claim.kind in CUSTOM_KINDS:
+        comp, extra = CUSTOM_KINDS[claim.kind](claim, ctx)
+        return comp, [], extra
     vals = {a.name: arm_values(ctx.runs, claim, a, ctx.phases) for a in claim.arms}
-    kw = {"alpha": ctx.alpha, "n_resamples": ctx.n_resamples}
-    if claim.kind == "superiority":
-        return stats.compare_superiority(vals["a"], vals["b"], effect_of_interest=_effect_of_interest(claim),
-                                         **kw), [], {}
-    if claim.kind == "equivalence":
-        return stats.compare_equivalence(vals["a"], vals["b"], margin=claim.margin, **kw), [], {}
-    if claim.kind == "reported_value":
-        return stats.compare_reported(vals["a"], float(claim.reported["value"]), **kw), [], {}
-    if claim.kind == "ordering":
-        steps, p_max = stats.compare_ordering([vals[a.name] for a in claim.arms], **kw)
-        # The ordering as a whole: the first and last arms' comparison carries the numbers shown.
-        whole = stats.compare_superiority(vals[claim.arms[-1].name], vals[claim.arms[0].name], **kw)
-        whole.p_value = p_max
-        return whole, steps, {}
-    comp, extra = CUSTOM_KINDS[claim.kind](claim, ctx)
-    return comp, [], extra
+    comp, steps = compare_values(claim, vals, ctx.alpha)
+    return comp, steps, {}
+
+
+def decide(claims: list[Claim], comps: list[stats.Comparison | None], alpha: float,
+           min_seeds: int, power: bool = True) -> list[dict | None]:
+    """The verdicts of checked claims (comps[i] None = not run): Holm within each family, separately for
+    the supporting and the contradicting p; fills each comparison's family size, adjusted interval,
+    power and seeds needed (power=False skips those: they never change a verdict). -> per claim {verdict, reason, p_holm, p_contra_holm, family} or None."""
+    out: list[dict | None] = [None] * len(claims)
+    families: dict[str, list[int]] = {}
+    for i, (cl, c) in enumerate(zip(claims, comps)):
+        if c is not None:
+            families.setdefault(cl.family_key, []).append(i)
+    for fam, idx in families.items():
+        m = len(idx)
+        p_adj = stats.holm([comps[i].p_value for i in idx])  # type: ignore[union-attr]
+        pc_adj = stats.holm([comps[i].p_contra for i in idx])  # type: ignore[union-attr]
+        for i, p, pc in zip(idx, p_adj, pc_adj):
+            cl, c = claims[i], comps[i]
+            assert c is not None
+            stats.adjust(c, m, alpha)
+            n = min(c.n_a, c.n_b) if c.n_b else c.n_a
+            if power and c.sd is not None and c.sd > 0:
+                c.power = claim_power(cl, n, c.sd, alpha, m)[0] if n >= 2 else None
+                c.seeds_needed = seeds_needed(cl, c.sd, alpha, m, start=max(min_seeds, 2))
+            v, r = stats.verdict(c, alpha=alpha, p_adjusted=p, p_contra_adjusted=pc, min_seeds=min_seeds)
+            out[i] = {"verdict": v, "reason": r, "p_holm": p, "p_contra_holm": pc, "family": fam,
+                      "family_size": m}
+    return out
 
 
 def check(claims: list[Claim], runs: pd.DataFrame, phases: pd.DataFrame, preds: Any, profile: str,
-          alpha: float, min_seeds: int, n_resamples: int) -> list[dict]:
-    """Every claim -> a JSON-safe record with statistics, Holm-adjusted p and verdict."""
-    ctx = Context(runs, phases, alpha, n_resamples)
+          alpha: float, min_seeds: int) -> list[dict]:
+    """Every claim -> a JSON-safe record with statistics, family-adjusted p-values and verdict."""
+    ctx = Context(runs, phases, alpha)
     records, comps = [], []
     for claim in claims:
         rec = {"id": claim.id, "paper": claim.paper, "citation": claim.citation, "claim": claim.claim,
                "kind": claim.kind, "metric": claim.metric, "dataset": claim.dataset, "protocol": claim.protocol,
                "reported": claim.reported, "reported_text": claim.reported_text, "margin": claim.margin,
+               "tolerance": claim.tolerance, "min_effect": claim.min_effect, "family": claim.family_key,
+               "role": claim.role, "role_reason": claim.role_reason,
                "arms": {a.name: {"experiment": a.experiment, "model": a.model, "phase": a.phase,
                                  "values": arm_values(runs, claim, a, phases), "runs": arm_runs(runs, claim, a)}
                         for a in claim.arms}, **claim.extra}
@@ -260,23 +383,16 @@ def check(claims: list[Claim], runs: pd.DataFrame, phases: pd.DataFrame, preds: 
             rec.update(status="run", comparison=comp, steps=steps, **extra)
             comps.append(comp)
         records.append(rec)
-    adjusted = stats.holm([c.p_value if c is not None else None for c in comps])
-    for rec, comp, p_adj in zip(records, comps, adjusted):
-        if comp is None:
+    for rec, comp, d in zip(records, comps, decide(claims, comps, alpha, min_seeds)):
+        if comp is None or d is None:
             continue
-        if rec["kind"] == "ordering":
-            verdict, reason = stats.verdict_ordering(rec["steps"], alpha=alpha, p_adjusted=p_adj, min_seeds=min_seeds)
-        else:
-            verdict, reason = stats.verdict(comp, alpha=alpha, p_adjusted=p_adj, min_seeds=min_seeds)
-        rec["p_holm"] = p_adj
+        verdict, reason = d.pop("verdict"), d.pop("reason")
+        rec.update(d)
         if profile == "smoke":  # smoke scale can support nothing: say what the numbers alone would give
             rec.update(verdict="inconclusive (smoke scale)", reason=f"smoke scale; the statistics alone: {verdict}"
                        f" ({reason})")
         else:
             rec.update(verdict=verdict, reason=reason)
-        if isinstance(rec["reported"], dict) and "value" in rec["reported"] and rec["kind"] == "reported_value":
-            lo, hi = comp.ci_low, comp.ci_high
-            rec["reported_inside_interval"] = None if math.isnan(lo) else bool(lo <= rec["reported"]["value"] <= hi)
         rec["comparison"] = comp.to_dict()
         rec["steps"] = [s.to_dict() for s in rec["steps"]]
     return records

@@ -9,9 +9,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from l2l.checks import ConfigError
-from l2l.claims import load_claims
+from l2l.claims import load_claims, power_table
 from l2l.config import Config, load_config
 from l2l.cost import THROUGHPUT_FILE, RunCost, load_throughput, run_costs
+from l2l.io import read_json
+from l2l.stats import MAX_SEEDS
+
+CLAIMS_RESULT = Path("results/claims.json")
 
 GROUP = ("experiment", "method", "model", "dataset")
 
@@ -83,7 +87,27 @@ def _claims(config: Config, costs: list[RunCost], path: Path) -> list[str]:
         n_done = sum(c.done for c in mine)
         rows.append([cl.id, label, cl.dataset, len(mine), n_done, len(mine) - n_done, _hours(_sum(mine))])
     return ["A run serving several claims counts in each.", ""] + _table(
-        ["claim", "arms", "dataset", "runs", "done", "remaining", "remaining hours"], rows)
+        ["claim", "arms", "dataset", "runs", "done", "remaining", "remaining hours"], rows) + \
+        ["", "## Power per claim", ""] + _power(config, claims)
+
+
+def _power(config: Config, claims: list) -> list[str]:
+    st, profile = config.stats, config.profile.name
+    measured = {}
+    if CLAIMS_RESULT.exists():  # once runs exist: the measured sd of each claim's tested quantity
+        done = read_json(CLAIMS_RESULT)
+        if done.get("profile") == profile:
+            measured = {r["id"]: (r.get("comparison") or {}).get("sd") for r in done["claims"]}
+    rows = [[r["claim"], f"{r['family']} ({r['family_tests']})", r["kind"], r["seeds"],
+             "-" if r["effect"] is None else f"{r['effect']:g}",
+             f"{r['sd']:.2f}" + (" (measured)" if r["sd_source"] == "measured" else ""),
+             "-" if r["power"] is None else f"{'>= ' if r['power_how'] == 'lower bound' else ''}{100 * r['power']:.0f}%",
+             r["seeds_for_80"] or f"> {MAX_SEEDS}"] for r in power_table(config, claims, measured)]
+    return [f"Power of the full verdict rule (l2l/stats.py) at each claim's effect of interest (superiority: the "
+            f"paper's difference or min_effect; equivalence / reported value: truly equal, against the margin / "
+            f"tolerance), between-seed sd stats.planning_sd = {st['planning_sd']} points per run (x sqrt 2 for a "
+            f"difference) or, where {CLAIMS_RESULT} has the claim, its measured sd; each test at its family's first Holm level alpha/m (alpha {st['alpha']}).", ""] + _table(
+        ["claim", "family (tests)", "kind", "seeds per arm", "effect / bound", "sd", "power", "seeds for 80%"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,17 +60,20 @@ EXECUTOR: dict[str, Key] = {
 }
 
 
-def _margins(v: Any, path: str) -> dict:
+def _per_claim(v: Any, path: str) -> dict:
     for cid, m in mapping(v, path).items():
         pos_float(m, f"{path}.{cid}")
     return v
 
 
-STATS: dict[str, Key] = {
-    "alpha": Key(lambda v, p: number(v, p, 0, 1, low_open=True, high_open=True), 0.05),
-    "min_seeds": Key(lambda v, p: integer(v, p, 2), 2, "fewer seeds in an arm -> inconclusive"),
-    "bootstrap_resamples": Key(pos_int, 9999),
-    "margins": Key(_margins, {}, "claim id -> equivalence margin (accuracy points), overriding claims.yaml"),
+STATS: dict[str, Key] = {  # how claims are checked (l2l/stats.py: the verdict rule)
+    "alpha": Key(lambda v, p: number(v, p, 0, 0.5, low_open=True, high_open=True), 0.05),
+    "min_seeds": Key(lambda v, p: integer(v, p, 3), 3,
+                     "fewer seeds in an arm -> inconclusive (a t-test on 2 seeds has 1 degree of freedom)"),
+    "planning_sd": Key(pos_float, 0.6, "between-seed sd (points) of a run's metric for `l2l plan`'s power "
+                                        "until runs exist"),
+    "margins": Key(_per_claim, {}, "claim id -> equivalence margin (accuracy points), overriding claims.yaml"),
+    "tolerances": Key(_per_claim, {}, "claim id -> reported-value tolerance (points), overriding claims.yaml"),
 }
 
 TOP_LEVEL = ("profile", "data", "executor", "stats", "profiles")

@@ -206,12 +206,56 @@ def _difference(rec: dict) -> str:
     return f"{_num(c['diff'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
 
 
+def _family(r: dict) -> str:
+    """The claim's family; sensitivity claims are marked."""
+    fam = r.get("family", r["paper"])
+    return fam + (" (sensitivity)" if r.get("role") == "sensitivity" else "")
+
+
 def verdict_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{
-        "claim": r["id"], "kind": r["kind"], "dataset": r["dataset"], "paper's number": r["reported_text"],
-        "ours: mean [95% CI]": _ours(r), "difference [95% CI]": _difference(r),
+        "claim": r["id"], "family": _family(r), "kind": r["kind"], "dataset": r["dataset"],
+        "paper's number": r["reported_text"], "ours: mean [95% CI]": _ours(r), "difference [95% CI]": _difference(r),
         "p (Holm)": _num(r.get("p_holm"), ".3g") if r.get("comparison") else "",
+        "contra p (Holm)": _num(r.get("p_contra_holm"), ".3g") if r.get("comparison") else "",
         "verdict": r["verdict"]} for r in records])
+
+
+def family_table(records: list[dict]) -> pd.DataFrame:
+    """Per family: how many tests Holm's correction runs over (checked claims) and its role."""
+    fams: dict[str, dict] = {}
+    for r in records:
+        if r.get("comparison") is not None:
+            f = fams.setdefault(r.get("family", r["paper"]), {"role": r.get("role", "primary"), "tests": 0})
+            f["tests"] += 1
+    return pd.DataFrame([{"family": k, "role": v["role"], "tests (Holm runs over)": v["tests"]}
+                         for k, v in fams.items()])
+
+
+CALIBRATION_FILE = Path("benchmarks/calibration.json")
+CALIBRATION_COLUMNS = {"false_supported": "false supported", "false_contradicted": "false contradicted",
+                       "power": "power", "coverage": "95% CI coverage"}
+
+
+def calibration_section(doc: Doc, profile: str, path: Path = CALIBRATION_FILE) -> None:
+    """The rule's simulated error rates for this profile's families and seeds (benchmarks/calibration.py)."""
+    doc.h(3, "The rule's measured error rates (calibration)")
+    data = read_json(path).get(profile) if path.exists() else None
+    if not data:
+        doc.p(f"No calibration for profile {profile} in {path}: run `python benchmarks/calibration.py "
+              f"--profile {profile}`. Without it this report's verdicts come with no measured error rates.")
+        return
+    doc.p(f"Simulated through the same functions as these verdicts ({data['replicates']} replicates per "
+          f"scenario, normal seeds with between-seed sd {data['planning_sd']} points per run, alpha "
+          f"{data['alpha']}, this profile's seeds and families; ± one Monte Carlo standard error). False "
+          "supported: claims false at their boundary (no effect; a difference at the margin; the paper's number "
+          "off by the tolerance); false contradicted: claims true at the edge of their contradicting test "
+          "(effect = min_effect; difference at the margin; the paper's number exact); power: supported at the "
+          "effect of interest; coverage: the 95% t-interval holding the true value.")
+    doc.table(pd.DataFrame([{"family (tests)": f"{r['family']} ({r['family_tests']})", "kind": r["kind"],
+                             "seeds": r["seeds"], "claims": r["claims"],
+                             **{name: f"{100 * r[k]:.1f} ± {100 * r[k + '_se']:.1f}%"
+                                for k, name in CALIBRATION_COLUMNS.items()}} for r in data["rows"]]))
 
 
 def _arm_model(arm: dict) -> str:
@@ -245,20 +289,6 @@ def claim_figure(rec: dict, metric_name: str | None = None):
     return fig
 
 
-def _rule_as_list(rule: str) -> str:
-    """The stats module's docstring rule ("* " bullets wrapped over lines) as one bullet per line."""
-    items: list[str] = []
-    for line in rule.splitlines()[2:]:  # skip the heading and its underline
-        line = line.strip()
-        if line.startswith("* "):
-            items.append(line[2:])
-        elif line and items:
-            items[-1] += " " + line
-        elif line:
-            items.append(line)
-    return "\n".join(f"- {i}" for i in items)
-
-
 def claims_sections(doc: Doc, results: Path) -> None:
     path = results / "claims.json"
     if not path.exists():
@@ -276,11 +306,14 @@ def claims_sections(doc: Doc, results: Path) -> None:
         doc.table(verdict_table(checked))
     else:
         doc.p("No claim has its arms in this profile.")
-    doc.p(f"alpha = {st['alpha']}, at least {st['min_seeds']} seeds per arm, {st['bootstrap_resamples']} bootstrap "
-          "resamples; p-values Holm-adjusted across all claims checked here. Differences are arm a minus arm b "
-          "(the last minus the first arm for an ordering), in points of the claim's metric (accuracy; mAP on VOC).")
+    doc.p(f"alpha = {st['alpha']} per family, at least {st['min_seeds']} seeds per arm; p-values Holm-adjusted "
+          "within each family (supporting and contradicting tests separately); intervals are t-intervals. "
+          "Differences are arm a minus arm b (the last minus the first arm for an ordering), in points of the "
+          "claim's metric (accuracy; mAP on VOC). Families and the number of tests each holds:")
+    doc.table(family_table(records))
     doc.h(3, "How a verdict is decided")
-    doc.p(_rule_as_list(data["verdict_rule"]))
+    doc.p("\n".join(f"- {line}" for line in data["verdict_rule"].splitlines() if line.strip()))
+    calibration_section(doc, data["profile"])
     if not_run:
         doc.h(3, f"Not run in profile {data['profile']} ({len(not_run)} claims)")
         doc.table(pd.DataFrame([{"claim": r["id"], "claim text": r["claim"], "paper's number": r["reported_text"],
@@ -292,21 +325,30 @@ def claims_sections(doc: Doc, results: Path) -> None:
               + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "") + ".")
         doc.p(f"Protocol here: {rec['protocol']}")
         arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": _arm_model(a), "n": len(a["values"]),
-                              "per seed": ", ".join(f"s{s}: {v:.2f}" for s, v in a["values"].items())}
+                              "per seed": ", ".join(f"s{s}: {_num(v)}" for s, v in a["values"].items())}
                              for n, a in rec["arms"].items()])
         doc.table(arms)
         c = rec["comparison"]
         details = [f"verdict: **{rec['verdict']}** ({rec['reason']})",
-                   f"{'paired by seed' if c['paired'] else 'unpaired'}; difference {_difference(rec)}",
-                   f"p = {_num(c['p_value'], '.3g')} (primary), Holm {_num(rec.get('p_holm'), '.3g')}; "
-                   f"non-parametric p = {_num(c['p_nonparam'], '.3g')}",
+                   f"family {_family(rec)}, {rec.get('family_size')} tests"
+                   + (f"; {rec['role_reason']}" if rec.get("role_reason") else ""),
+                   f"{'paired by seed' if c['paired'] else 'unpaired'}; difference {_difference(rec)}; "
+                   f"family-adjusted interval [{_num(c.get('adj_ci_low'))}, {_num(c.get('adj_ci_high'))}]",
+                   f"supporting test p = {_num(c['p_value'], '.3g')}, Holm {_num(rec.get('p_holm'), '.3g')}; "
+                   f"contradicting test ({c.get('contra_test')}) p = {_num(c.get('p_contra'), '.3g')}, "
+                   f"Holm {_num(rec.get('p_contra_holm'), '.3g')}; non-parametric p = {_num(c['p_nonparam'], '.3g')} "
+                   "(descriptive)",
                    f"effect size {_num(c['effect_size'])}; P(a > b across seeds) = {_num(c['prob_superiority'])}"]
         if c.get("mcnemar_p") is not None:
-            details.append(f"per-example McNemar (combined over seeds): p = {_num(c['mcnemar_p'], '.3g')}")
+            details.append(f"per-example McNemar (combined over seeds; descriptive: it compares trained networks, "
+                           f"not methods, and is in no verdict): p = {_num(c['mcnemar_p'], '.3g')}")
+        if c.get("power") is not None:
+            details.append(f"power of the rule at the effect of interest ({_num(c.get('effect_of_interest'))}) with "
+                           f"these seeds and the measured sd {_num(c.get('sd'))}: {_num(100 * c['power'], '.0f')}%")
         if c.get("seeds_needed") is not None and not rec["verdict"].startswith("supported"):
             details.append(f"seeds per arm for 80% power: {c['seeds_needed']}")
-        if rec.get("reported_inside_interval") is not None:
-            details.append(f"paper's number inside our interval: {'yes' if rec['reported_inside_interval'] else 'no'}")
+        if c.get("dropped"):
+            details.append("runs left out: " + ", ".join(c["dropped"]))
         details += [f"note: {n}" for n in c.get("notes", [])]
         doc.p("\n".join(f"- {d}" for d in details))
         doc.figure(f"claim_{rec['id'].replace('/', '_')}", claim_figure(rec, metrics.get(rec["dataset"])),

@@ -7,7 +7,7 @@ from l2l.claims import check, load_claims, load_predictions
 from l2l.config import load_config
 from l2l.io import write_json
 from l2l.layerwise_analysis import record_stage_figure
-from l2l.stats import __doc__ as VERDICT_RULE
+from l2l.stats import VERDICT_RULE
 from l2l.tracking import log_claims, log_figure
 
 
@@ -18,8 +18,7 @@ def run() -> None:
     runs = pd.read_csv(stage.RESULTS / "runs.csv")
     phases = pd.read_csv(stage.RESULTS / "phases.csv")
     records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), profile,
-                    alpha=settings["alpha"], min_seeds=settings["min_seeds"],
-                    n_resamples=settings["bootstrap_resamples"])
+                    alpha=settings["alpha"], min_seeds=settings["min_seeds"])
     mlflow_ids = log_claims(profile, records)
     for rec in records:  # per-stage claims carry their architecture's per-stage figure
         fig = record_stage_figure(rec, phases)
@@ -27,12 +26,11 @@ def run() -> None:
             log_figure(mlflow_ids[rec["id"]], fig, f"stages_{rec['id']}.png")
     for rec in records:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])
-    rule = VERDICT_RULE[VERDICT_RULE.index("Verdict rule"):].strip()
     write_json(stage.RESULTS / "claims.json", {"profile": profile, "settings": settings,
-                                               "verdict_rule": rule, "claims": records})
+                                               "verdict_rule": VERDICT_RULE, "claims": records})
     write_json(stage.RESULTS / "claims_metrics.json", {
         r["id"]: {k: (r.get("comparison") or {}).get(k) for k in ("diff", "ci_low", "ci_high", "mean_a", "n_a")}
-        | {"p_holm": r.get("p_holm")} for r in records})
+        | {"p_holm": r.get("p_holm"), "p_contra_holm": r.get("p_contra_holm")} for r in records})
     counts = pd.Series([r["verdict"] for r in records]).value_counts().to_dict()
     stage.log.info("claims: %d checked: %s", len(records), counts)
 

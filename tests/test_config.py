@@ -17,7 +17,10 @@ def test_repo_params_valid_for_every_profile(params):
         specs = plan_of(params, name)
         assert specs and len({s.hash for s in specs}) == len(specs)
         prof = config_of(params, name).profile
-        assert all(s.seed in prof.seeds for s in specs)
+        assert all(s.seed in prof.experiments[s.experiment].seeds for s in specs)
+    paper = config_of(params, "paper").profile  # per-experiment seeds (chosen from the claims' power)
+    assert {s.seed for s in plan_of(params, "paper") if s.experiment == "layerwise"} == \
+        set(paper.experiments["layerwise"].seeds) != set(paper.seeds)
 
 
 def test_smoke_extends_paper_and_overrides(params):
@@ -87,7 +90,8 @@ def test_distill_students_carry_their_teacher_run(params):
     specs = plan_of(params, "paper")
     teachers = {(s.dataset, s.seed): s for s in specs if s.experiment == "p5_teacher"}
     students = [s for s in specs if s.experiment == "p5_distill"]
-    assert len(teachers) == 2 * 5 and len(students) == 3 * 2 * 5
+    n = len(params["profiles"]["paper"]["experiments"]["p5_teacher"]["seeds"])  # P5's seeds (power, params.yaml)
+    assert len(teachers) == 2 * n and len(students) == 3 * 2 * n
     for s in students:
         t = teachers[(s.dataset, s.seed)]
         assert s.options["teacher_run"] == {"hash": t.hash, "model_cfg": t.model_cfg}
@@ -114,4 +118,5 @@ def test_teacher_settings_change_its_students_identity_only(params):
     after = {s.hash: s.experiment for s in plan_of(params, "paper")}
     changed = set(before) ^ set(after)
     assert {before.get(h) or after[h] for h in changed} == {"p5_teacher", "p5_distill"}
-    assert len(set(before) - set(after)) == 10 + 30  # every teacher and every student, nothing else
+    n = len(params["profiles"]["paper"]["experiments"]["p5_teacher"]["seeds"])
+    assert len(set(before) - set(after)) == 2 * n + 6 * n  # every teacher and every student, nothing else

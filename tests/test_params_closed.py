@@ -73,9 +73,9 @@ BAD_VALUES = [
     (("profiles", "paper", "models", "resnet20", "depth"), 7, f"{P}.models.resnet20: cifar_resnet: depth must be 6n+2"),
     (("profiles", "paper", "models", "p3_k1", "downsample_at"), [9], f"{P}.models.p3_k1: layerwise_cnn: need"),
     (("profiles", "paper", "models", "vgg16", "width"), True, f"{P}.models.vgg16.width: expected a positive number"),
-    (("stats", "alpha"), "x", "stats.alpha: expected a number in (0, 1)"),
-    (("stats", "alpha"), 5, "stats.alpha: expected a number in (0, 1)"),
-    (("stats", "min_seeds"), 1, "stats.min_seeds: expected an integer >= 2"),
+    (("stats", "alpha"), "x", "stats.alpha: expected a number in (0, 0.5)"),
+    (("stats", "alpha"), 5, "stats.alpha: expected a number in (0, 0.5)"),
+    (("stats", "min_seeds"), 2, "stats.min_seeds: expected an integer >= 3"),
     (("stats", "margins"), {"P5-C1": -1}, "stats.margins.P5-C1: expected a positive number"),
     (("profiles", "paper", "train", "optimizer", "momentum"), 0.0,  # with nesterov: true below
      f"{P}.train.optimizer.nesterov: expected momentum > 0 with Nesterov momentum"),

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.slow
 CLAIMS = {"papers": {"PX": "A. Author. A paper. 2020."}, "claims": [
     {"id": "PX-C1", "paper": "PX", "claim": "The CNN reaches 90%.", "kind": "reported_value",
      "metric": "final_test_acc", "dataset": "cifar10", "arms": {"a": {"experiment": "conventional", "model": "cnn"}},
-     "reported": {"value": 90.0, "source": "Table 1"}, "protocol": "as params.yaml"},
+     "reported": {"value": 90.0, "source": "Table 1"}, "tolerance": 1.0, "protocol": "as params.yaml"},
     {"id": "PX-C2", "paper": "PX", "claim": "The CNN reaches 70% on CIFAR-100.", "kind": "reported_value",
      "metric": "final_test_acc", "dataset": "cifar100", "arms": {"a": {"experiment": "conventional", "model": "cnn"}},
-     "reported": {"value": 70.0, "source": "Table 2"}, "protocol": "as params.yaml"}]}
+     "reported": {"value": 70.0, "source": "Table 2"}, "tolerance": 1.0, "protocol": "as params.yaml"}]}
 
 
 def run_stage(name: str) -> None:

@@ -59,6 +59,13 @@ def test_per_claim_rows(workspace, capsys):
     claims = out[out.index("## Per claim"):]
     assert "| PX-C1 | conventional/cnn | cifar10 | 2 | 0 | 2 |" in claims
     assert "| PX-C2 | conventional/cnn | cifar100 | 0 | 0 | 0 | not in profile smoke |" in claims
+    # power: PX-C1 alone in its family in smoke (PX-C2 not trained), 2 seeds, planning sd 0.6, TOST +-1.0
+    from l2l.stats import seeds_for_power, tost_power
+
+    power = out[out.index("## Power per claim"):]
+    n80 = seeds_for_power(lambda n: tost_power(0.0, 1.0, 0.6, n, 0.05))
+    assert f"| PX-C1 | PX (1) | reported_value | 2 | 1 | 0.60 | {100 * tost_power(0.0, 1.0, 0.6, 2, 0.05):.0f}% | " \
+           f"{n80} |" in power and "PX-C2" not in power
 
 
 def test_unknown_device_one_line_error(workspace, capsys):
