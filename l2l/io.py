@@ -99,14 +99,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, advice: str = "delete it and re-run the stage that writes it") -> Any:
     """The JSON in `path`; invalid JSON is an IntegrityError naming the file."""
     text = Path(path).read_text()
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise IntegrityError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): "
-                             "the file is corrupt or was edited; delete it and re-run the stage that writes it") from None
+        raise IntegrityError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; corrupt, "
+                             f"truncated or edited): {advice}") from None
 
 
 def read_npz(path: Path, advice: str = "delete it and re-run the stage that writes it") -> dict[str, Any]:
@@ -146,7 +146,7 @@ def read_record(path: Path, check: Iterable[str] | None = None, advice: str | No
     (default: every file it records). A mismatch is one IntegrityError naming the file and what to delete."""
     path = Path(path)
     advice = advice or f"delete {path.parent}/ and re-run the stage that writes it"
-    record = read_json(path)
+    record = read_json(path, advice)
     if not isinstance(record, dict) or SEAL not in record or not isinstance(record.get(FILES), dict):
         raise IntegrityError(f"{path}: no recorded hashes (written by an older l2l or by hand): {advice}")
     if record[SEAL] != _digest(record):

@@ -16,7 +16,6 @@ from l2l.tracking import mark_abandoned
 
 
 def run() -> None:
-    stop_on_signals()
     params, specs, _ = stage.current_plan()
     backend = executor_config(params)["backend"]
     profile = params["profile"]
@@ -38,4 +37,5 @@ def run() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_signals()
     stage.main(run)
