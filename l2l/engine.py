@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from l2l.config import RunSpec
 from l2l.device_data import DeviceData
-from l2l.io import IntegrityError, read_json, run_lock, sha256_file, write_atomic, write_json, write_record, write_text
+from l2l.io import (IntegrityError, read_json, read_record, run_lock, sha256_file, write_atomic, write_json,
+                    write_record, write_text)
 from l2l.tasks import Task, task_of
 
 log = logging.getLogger(__name__)
@@ -328,6 +329,8 @@ def train_run(spec: RunSpec, method: Method, ctx: RunContext, run_dir: Path,
 def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs, checkpoint_every) -> dict:
     import pandas as pd
 
+    if (run_dir / "result.json").exists():  # finished by another trainer while this one waited: not twice
+        return read_record(run_dir / "result.json", check=())
     resume = load_resume(run_dir)
     history: list[dict] = resume["history"] if resume else []
     best = resume["best"] if resume else {"phase": -1, "val_acc": -1.0}

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
 
-class IntegrityError(Exception):
-    """A result file failed verification (invalid, truncated, or not what its record says)."""
+class IntegrityError(RuntimeError):
+    """A result file failed verification (invalid, truncated, or not what its record says).
+    (A RuntimeError, as load_checkpoint's mismatch always was.)"""
 
 
 class LockedError(Exception):

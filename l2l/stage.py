@@ -40,7 +40,7 @@ def main(stage: Callable[[], None]) -> None:
         print(f"l2l: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        print(f"l2l: {e or 'interrupted'}: runs resume from their last resume state on the next run", file=sys.stderr)
+        print(f"l2l: {e or 'interrupted'}: re-run to continue (runs resume from their last resume state)", file=sys.stderr)
         sys.exit(130)
 
 

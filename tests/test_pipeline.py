@@ -173,6 +173,18 @@ def test_failed_run_is_marked_failed(tmp_path, monkeypatch):
     (run,) = client.search_runs([client.get_experiment_by_name("l2l-smoke").experiment_id])
     assert run.info.status == "FAILED" and "loss is NaN" in run.data.tags["l2l.error"]
     assert not list(tmp_path.glob("runs/*/result.json"))
+    monkeypatch.undo()  # fixed: the same run trains, its MLflow run FINISHED without the earlier error
+    monkeypatch.chdir(tmp_path)
+    run_stage("train")
+    (run,) = client.search_runs([run.info.experiment_id])
+    assert run.info.status == "FINISHED" and "l2l.error" not in run.data.tags
+    import shutil
+
+    shutil.rmtree(next((tmp_path / "runs").iterdir()))  # e.g. after a tampered file: retrained, each step once
+    run_stage("train")
+    (run,) = client.search_runs([run.info.experiment_id])
+    for key in ("val_acc", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
 
 
 def test_bad_params_one_line_error_and_exit_2(tmp_path):

@@ -6,14 +6,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, smoke_params, write_npz
+from l2l import stage
+from l2l.engine import RunContext, train_run
+from l2l.executor import Worker, _pool
+from l2l.io import RunsFailed, is_locked, lock_holder, run_lock
+from l2l.methods import METHODS
+from l2l.tracking import RunTracker, mark_abandoned, single_writer
+from tests.conftest import REPO, make_spec, smoke_params, write_npz
 from tests.test_pipeline import mlflow_runs, run_stage
 
 pytestmark = pytest.mark.slow
@@ -62,7 +70,6 @@ def make_workspace(ws: Path, monkeypatch, seeds=(0,), epochs=1, **executor) -> d
 
 
 def the_run(ws: Path):
-    from l2l import stage
 
     (spec,) = stage.current_plan(yaml.safe_load((ws / "params.yaml").read_text()))[1]
     return spec
@@ -70,9 +77,6 @@ def the_run(ws: Path):
 
 def uninterrupted(ws: Path, spec, into: Path) -> Path:
     """The same run trained in one go, in this process: the reference for bit-identity."""
-    from l2l import stage
-    from l2l.engine import RunContext, train_run
-    from l2l.methods import METHODS
 
     params = yaml.safe_load((ws / "params.yaml").read_text())
     data, k = stage.DeviceDataCache(params, torch.device("cpu")).get(spec)
@@ -151,34 +155,7 @@ def test_aggregate_cleans_a_temp_folder_left_by_a_kill(finished, tmp_path):
 
 # --- MLflow bookkeeping ---------------------------------------------------------------------
 
-def test_retrained_run_logs_each_step_once_and_a_success_clears_the_error(tmp_path, monkeypatch):
-    from l2l.methods import conventional
-
-    make_workspace(tmp_path, monkeypatch, epochs=2)
-    real = conventional.phases
-
-    def broken(spec, ctx):
-        raise RuntimeError("loss is NaN")
-        yield
-
-    monkeypatch.setattr(conventional, "phases", broken)
-    with pytest.raises(RuntimeError, match="loss is NaN"):
-        run_stage("train")
-    monkeypatch.setattr(conventional, "phases", real)
-    run_stage("train")
-    client, (run,) = mlflow_runs(tmp_path)
-    assert run.info.status == "FINISHED" and "l2l.error" not in run.data.tags
-    shutil.rmtree(next((tmp_path / "runs").iterdir()))  # e.g. after a tampered file: retrain it
-    run_stage("train")
-    client, (run,) = mlflow_runs(tmp_path)
-    for key in ("val_acc", "train_loss", "lr"):
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], key
-
-
 def test_runs_left_running_are_marked_failed_unless_their_folder_is_locked(tmp_path, monkeypatch):
-    from l2l.io import is_locked, run_lock
-    from l2l.tracking import RunTracker, mark_abandoned
-    from tests.conftest import make_spec
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -211,25 +188,31 @@ def phases(spec, ctx):  # a trainer that stops mid epoch 2 for good (a stand-in 
         phase.step = hanging
         yield phase
 conventional.phases = phases
-from l2l import stage
 sys.argv = ["train"]
 import runpy
 runpy.run_path("{train}", run_name="__main__")
 """
 
 
-def test_second_trainer_refused_then_kill_9_resumes_bit_identical_and_logs_once(tmp_path, monkeypatch):
+def hanging_trainer(tmp_path, monkeypatch, stderr=subprocess.STDOUT):
+    """A 3-epoch one-run workspace and a train stage process on it, hung in epoch 2 after epoch 1's
+    resume state; returns (workspace, spec, run folder, process, its log)."""
     ws = tmp_path / "ws"
     ws.mkdir()
     make_workspace(ws, monkeypatch, epochs=3)
     spec = the_run(ws)
     run_dir = ws / "runs" / spec.hash
     log = ws / "trainer.log"
-    script = HANGING_TRAINER.format(per_epoch=200 // 50, train=REPO / "stages/train.py")
+    script = HANGING_TRAINER.format(per_epoch=200 // 50, train=REPO / "stages/train.py")  # 200 images, batch 50
     with open(log, "w") as f:
-        a = subprocess.Popen([sys.executable, "-c", script], cwd=ws, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        a = subprocess.Popen([sys.executable, "-c", script], cwd=ws, env=_env(), stdout=f, stderr=stderr, text=True)
+    poll(lambda: (run_dir / "last.pt.json").exists(), "trainer's epoch 1", a, log)
+    return ws, spec, run_dir, a, log
+
+
+def test_second_trainer_refused_then_kill_9_resumes_bit_identical_and_logs_once(tmp_path, monkeypatch):
+    ws, spec, run_dir, a, log = hanging_trainer(tmp_path, monkeypatch)
     try:
-        poll(lambda: (run_dir / "last.pt.json").exists(), "first trainer's epoch 1", a, log)
         line = one_line_error(stage_process(ws, "train"))  # `dvc repro` again while the first still trains
         assert f"{run_dir.relative_to(ws)}: being trained by PID {a.pid} on " in line
         assert not (run_dir / "result.json").exists()
@@ -249,24 +232,13 @@ def test_second_trainer_refused_then_kill_9_resumes_bit_identical_and_logs_once(
 
 
 def test_sigterm_ends_the_train_stage_in_one_line_and_marks_the_run_killed(tmp_path, monkeypatch):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    make_workspace(ws, monkeypatch, epochs=3)
-    spec = the_run(ws)
-    run_dir = ws / "runs" / spec.hash
-    log = ws / "trainer.log"
-    script = HANGING_TRAINER.format(per_epoch=200 // 50, train=REPO / "stages/train.py")
-    with open(log, "w") as f:
-        a = subprocess.Popen([sys.executable, "-c", script], cwd=ws, env=_env(), stdout=f, stderr=subprocess.PIPE,
-                             text=True)
-    poll(lambda: (run_dir / "last.pt.json").exists(), "trainer's epoch 1", a, log)
+    ws, spec, run_dir, a, log = hanging_trainer(tmp_path, monkeypatch, stderr=subprocess.PIPE)
     a.send_signal(signal.SIGTERM)
     _, err = a.communicate(timeout=CEILING_S)
     assert a.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("l2l: stopped by SIGTERM")
     client, (run,) = mlflow_runs(ws)
     assert run.info.status == "KILLED" and "stopped by SIGTERM" in run.data.tags["l2l.error"]
-    from l2l.io import is_locked
 
     assert not is_locked(run_dir)
 
@@ -274,20 +246,13 @@ def test_sigterm_ends_the_train_stage_in_one_line_and_marks_the_run_killed(tmp_p
 def test_a_killed_pool_worker_fails_only_its_own_run(tmp_path, monkeypatch):
     """Two worker processes; one is killed -9 mid-run: that run alone fails (marked FAILED in MLflow),
     the other finishes; re-running trains only the killed one, resuming it."""
-    from dataclasses import replace
 
-    from l2l import stage
-    from l2l.executor import Worker, _pool
-    from l2l.io import RunsFailed, lock_holder
-    from l2l.tracking import single_writer
 
     params = make_workspace(tmp_path, monkeypatch, seeds=(0, 1), epochs=40)
     specs = stage.current_plan(params)[1]
     victim = tmp_path / "runs" / specs[0].hash
 
     def kill_victim_mid_run():
-        import threading
-
         def watch():
             deadline = time.monotonic() + CEILING_S
             while time.monotonic() < deadline:
