@@ -279,3 +279,44 @@ def test_a_killed_pool_worker_fails_only_its_own_run(tmp_path, monkeypatch):
     for r in runs:
         assert r.info.status == "FINISHED" and "l2l.error" not in r.data.tags
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == list(range(40))
+
+
+POOL_STAGE = """
+from l2l import stage
+from l2l.executor import Worker, _pool, stop_on_signals
+from l2l.tracking import single_writer
+
+def run():
+    params, specs, _ = stage.current_plan()
+    with single_writer("smoke") as uri:
+        _pool(specs, "smoke", params, Worker({root!r}, tracking_uri=uri, cpu_threads=1), slots=[None, None])
+
+stop_on_signals()
+stage.main(run)
+"""
+
+
+def test_sigterm_ends_a_worker_pool_and_its_runs_resume(tmp_path, monkeypatch):
+    """The train stage's parent signalled (as `kill <pid>` or a scheduler does): both worker
+    processes end, their MLflow runs KILLED, their locks free; the next train stage resumes both."""
+    params = make_workspace(tmp_path, monkeypatch, seeds=(0, 1), epochs=40)
+    specs = stage.current_plan(params)[1]
+    log = tmp_path / "pool.log"
+    with open(log, "w") as f:
+        parent = subprocess.Popen([sys.executable, "-c", POOL_STAGE.format(root=str(tmp_path))], cwd=tmp_path,
+                                  env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    dirs = [tmp_path / "runs" / s.hash for s in specs]
+    poll(lambda: all((d / "last.pt.json").exists() for d in dirs), "both workers' first epoch", parent, log)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=CEILING_S) == 130, log.read_text()[-3000:]
+    assert log.read_text().strip().splitlines()[-1].startswith("l2l: stopped by SIGTERM")
+    assert not any(is_locked(d) for d in dirs)  # no worker left training
+    client, runs = mlflow_runs(tmp_path)
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+    unfinished = [d for d in dirs if not (d / "result.json").exists()]
+    assert unfinished  # 40 epochs each: at least one was stopped mid-run
+    run_stage("train")
+    client, runs = mlflow_runs(tmp_path)
+    for r in runs:
+        assert r.info.status == "FINISHED" and "l2l.error" not in r.data.tags
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == list(range(40))
