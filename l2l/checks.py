@@ -24,6 +24,19 @@ class DataError(Exception):
     """A data source or prepared array is unusable: one line naming the file and the problem."""
 
 
+class IntegrityError(RuntimeError):
+    """A result file failed verification (invalid, truncated, or not what its record says).
+    (A RuntimeError, as load_checkpoint's mismatch always was.)"""
+
+
+class LockedError(Exception):
+    """A run folder is being trained by another process."""
+
+
+class RunsFailed(RuntimeError):
+    """Runs of the plan failed; the message names the first and why (one line)."""
+
+
 def config_error(path: str, expected: str | None = None, got: Any = _NOT_GIVEN, problem: str | None = None,
                  source: str = SOURCE) -> ConfigError:
     """The one message form: ``<source>: <path>: [<problem>; ]expected <form>[, got <value>]``."""

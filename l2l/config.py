@@ -41,6 +41,8 @@ EXECUTOR: dict[str, Key] = {
     "runs_per_gpu": Key(pos_int, 1, "concurrent runs (separate processes) sharing one GPU"),
     "cpu_threads": Key(lambda v, p: v if v is None else pos_int(v, p), None,
                        "torch threads of a run on a CPU; null = torch's default where the stage starts"),
+    "checkpoint_every": Key(pos_int, 1, "epochs between resume states (always at phase ends); no effect on "
+                                        "results, so not part of a run's identity"),
     "ray": Key({
         "address": Key(optional_str, None, "null: a local Ray instance; 'auto' or ray://host:port: a cluster"),
         "cpus_per_run": Key(pos_float, 1),

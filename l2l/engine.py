@@ -9,7 +9,6 @@ once per epoch, so the step has no host sync.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import platform
@@ -26,7 +25,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from l2l.device_data import DeviceData
-from l2l.io import write_json
+from l2l.checks import IntegrityError
+from l2l.io import read_json, read_record, run_lock, sha256_file, write_atomic, write_json, write_record, write_text
 from l2l.spec import RunSpec
 from l2l.tasks import Task, TopOneMeter, task_of
 
@@ -177,29 +177,85 @@ class RunContext:
 
 
 # --- checkpoints ------------------------------------------------------------------------
+# A run folder holds, while it trains, its resume states: last.pt (the newest) and previous.pt (the one
+# before), each with a sidecar <name>.json holding its sha256, written after the checkpoint's rename.
+# A resume state is trusted only if its sha256 matches: else the one before it, else a clean restart.
+# The files a finished run's result depends on are hashed once, as they are written, into result.json.
+
+LAST, PREVIOUS = "last.pt", "previous.pt"
+
 
 def atomic_save(obj: Any, path: Path) -> str:
-    """torch.save to a temporary file then rename; returns the file's sha256."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    return digest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """torch.save to a temporary file then rename; returns the file's sha256 (hashed while written)."""
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: Path, sha256: str | None = None) -> Any:
     """weights_only load; with sha256 given, the file must match it first."""
     if sha256 is not None and sha256_file(path) != sha256:
-        raise RuntimeError(f"{path}: checksum mismatch (expected sha256 {sha256[:12]}...): refusing to load")
+        raise IntegrityError(f"{path}: checksum mismatch (expected sha256 {sha256[:12]}...): refusing to load; "
+                             f"delete {Path(path).parent}/ and re-run to retrain it")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _save_resume(state: dict, run_dir: Path) -> None:
+    last, prev = run_dir / LAST, run_dir / PREVIOUS
+    if last.exists():  # keep the newest good state until the next one is complete
+        os.replace(last, prev)
+        if _sidecar(last).exists():
+            os.replace(_sidecar(last), _sidecar(prev))
+        else:
+            _sidecar(prev).unlink(missing_ok=True)
+    digest = atomic_save(state, last)
+    write_json(_sidecar(last), {"sha256": digest, "phase": state["phase"], "epoch": state["epoch"]})
+
+
+def _resume_problem(path: Path) -> str | None:
+    side = _sidecar(path)
+    if not side.exists():
+        return f"no recorded sha256 ({side.name} missing: interrupted while saving, or an older l2l)"
+    try:
+        expected = read_json(side).get("sha256")
+    except (IntegrityError, AttributeError):
+        return f"its record {side.name} is not valid"
+    if sha256_file(path) != expected:
+        return f"sha256 does not match {side.name} (truncated or corrupt)"
+    return None
+
+
+def load_resume(run_dir: Path) -> dict | None:
+    """The newest resume state of run_dir whose sha256 matches its record; a state that fails is
+    removed with a warning naming it (then the one before it, then a restart from the first epoch)."""
+    for name in (LAST, PREVIOUS):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        problem = _resume_problem(path)
+        if problem is None:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 (a hash-verified file torch cannot read: treated as corrupt)
+                problem = f"unreadable ({type(e).__name__})"
+        then = ("resuming from previous.pt" if name == LAST and (run_dir / PREVIOUS).exists()
+                else "restarting this run from its first epoch")
+        log.warning("%s: %s; removed it, %s", path, problem, then)
+        path.unlink()
+        _sidecar(path).unlink(missing_ok=True)
+    return None
+
+
+def _clear_resume(run_dir: Path) -> None:
+    for name in (LAST, PREVIOUS):
+        (run_dir / name).unlink(missing_ok=True)
+        _sidecar(run_dir / name).unlink(missing_ok=True)
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def _phase_state(phase: Phase) -> dict:
@@ -257,22 +313,31 @@ class Progress:
 def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path,
               on_epoch: Callable[[dict], None] | None = None,
               on_resume: Callable[[list[dict]], None] | None = None,
-              stop_after_epochs: int | None = None) -> dict:
-    """Train one run to completion (resuming from run_dir/last.pt if present).
+              stop_after_epochs: int | None = None, checkpoint_every: int = 1) -> dict:
+    """Train one run to completion (resuming from its last verified resume state if there is one),
+    holding run_dir's lock (l2l.io.run_lock: a second trainer of the same run is refused).
 
-    Writes run_dir/{history.csv, final.pt, best.pt, result.json}; returns the result dict.
-    stop_after_epochs simulates an interruption (tests): return after that many epochs.
+    Writes run_dir/{history.csv, final.pt, best.pt} and last, result.json recording their sha256;
+    returns the result dict. A resume state is saved every `checkpoint_every` epochs and at the end
+    of every phase. stop_after_epochs simulates an interruption (tests): return after that many epochs.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last_path = run_dir / "last.pt"
-    resume = load_checkpoint(last_path) if last_path.exists() else None
+    with run_lock(run_dir):
+        return _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs, checkpoint_every)
+
+
+def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs, checkpoint_every) -> dict:
+
+    if (run_dir / "result.json").exists():  # finished by another trainer while this one waited: not twice
+        return read_record(run_dir / "result.json", check=())
+    resume = load_resume(run_dir)
     history: list[dict] = resume["history"] if resume else []
     best = resume["best"] if resume else {"phase": -1, "val_acc": -1.0}
+    best_state: dict | None = resume["best_state"] if resume else None  # the best predictor's weights (CPU)
     phase_metrics: dict = resume["phase_metrics"] if resume else {}
     if resume:
         log.info("%s: resuming after phase %d epoch %d", spec.hash, resume["phase"], resume["epoch"] + 1)
-        if on_resume is not None:
-            on_resume(history)
+    if on_resume is not None:
+        on_resume(history)  # what the store may still miss (empty on a fresh start)
 
     torch.manual_seed(spec.seed)  # initialisation; data order and augmentation have their own streams
     epochs_done_now = 0
@@ -301,10 +366,12 @@ def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path
             history.append(row)
             if pi != best["phase"] or row["val_acc"] > best["val_acc"]:
                 # best-on-validation within the current phase (its predictor is the final one at the end)
-                best = {"phase": pi, "epoch": epoch, "val_acc": row["val_acc"],
-                        "sha256": atomic_save(phase.predictor.state_dict(), run_dir / "best.pt")}
-            atomic_save({"phase": pi, "epoch": epoch, "state": _phase_state(phase), "rng": _rng_state(),
-                         "history": history, "best": best, "phase_metrics": phase_metrics}, last_path)
+                best = {"phase": pi, "epoch": epoch, "val_acc": row["val_acc"]}
+                best_state = _cpu_copy(phase.predictor.state_dict())
+            if (epoch + 1) % checkpoint_every == 0 or epoch == phase.epochs - 1:
+                _save_resume({"phase": pi, "epoch": epoch, "state": _phase_state(phase), "rng": _rng_state(),
+                              "history": history, "best": best, "best_state": best_state,
+                              "phase_metrics": phase_metrics}, run_dir)
             if on_epoch is not None:
                 on_epoch(row)
             progress.update(row)
@@ -315,17 +382,20 @@ def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path
     if phase is None:
         raise RuntimeError(f"method {spec.method} yielded no phase")
 
-    final_sha = atomic_save(phase.predictor.state_dict(), run_dir / "final.pt")
-    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    # The files the result depends on, each hashed once as it is written.
+    files = {"final.pt": atomic_save(phase.predictor.state_dict(), run_dir / "final.pt"),
+             "best.pt": atomic_save(best_state, run_dir / "best.pt"),
+             "history.csv": write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))}
     last = history[-1]
     result = {"spec": spec.to_dict(), "hash": spec.hash, **device_info(ctx.device),
               "final": {k: last[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
-              "best": best, "final_sha256": final_sha, "epochs": len(history), "updates": updates,
+              "best": {**best, "sha256": files["best.pt"]}, "final_sha256": files["final.pt"],
+              "epochs": len(history), "updates": updates,
               "train_seconds": float(sum(r["epoch_seconds"] for r in history)),
               "images_per_s": float(np.median([r["images_per_s"] for r in history])),
               "phase_metrics": phase_metrics, "tags": tags}
-    write_json(run_dir / "result.json", result)
-    last_path.unlink()  # the run is complete; the resume state (with optimizer moments) is no longer needed
+    result = write_record(run_dir / "result.json", result, files)
+    _clear_resume(run_dir)  # the run is complete; the resume states (with optimizer moments) are no longer needed
     return result
 
 

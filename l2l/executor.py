@@ -16,11 +16,15 @@ With more than one worker process, MLflow has one writer: :func:`l2l.tracking.si
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
+import pickle
+import queue
+import signal
+import sys
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,19 +32,20 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from l2l.checks import ConfigError
+from l2l.checks import ConfigError, DataError, IntegrityError, LockedError, RunsFailed
 from l2l.config import Config, required_hashes
 from l2l.data import DeviceDataCache
 from l2l.datasets import DataSettings
 from l2l.engine import RunContext, device_info, pick_device, train_run
-from l2l.io import write_json
+from l2l.io import read_record, run_lock, write_json
 from l2l.methods import METHODS
 from l2l.spec import RunSpec
 from l2l.stage import RUNS, setup_logging
-from l2l.tracking import RunTracker, single_writer
+from l2l.tracking import RunTracker, mark_failed, single_writer
 
 log = logging.getLogger(__name__)
-
+# Failures a worker reports as their one line (anything else: its traceback in the log as well).
+EXPECTED = (ConfigError, DataError, IntegrityError, LockedError, OSError)
 
 # --- the unit of work ------------------------------------------------------------------
 
@@ -68,43 +73,48 @@ class Worker:
     # torch threads of a run on a CPU. CPU results depend on it (the order of oneDNN's reductions),
     # so every backend uses the same number: params' executor.cpu_threads, else the train stage's.
     cpu_threads: int | None = None
+    checkpoint_every: int = 1  # epochs between resume states (params' executor.checkpoint_every)
 
 
 def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> dict:
     """Train one run of the plan (resuming it if interrupted): the unit every backend executes.
 
-    spec: a RunSpec as a dict. Loads the prepared data itself, so it runs in any process.
-    Returns {hash, images_per_s}.
+    spec: a RunSpec as a dict. Loads the prepared data itself, so it runs in any process. Holds the
+    run folder's lock throughout (a second trainer of the run is refused, naming this one's PID); a
+    run another trainer finished meanwhile is not trained again. Returns {hash, images_per_s}.
     """
     if worker.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = worker.tracking_uri
     spec = RunSpec.from_dict(spec)
     with _in_dir(worker.root):
-        device = pick_device()
-        if device.type == "cpu" and worker.cpu_threads:
-            torch.set_num_threads(worker.cpu_threads)
-        key = (os.getcwd(), str(device), repr(data))
-        if key not in _DATA:
-            _DATA.clear()
-            _DATA[key] = DeviceDataCache(data, device)
-        arrays, num_classes = _DATA[key].get(spec)
         run_dir = RUNS / spec.hash
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "spec.json", spec.to_dict())
-        tracker = RunTracker(spec, profile, run_dir, device_info(device))
-        try:
-            ctx = RunContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve())
-            result = train_run(spec, METHODS[spec.method], ctx, run_dir, on_epoch=tracker.log_epoch,
-                               on_resume=tracker.backfill)
-        except BaseException as e:  # KeyboardInterrupt too: the MLflow run must not stay RUNNING
-            tracker.finish("FAILED" if isinstance(e, Exception) else "KILLED",
-                           error="".join(traceback.format_exception_only(e)).strip())
-            raise
-        tracker.log_metrics({"train_seconds": result["train_seconds"], "best_val_acc": result["best"]["val_acc"],
-                             "final_val_acc": result["final"]["val_acc"]})
-        tracker.set_tags(result["tags"])
-        tracker.log_artifacts(run_dir / "history.csv", run_dir / "final.pt")
-        tracker.finish()
+        with run_lock(run_dir):
+            if (run_dir / "result.json").exists():
+                log.info("%s: finished meanwhile by another trainer; not trained again", spec.hash)
+                return {"hash": spec.hash, "images_per_s": read_record(run_dir / "result.json", check=())["images_per_s"]}
+            device = pick_device()
+            if device.type == "cpu" and worker.cpu_threads:
+                torch.set_num_threads(worker.cpu_threads)
+            key = (os.getcwd(), str(device), repr(data))
+            if key not in _DATA:
+                _DATA.clear()
+                _DATA[key] = DeviceDataCache(data, device)
+            arrays, num_classes = _DATA[key].get(spec)
+            write_json(run_dir / "spec.json", spec.to_dict())
+            tracker = RunTracker(spec, profile, run_dir, device_info(device))
+            try:
+                ctx = RunContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve())
+                result = train_run(spec, METHODS[spec.method], ctx, run_dir, on_epoch=tracker.log_epoch,
+                                   on_resume=tracker.backfill, checkpoint_every=worker.checkpoint_every)
+            except BaseException as e:  # KeyboardInterrupt too: the MLflow run must not stay RUNNING
+                tracker.finish("FAILED" if isinstance(e, Exception) else "KILLED",
+                               error="".join(traceback.format_exception_only(e)).strip())
+                raise
+            tracker.log_metrics({"train_seconds": result["train_seconds"], "best_val_acc": result["best"]["val_acc"],
+                                 "final_val_acc": result["final"]["val_acc"]})
+            tracker.set_tags(result["tags"])
+            tracker.log_artifacts(run_dir / "history.csv", run_dir / "final.pt")
+            tracker.finish()
     return {"hash": spec.hash, "images_per_s": result["images_per_s"]}
 
 
@@ -123,45 +133,128 @@ def local_slots(runs_per_gpu: int) -> list[int | None]:
     return [g for g in range(n) for _ in range(runs_per_gpu)] or [None]
 
 
-def _claim_slot(slots, threads: int) -> None:
-    # Worker initialiser: pin this process to its GPU before CUDA starts, share the CPU cores.
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (and SIGINT) raise KeyboardInterrupt: a run being trained is marked KILLED in MLflow,
+    a worker pool is ended, and the run resumes from its last resume state next time."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+
+
+def _die_with_parent() -> None:
+    # A worker whose train stage was killed (even by SIGKILL) gets SIGTERM instead of training on alone.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _slot_worker(gpu: int | None, threads: int, tasks, results, job: tuple) -> None:
+    """One worker process of the local pool: pinned to its GPU before CUDA starts, trains the runs it
+    takes from `tasks` until it takes None, reporting each start and outcome on `results`."""
+    _die_with_parent()
+    stop_on_signals()
     setup_logging()
-    gpu = slots.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # read when CUDA initialises, after the import of torch
     torch.set_num_threads(threads)
+    profile, data, worker = job
+    while (item := tasks.get()) is not None:
+        i, spec = item
+        results.put(("start", i, os.getpid()))
+        try:
+            results.put(("done", i, train_one(spec, profile, data, worker)))
+        except BaseException as e:  # noqa: BLE001 (reported to the parent, which names the run)
+            if not isinstance(e, EXPECTED):
+                log.exception("%s failed", spec["experiment"])
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001 (an error that cannot cross processes travels as its text)
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            results.put(("failed", i, e))
+            if not isinstance(e, Exception):
+                return
 
 
 def _report(outcomes: list[tuple[RunSpec, BaseException | None]]) -> None:
     failed = [(s, e) for s, e in outcomes if e is not None]
     if failed:
         spec, err = failed[0]
-        raise RuntimeError(f"{len(failed)} of {len(outcomes)} runs failed; first: {spec.hash} ({spec.experiment} "
-                           f"{spec.model} {spec.dataset} seed {spec.seed}): {type(err).__name__}: {err}")
+        raise RunsFailed(f"{len(failed)} of {len(outcomes)} runs failed; first: {_describe(spec)}: "
+                         f"{type(err).__name__}: {err}")
 
 
 def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker, slots: list[int | None]) -> list:
+    """The runs of `todo` on one worker process per slot. A worker that dies (killed, out of memory)
+    fails only the run it was training (marked FAILED in MLflow) and is replaced; the other workers'
+    runs go on. Interrupted itself (SIGTERM, Ctrl-C), the pool stops its workers (their runs are
+    marked KILLED) before it re-raises."""
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    queue = ctx.Queue()
-    for s in slots:
-        queue.put(s)
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for i, s in enumerate(todo):
+        tasks.put((i, s.to_dict()))
+    for _ in slots:
+        tasks.put(None)
     threads = max(1, (os.cpu_count() or 1) // len(slots))
-    outcomes, results = [], []
-    with cf.ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_claim_slot,
-                                initargs=(queue, threads)) as pool:
-        futures = {pool.submit(train_one, s.to_dict(), profile, data, worker): s for s in todo}
-        try:
-            for i, fut in enumerate(cf.as_completed(futures), 1):
-                spec, err = futures[fut], fut.exception()
-                outcomes.append((spec, err))
-                if err is None:
-                    results.append(fut.result())
-                log.info("[%d/%d] %s %s", i, len(todo), spec.hash, "done" if err is None else f"FAILED: {err}")
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
-    _report(outcomes)
-    return results
+
+    def start(gpu):
+        p = ctx.Process(target=_slot_worker, args=(gpu, threads, tasks, results, (profile, data, worker)),
+                        daemon=False)
+        p.start()
+        return p
+
+    procs = [start(g) for g in slots]
+    running: dict[int, int] = {}  # worker PID -> index of the run it trains
+    outcome: dict[int, BaseException | None] = {}
+    out, ended, restarts = [], set(), 0
+
+    def record(i: int, err: BaseException | None) -> None:
+        outcome[i] = err
+        log.info("[%d/%d] %s %s", len(outcome), len(todo), todo[i].hash, "done" if err is None else f"FAILED: {err}")
+
+    try:
+        while len(outcome) < len(todo):
+            try:
+                kind, i, value = results.get(timeout=1.0)
+            except queue.Empty:
+                for k, p in enumerate(procs):
+                    if p.exitcode is None or p.pid in ended:
+                        continue
+                    ended.add(p.pid)
+                    i = running.pop(p.pid, None)
+                    if i is not None:  # died while training a run: that run alone fails
+                        how = (f"signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
+                               else f"exit status {p.exitcode}")
+                        err = RuntimeError(f"worker process {p.pid} died ({how}) while training this run")
+                        mark_failed(profile, todo[i].hash, str(err))
+                        record(i, err)
+                    if p.exitcode != 0 and restarts < len(todo):
+                        restarts += 1
+                        procs[k] = start(slots[k])  # takes the dead worker's share of the queue
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    for i in sorted(set(range(len(todo))) - set(outcome)):
+                        record(i, RuntimeError("not trained: every worker process ended before it"))
+                continue
+            if kind == "start":
+                running[value] = i
+                continue
+            running = {pid: j for pid, j in running.items() if j != i}
+            record(i, None if kind == "done" else value)
+            if kind == "done":
+                out.append(value)
+    except BaseException:
+        for p in procs:
+            p.terminate()  # SIGTERM: the worker marks its run KILLED and exits
+        for p in procs:
+            p.join(timeout=120)
+            if p.is_alive():
+                p.kill()
+        raise
+    for p in procs:
+        p.join(timeout=120)
+    _report([(todo[i], outcome[i]) for i in range(len(todo))])
+    return out
 
 
 def run_local(todo: list[RunSpec], config: Config, worker: Worker) -> None:
@@ -318,7 +411,8 @@ def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".") -> Non
     cfg = config.executor
     if not todo:
         return
-    worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads())
+    worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads(),
+                    checkpoint_every=cfg["checkpoint_every"])
     by_hash = {s.hash: s for s in todo}
 
     def finished(h: str) -> bool:
@@ -331,7 +425,7 @@ def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".") -> Non
         unfinished = [(s, h) for s in wave for h in required_hashes(s) if not finished(h)]
         if unfinished:  # a required run outside `todo` that is not finished
             s, h = unfinished[0]
-            raise RuntimeError(f"{len(unfinished)} runs require unfinished runs; first: {_describe(s)} requires "
+            raise RunsFailed(f"{len(unfinished)} runs require unfinished runs; first: {_describe(s)} requires "
                                f"{_describe(by_hash[h]) if h in by_hash else h}, which has no result.json")
         try:
             RUNNERS[cfg["backend"]](wave, config, worker)
@@ -343,6 +437,6 @@ def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".") -> Non
             blocked = [(s, h) for s in later for h in required_hashes(s) if h in failed]
             note = (f"; e.g. {_describe(blocked[0][0])} requires {_describe(by_hash[blocked[0][1]])}"
                     if blocked else "")
-            raise RuntimeError(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; {len(later)} runs of later "
+            raise RunsFailed(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; {len(later)} runs of later "
                                f"waves not started, {len(blocked)} of them requiring a run that did not finish"
                                + note) from e

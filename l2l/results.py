@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from l2l.io import read_json, write_json
+from l2l.checks import IntegrityError
+from l2l.io import read_npz, read_record, write_json
 from l2l.spec import RunSpec
 from l2l.tasks import task_of
 from l2l.tracking import flatten
@@ -43,6 +44,17 @@ def mean_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, f
     return mean, std, float(lo), float(hi)
 
 
+def read_result(run_dir: Path, check: tuple[str, ...] | None = None) -> dict:
+    """runs/<hash>/result.json, verified with the files it records (`check`: default all of them)."""
+    return read_record(run_dir / "result.json", check, advice=f"delete {run_dir}/ and re-run `dvc repro` (it "
+                                                               "retrains this run)")
+
+
+def read_eval(eval_dir: Path) -> dict:
+    """evals/<hash>/eval.json, verified with its predictions.npz."""
+    return read_record(eval_dir / "eval.json", advice=f"delete {eval_dir}/ and re-run `dvc repro evaluate`")
+
+
 def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
     missing = [s.hash for s in specs if not (evals / s.hash / "eval.json").exists()]
     if missing:
@@ -52,12 +64,15 @@ def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
     varying = [c for c in params.columns if params[c].nunique() > 1 and c not in GROUP + ["seed"]]
     rows = []
     for spec, (_, p) in zip(specs, params.iterrows()):
-        result = read_json(runs / spec.hash / "result.json")
-        ev = read_json(evals / spec.hash / "eval.json")
+        result = read_result(runs / spec.hash, check=("history.csv",))  # what aggregate reads of the run
+        ev = read_eval(evals / spec.hash)
+        if ev["final_sha256"] != result["final_sha256"]:
+            raise IntegrityError(f"{evals / spec.hash / 'eval.json'}: evaluates another final.pt than "
+                                 f"{runs / spec.hash / 'result.json'} records: re-run `dvc repro evaluate`")
         rows.append({"run": spec.hash, **{k: getattr(spec, k) for k in GROUP}, "seed": spec.seed,
                      **{f"param.{c}": p[c] for c in varying},
                      "metric": task_of(spec.data).metric,  # what the *_acc columns hold
-                     **{k: v for k, v in ev.items() if k != "final_sha256"},
+                     **{k: v for k, v in ev.items() if k not in ("final_sha256", "files", "sha256")},
                      "train_acc": result["final"]["train_acc"], "epochs": result["epochs"],
                      "updates": result["updates"], "train_seconds": result["train_seconds"],
                      "images_per_s": result["images_per_s"],
@@ -99,7 +114,7 @@ def curves(specs: list[RunSpec], runs: Path) -> dict[str, pd.DataFrame]:
 def phase_rows(specs: list[RunSpec], runs: Path) -> pd.DataFrame:
     rows = []
     for s in specs:
-        for phase, metrics in read_json(runs / s.hash / "result.json").get("phase_metrics", {}).items():
+        for phase, metrics in read_result(runs / s.hash, check=()).get("phase_metrics", {}).items():
             for k, v in (metrics or {}).items():
                 rows.append({"run": s.hash, **{g: getattr(s, g) for g in GROUP}, "seed": s.seed,
                              "phase": phase, "metric": k, "value": v})
@@ -108,10 +123,10 @@ def phase_rows(specs: list[RunSpec], runs: Path) -> pd.DataFrame:
 
 def aggregate(specs: list[RunSpec], manifests: dict[str, dict], test_labels: dict[str, np.ndarray], runs: Path,
               evals: Path, out: Path, profile: str) -> pd.DataFrame:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted aggregate
     runs_df = run_rows(specs, runs, evals)
     summary = summarise(runs_df)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "curves").mkdir(parents=True)
     runs_df.to_csv(tmp / "runs.csv", index=False)
     summary.to_csv(tmp / "summary.csv", index=False)
@@ -123,7 +138,7 @@ def aggregate(specs: list[RunSpec], manifests: dict[str, dict], test_labels: dic
         "test_acc_ci_high": r.final_test_acc_ci_high, "best_val_test_acc_mean": r.best_test_acc_mean}
         for r in summary.itertuples()}
     write_json(tmp / "metrics.json", metrics)
-    preds = {s.hash: np.load(evals / s.hash / "predictions.npz")["final_test"] for s in specs}
+    preds = {s.hash: read_npz(evals / s.hash / "predictions.npz")["final_test"] for s in specs}  # verified above
     # The test labels travel with the predictions, so per-example tests need nothing but results/.
     preds.update({f"y_test__{ds}": y for ds, y in test_labels.items()})
     np.savez_compressed(tmp / "predictions.npz", **preds)

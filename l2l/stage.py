@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from l2l.checks import ConfigError, DataError
+from l2l.checks import ConfigError, DataError, IntegrityError, LockedError, RunsFailed
 
 RUNS = Path("runs")
 EVALS = Path("evals")
@@ -23,11 +23,27 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# Expected failures: bad params or data, a result file that fails verification (invalid, truncated,
+# not its recorded sha256), a run folder another trainer holds, runs that failed (their tracebacks, if
+# any, are in the log above), a file the OS refuses (missing, no space...). Anything else is a bug: traceback.
+EXPECTED = (ConfigError, DataError, IntegrityError, LockedError, RunsFailed, OSError)
+
+
 def main(stage: Callable[[], None]) -> None:
-    """Run a stage; bad input ends in one line on stderr and exit status 2."""
+    """Run a stage; an expected failure ends in one line on stderr and exit status 2; a stop by
+    signal (SIGTERM, Ctrl-C) in one line and 130."""
     setup_logging()
     try:
         stage()
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"l2l: error: {e}", file=sys.stderr)
+    except EXPECTED as e:
+        print(f"l2l: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"l2l: {e or 'interrupted'}: re-run to continue (runs resume from their last resume state)", file=sys.stderr)
+        sys.exit(130)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    # The OS's own errors say what failed only with their type (e.g. PermissionError); ours say it all.
+    return f"{type(e).__name__}: {text}" if isinstance(e, OSError) and e.errno is not None else text

@@ -19,12 +19,14 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from l2l.tasks import task_of
 
 log = logging.getLogger(__name__)
 HASH_TAG = "l2l.run_hash"
+ERROR_TAG = "l2l.error"
+STEP_WITNESS = "val_acc"  # the epoch metric whose steps say which epochs the store has
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s", "updates")
 
 
@@ -83,10 +85,12 @@ class RunTracker:
         self.c = client()
         self.exp_id = experiment_id(self.c, f"l2l-{profile}")
         existing = find_run(self.c, self.exp_id, spec.hash)
+        self.logged: set[int] = set()  # epochs (steps) the store has: each is logged once, whatever re-runs
         if existing is not None:
             self.run_id = existing.info.run_id
+            self.logged = {m.step for m in self.c.get_metric_history(self.run_id, STEP_WITNESS)}
             self.c.update_run(self.run_id, status="RUNNING")
-            log.info("%s: continuing MLflow run %s", spec.hash, self.run_id)
+            log.info("%s: continuing MLflow run %s (%d epochs logged)", spec.hash, self.run_id, len(self.logged))
             return
         tags = {HASH_TAG: spec.hash, "l2l.profile": profile, "l2l.experiment": spec.experiment,
                 "l2l.method": spec.method, "l2l.model": spec.model, "l2l.dataset": spec.dataset,
@@ -108,13 +112,16 @@ class RunTracker:
 
     def backfill(self, history: list[dict]) -> None:
         """Log the epochs of `history` that the store does not have yet (after a resume)."""
-        logged = {m.step for m in self.c.get_metric_history(self.run_id, "val_acc")}
         for row in history:
-            if row["global_epoch"] not in logged:
-                self.log_epoch(row)
+            self.log_epoch(row)
 
     def log_epoch(self, row: dict) -> None:
+        """One epoch's metrics at its step, unless the store has that step already (a resumed or
+        retrained run: a step's metrics go in one batch, so the witness metric stands for all)."""
+        if row["global_epoch"] in self.logged:
+            return
         self.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=row["global_epoch"])
+        self.logged.add(row["global_epoch"])
 
     def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -135,8 +142,37 @@ class RunTracker:
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         if error:
-            self.c.set_tag(self.run_id, "l2l.error", error[:5000])
+            self.c.set_tag(self.run_id, ERROR_TAG, error[:5000])
+        elif ERROR_TAG in self.c.get_run(self.run_id).data.tags:
+            self.c.delete_tag(self.run_id, ERROR_TAG)  # an earlier attempt's error no longer describes the run
         self.c.set_terminated(self.run_id, status=status)
+
+
+def mark_failed(profile: str, run_hash: str, error: str) -> None:
+    """The MLflow run of `run_hash` FAILED with `error` (its process could not say so itself)."""
+    c = client()
+    run = find_run(c, experiment_id(c, f"l2l-{profile}"), run_hash)
+    if run is not None and run.info.status == "RUNNING":
+        c.set_tag(run.info.run_id, ERROR_TAG, error[:5000])
+        c.set_terminated(run.info.run_id, status="FAILED")
+
+
+def mark_abandoned(profile: str, trained_now: Callable[[str], bool]) -> list[str]:
+    """Runs left RUNNING by a process that ended without saying so (killed, crashed), i.e. whose
+    hash is not being trained now (`trained_now`: its run folder is locked), marked FAILED. Returns their hashes."""
+    c = client()
+    exp = c.get_experiment_by_name(f"l2l-{profile}")
+    if exp is None:
+        return []
+    out = []
+    for run in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=50000):
+        h = run.data.tags.get(HASH_TAG)
+        if h is not None and not trained_now(h):
+            c.set_tag(run.info.run_id, ERROR_TAG, "left RUNNING by a process that ended without finishing it "
+                                                  "(killed or crashed); the next train stage resumes the run")
+            c.set_terminated(run.info.run_id, status="FAILED")
+            out.append(h)
+    return out
 
 
 def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[str, str] | None = None) -> None:
@@ -208,9 +244,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(store_uri: str, timeout_s: float = 180) -> Iterator[str]:
+def mlflow_server(store_uri: str, timeout_s: float = 300) -> Iterator[str]:
     """`mlflow server` bound to 127.0.0.1 on a free port over `store_uri` (one server worker: the
-    single writer to the database) while the context lasts; yields its http URI."""
+    single writer to the database) while the context lasts; yields its http URI. Readiness is polled
+    until the server answers or its process exits (a loaded machine starts it slowly: `timeout_s` is
+    only a ceiling); giving up, the error carries the server's log."""
     port = _free_port()
     log_file = tempfile.NamedTemporaryFile("w+", prefix="l2l-mlflow-server-", suffix=".log", delete=False)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner needed
@@ -229,8 +267,10 @@ def mlflow_server(store_uri: str, timeout_s: float = 180) -> Iterator[str]:
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log_file.seek(0)
-                    tail = " | ".join(log_file.read().strip().splitlines()[-3:])
-                    raise RuntimeError(f"mlflow server over {store_uri} did not come up: {tail}") from None
+                    tail = " | ".join(log_file.read().strip().splitlines()[-20:])
+                    why = f"exited with status {proc.returncode}" if proc.poll() is not None else \
+                        f"did not answer within {timeout_s:.0f} s"
+                    raise RuntimeError(f"mlflow server over {store_uri} {why}; its log: {tail}") from None
                 time.sleep(0.5)
         log.info("MLflow: server %s over %s (single writer)", uri, store_uri)
         yield uri

@@ -2,14 +2,19 @@
 
 A run's folder is runs/<hash>/; a finished run has result.json and is never retrained, so
 adding a seed or a method trains only the new runs, and an interrupted run resumes from
-its last epoch checkpoint. Where the runs execute (this process, worker processes per GPU,
-Ray, Slurm) is params.yaml's `executor` (l2l/executor.py).
+its last resume state. A run is trained under its folder's lock: a second train stage (e.g. a
+`dvc repro` started while an orphaned one still trains) is refused for that run, naming the PID
+that holds it. Where the runs execute (this process, worker processes per GPU, Ray, Slurm) is
+params.yaml's `executor` (l2l/executor.py). SIGTERM or Ctrl-C ends the stage and its workers,
+their runs marked KILLED in MLflow; runs a killed stage left RUNNING are marked FAILED here.
 """
 from l2l import stage
 from l2l.claims import CLAIMS_FILE, load_claims
 from l2l.config import prepared_plan
 from l2l.engine import device_info, pick_device
-from l2l.executor import run_plan
+from l2l.executor import run_plan, stop_on_signals
+from l2l.io import is_locked
+from l2l.tracking import mark_abandoned
 
 
 def run() -> None:
@@ -26,10 +31,15 @@ def run() -> None:
         if device.type == "cpu" and profile != "smoke":
             stage.log.warning("profile %r on a CPU: the paper protocols take days here; use a GPU or profile smoke",
                               profile)
+    abandoned = mark_abandoned(profile, lambda h: is_locked(stage.RUNS / h))
+    if abandoned:
+        stage.log.warning("MLflow: %d runs left RUNNING by an ended process marked FAILED (e.g. %s)", len(abandoned),
+                          abandoned[0])
     stage.log.info("plan: %d runs, %d finished, %d to train on %s", len(specs), len(specs) - len(todo), len(todo),
                    where)
     run_plan(todo, config)
 
 
 if __name__ == "__main__":
+    stop_on_signals()
     stage.main(run)
