@@ -107,7 +107,7 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _interval(mean, lo, hi) -> str:
+def format_interval(mean, lo, hi) -> str:
     if pd.isna(mean):
         return "n/a"
     if pd.isna(lo):
@@ -153,9 +153,9 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
         "experiment": summary["experiment"], "method": summary["method"], "model": summary["model"],
         "dataset": summary["dataset"], "n": summary["n"],
         "metric": summary["metric"] if "metric" in summary else TOP1,
-        "test, last epoch (95% CI)": [_interval(*r) for r in summary[
+        "test, last epoch (95% CI)": [format_interval(*r) for r in summary[
             ["final_test_acc_mean", "final_test_acc_ci_low", "final_test_acc_ci_high"]].itertuples(index=False)],
-        "test, best-val epoch (95% CI)": [_interval(*r) for r in summary[
+        "test, best-val epoch (95% CI)": [format_interval(*r) for r in summary[
             ["best_test_acc_mean", "best_test_acc_ci_low", "best_test_acc_ci_high"]].itertuples(index=False)],
         "val, last epoch": summary["final_val_acc_mean"],
         "train s (mean)": summary["train_seconds_mean"],

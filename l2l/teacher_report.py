@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from l2l.report import Doc, _interval  # noqa: E402
+from l2l.report import Doc, format_interval  # noqa: E402
 from l2l.results import mean_interval  # noqa: E402
 
 GEN = re.compile(r"gen(\d+)$")
@@ -151,7 +151,7 @@ def accuracy_latency_figure(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> F
 
 def _fmt_table(t: pd.DataFrame, keys: list[str], extra: dict[str, str]) -> pd.DataFrame:
     out = t[keys].copy()
-    out["test (95% CI)"] = [_interval(*v) for v in t[["test_acc", "test_acc_low", "test_acc_high"]].itertuples(
+    out["test (95% CI)"] = [format_interval(*v) for v in t[["test_acc", "test_acc_low", "test_acc_high"]].itertuples(
         index=False)]
     for col, name in extra.items():
         out[name] = t[col]

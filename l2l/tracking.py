@@ -100,7 +100,7 @@ class RunTracker:
                 "l2l.metric": task_of(spec.data).metric}  # what the *_acc metrics hold (accuracy or mAP)
         for k, v in spec.options.items():  # method readings (e.g. the L2L reading, split point) as tags too
             tags[f"l2l.option.{k}"] = str(v)
-        run = self.c.create_run(self.exp_id, run_name=f"{spec.experiment}-{spec.model}-{spec.dataset}-s{spec.seed}",
+        run = self.c.create_run(self.exp_id, run_name=spec.label,
                                 tags=tags)
         self.run_id = run.info.run_id
         params = flatten({k: v for k, v in spec.to_dict().items() if k not in ("data",)})

@@ -41,7 +41,7 @@ import torch.nn as nn
 from l2l.checks import ConfigError, config_error
 from l2l.datasets import MULTI_LABEL, SINGLE_LABEL
 from l2l.engine import Phase, RunContext, device_info, load_checkpoint
-from l2l.io import read_json
+from l2l.io import read_record
 from l2l.methods.base import Method, model_predictor
 from l2l.methods.options import validate
 from l2l.methods.teaching import check_kd_options, final_accuracies, freeze, kd_step, profile, train_mode
@@ -92,7 +92,7 @@ def teacher_checkpoint(spec: RunSpec, runs: Path) -> tuple[Path, str]:
     result = runs / h / "result.json"
     if not result.exists():
         raise RuntimeError(f"run {spec.hash} ({spec.label}): its teacher run {h} has not finished ({result} missing); the train stage trains it first")
-    return runs / h / "final.pt", read_json(result)["final_sha256"]
+    return runs / h / "final.pt", read_record(result, check=())["final_sha256"]  # its seal verified
 
 
 def _student_measures(ctx: RunContext, student: nn.Module, teacher: nn.Module) -> dict[str, float]:
