@@ -108,7 +108,8 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def validate_train(t: dict, path: str) -> dict:
     _mapping(t, path)
-    known = {"epochs", "batch_size", "eval_batch_size", "optimizer", "schedule", "augment", "precision", "compile"}
+    known = {"epochs", "batch_size", "eval_batch_size", "optimizer", "schedule", "augment", "precision", "compile",
+             "deterministic"}
     for k in t:
         if k not in known:
             raise _fail(f"{path}.{k}", "one of the keys " + ", ".join(sorted(known)), k)
@@ -135,8 +136,9 @@ def validate_train(t: dict, path: str) -> dict:
     if not isinstance(aug.get("flip", False), bool):
         raise _fail(f"{path}.augment.flip", "true or false", aug.get("flip"))
     _choice(t.get("precision", "auto"), f"{path}.precision", PRECISIONS)
-    if not isinstance(t.get("compile", False), bool):
-        raise _fail(f"{path}.compile", "true or false", t.get("compile"))
+    for key in ("compile", "deterministic"):
+        if not isinstance(t.get(key, False), bool):
+            raise _fail(f"{path}.{key}", "true or false", t.get(key))
     return t
 
 

@@ -49,9 +49,9 @@ from l2l.config import ConfigError, RunSpec
 from l2l.engine import Phase, RunContext
 from l2l.losses import TSD_NORMS, confidence_penalty_ce, label_smoothing_ce, tsd
 from l2l.methods.options import validate
-from l2l.methods.teaching import (LabelLoss, accuracy, check_kd_options, check_number, cross_entropy,
-                                  final_accuracies, freeze, kd_step, loss_step, option_error, output_measures,
-                                  train_mode)
+from l2l.methods.teaching import (LabelLoss, accuracy, check_kd_options, check_number, compiled_teacher,
+                                  cross_entropy, final_accuracies, freeze, kd_step, loss_step, option_error,
+                                  output_measures, train_mode)
 from l2l.models import build_model
 from l2l.profiling import flops
 from l2l.pruning import count_parameters
@@ -181,8 +181,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
         else:
             teacher = elders[-1]
             if o["teacher_on_the_fly"]:
-                def teacher_fn(x, y, teacher=teacher):
-                    return teacher(x)
+                teacher_fn = compiled_teacher(ctx, teacher)
             else:
                 teacher_fn = CachedTeacher(ctx, teacher, g)
                 on_epoch_start = teacher_fn.on_epoch_start
