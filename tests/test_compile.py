@@ -46,19 +46,19 @@ def test_distill_step_compiles_student_and_teacher(tmp_path):
 
 def test_fallback_to_eager_is_an_error_naming_the_run(monkeypatch, caplog):
     monkeypatch.setattr(compiling, "RECOMPILES_PER_MODULE", 1)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    compiler = RunCompiler("run-abc")
-    try:
-        forward = compiler(nn.Linear(4, 2))
-        for n in (3, 5, 7):  # static shapes: each batch size is a recompile; the limit is one entry
-            forward(torch.zeros(n, 4))
-        with caplog.at_level(logging.ERROR, logger="l2l.compiling"):
-            summary = compiler.summary()
-    finally:
-        compiler.close()
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch would delete the config entry on undo)
+        compiler = RunCompiler("run-abc")
+        try:
+            forward = compiler(nn.Linear(4, 2))
+            for n in (3, 5, 7):  # static shapes: each batch size is a recompile; the limit is one entry
+                forward(torch.zeros(n, 4))
+            with caplog.at_level(logging.ERROR, logger="l2l.compiling"):
+                summary = compiler.summary()
+        finally:
+            compiler.close()
+        assert torch._dynamo.config.recompile_limit == 1  # close() put the limit back
     assert summary["fallbacks_to_eager"] >= 1
     assert any("run-abc" in r.getMessage() and "eagerly" in r.getMessage() for r in caplog.records)
-    assert torch._dynamo.config.recompile_limit == 1  # close() put the limit back
 
 
 def test_deterministic_switch_sets_torch_and_is_recorded(tmp_path, tiny_data):
