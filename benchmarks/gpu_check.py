@@ -301,20 +301,18 @@ def section_slice(args, s, device, arrays, root: Path) -> dict:
     out = {}
     cfgs = {"resnet20": {"arch": "cifar_resnet", "depth": 20}, "p3_k2_block1": {"arch": "layerwise_cnn", "preset": "k2"}}
     if s is SCALES["tiny"]:
-        cfgs = {"resnet8": TINY_MODELS["resnet8"]}
+        cfgs = {"resnet8": TINY_MODELS["resnet8"], "p3_k2_narrow_block1": {"arch": "layerwise_cnn", "preset": "k2",
+                                                                            "M": 8, "M_tilde": 8}}
     for name, cfg in cfgs.items():
         method = "layerwise" if cfg["arch"] == "layerwise_cnn" else "conventional"
         spec = spec_for(method, cfg, s, s["slice_epochs"])
         # layerwise: its first block only (the run stops after that phase's epochs)
-        r = run(spec, data, device, root, f"slice-{name}", stop_after_epochs=s["slice_epochs"] if method == "layerwise"
-                else None)
-        if r.get("interrupted"):
-            hist = load_checkpoint(root / f"slice-{name}/last.pt")["history"]
-            r = {"final": {"val_acc": hist[-1]["val_acc"], "train_loss": hist[-1]["train_loss"]},
-                 "epoch_seconds": [h["epoch_seconds"] for h in hist]}
-        else:
-            r["epoch_seconds"] = r["train_seconds"] / r["epochs"]
+        rows: list[dict] = []
+        run(spec, data, device, root, f"slice-{name}", on_epoch=rows.append,
+            stop_after_epochs=s["slice_epochs"] if method == "layerwise" else None)
+        r = {"final": rows[-1], "epoch_seconds": [row["epoch_seconds"] for row in rows]}
         out[name] = {"val_acc": r["final"]["val_acc"], "train_loss": r["final"]["train_loss"],
+                     "phase": r["final"]["phase"],
                      "epoch_seconds": r["epoch_seconds"], "train_images": len(arrays["train"][1])}
     return out
 
@@ -386,7 +384,9 @@ def markdown(results: dict) -> str:
         lines += ["", "Concurrency: " + (conc.get("skipped") or ", ".join(
             f"{k} runs {v:.0f} img/s" for k, v in conc["images_per_s"].items()))]
     for name, r in results.get("slice", {}).items():
-        lines.append(f"- slice {name}: val acc {r['val_acc']:.1f}, epoch seconds {r['epoch_seconds']}")
+        secs = ", ".join(f"{x:.2f}" for x in r["epoch_seconds"])
+        lines.append(f"- slice {name} ({r['phase']}, {r['train_images']} images): val acc {r['val_acc']:.1f}, "
+                     f"seconds per epoch {secs}")
     lines += ["", "Sections: " + ", ".join(f"{k} {v}" for k, v in results["sections"].items())]
     return "\n".join(lines) + "\n"
 
