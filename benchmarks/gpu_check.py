@@ -23,7 +23,8 @@ and says so.
     CIFAR-10 subset: accuracy and seconds per epoch.
 
 Data: --make-subset PATH writes a stratified subset of the offline CIFAR-10 arrays (default 14,000
-images, 43 MB: under the 64 MiB that travels with the working tree to the device machine).
+images, 41 MiB: under the 64 MiB that travels with the working tree to the device machine).
+The exact device-tool call (command, carry, timeout) and what to do with its files: benchmarks/RESULTS.md.
 --merge FILE folds a fetched throughput.json into benchmarks/throughput.json.
 --scale tiny runs the same sections at toy sizes on any device (the test suite's CPU rehearsal).
 """
@@ -414,10 +415,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="folder for the results ($OUT on the device machine)")
     p.add_argument("--budget", type=float, default=500, help="seconds for all sections (default 500)")
-    p.add_argument("--data", help="the CIFAR-10 subset .npz (--make-subset); default: random images (tiny only)")
-    p.add_argument("--scale", choices=list(SCALES), default="paper")
+    p.add_argument("--data", help="the CIFAR-10 subset .npz (--make-subset); needed at --scale paper "
+                   "(tiny: random images without it)")
+    p.add_argument("--scale", choices=list(SCALES), default="paper", help="paper: the device run; tiny: toy sizes")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     p.add_argument("--large-batch", type=int, default=512, help="the engine's larger batch (paper scale)")
     p.add_argument("--naive-workers", type=int, default=2)
     p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (the CPU rehearsal: "
@@ -430,6 +432,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.make_subset or args.merge or args.out):
         p.error("--out is required (or --make-subset / --merge)")
+    if args.out and args.scale == "paper" and not args.data:
+        p.error("--scale paper needs --data (make it with --make-subset data/gpu_check/cifar10_subset.npz)")
     return args
 
 
