@@ -52,7 +52,6 @@ from l2l.cost import train_flops_per_image  # noqa: E402
 from l2l.device_data import DeviceData  # noqa: E402
 from l2l.engine import RunContext, load_checkpoint, train_run  # noqa: E402
 from l2l.methods import METHODS  # noqa: E402
-from l2l.models import stage_ends  # noqa: E402
 
 OFFLINE_NPZ = "/work/shared/data/cifar10_train50k_test1017_arrays.npz"
 # Model families at the paper profile's sizes (params.yaml profiles.paper.models), and toy ones.
@@ -131,7 +130,8 @@ def device_data(arrays: dict, device: torch.device, train_images: int | None = N
 def spec_for(method: str, cfg: dict, s: dict, epochs: int, options: dict | None = None, **train) -> RunSpec:
     opts = METHODS[method].validate_options(options or {}, f"gpu_check.{method}")
     return RunSpec("gpu_check", method, cfg["arch"], "cifar10", 0, cfg,
-                   {**tp.TRAIN, "epochs": epochs, "batch_size": s["batch"], **train}, opts, {"fingerprint": "gpu_check"})
+                   {**tp.TRAIN, "epochs": epochs, "batch_size": s["batch"], **train}, opts,
+                   {"fingerprint": "gpu_check"})
 
 
 def run(spec: RunSpec, data: DeviceData, device: torch.device, root: Path, name: str, **kw) -> dict:
@@ -300,7 +300,8 @@ def section_concurrency(args, s, device, arrays) -> dict:
 def section_slice(args, s, device, arrays, root: Path) -> dict:
     data = device_data(arrays, device)
     out = {}
-    cfgs = {"resnet20": {"arch": "cifar_resnet", "depth": 20}, "p3_k2_block1": {"arch": "layerwise_cnn", "preset": "k2"}}
+    cfgs = {"resnet20": {"arch": "cifar_resnet", "depth": 20},
+            "p3_k2_block1": {"arch": "layerwise_cnn", "preset": "k2"}}
     if s is SCALES["tiny"]:
         cfgs = {"resnet8": TINY_MODELS["resnet8"], "p3_k2_narrow_block1": {"arch": "layerwise_cnn", "preset": "k2",
                                                                             "M": 8, "M_tilde": 8}}
@@ -346,7 +347,8 @@ def markdown(results: dict) -> str:
              f"scale {results['scale']}, data {results['data']}", ""]
     if "methods" in results:
         epochs = SCALES[results["scale"]]["epochs"]
-        lines += [f"| method ({epochs} epochs, small model) | val acc | train s | img/s | updates |", "|---|---|---|---|---|"]
+        lines += [f"| method ({epochs} epochs, small model) | val acc | train s | img/s | updates |",
+                  "|---|---|---|---|---|"]
         for k, r in results["methods"].items():
             if "updates" in r:
                 lines.append(f"| {k} | {r['val_acc']:.1f} | {r['train_seconds']:.1f} | {r['images_per_s']:.0f} | "

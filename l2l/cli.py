@@ -43,7 +43,8 @@ def plan_report(params: dict, profile: str, throughput_path: Path, device: str |
                    "run at a time on that device, not a measurement.")
         if throughput.device != "cuda":
             out.append(f"No GPU measurement in {throughput_path}: these are CPU hours on {throughput.device_name}; "
-                       "GPU figures are missing (run benchmarks/gpu_check.py on a GPU: benchmarks/RESULTS.md says how).")
+                       "GPU figures are missing (run benchmarks/gpu_check.py on a GPU: benchmarks/RESULTS.md "
+                       "says how).")
     out += [f"Note: {n}" for n in notes] + [""]
 
     groups: dict[tuple, list[RunCost]] = defaultdict(list)

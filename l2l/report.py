@@ -139,7 +139,8 @@ def _reproducibility(runs: pd.DataFrame) -> str:
     det = runs["deterministic"] if "deterministic" in runs else pd.Series(False, index=runs.index)
     n = int(((runs["device"] == "cuda") & ~det.fillna(False).astype(bool)).sum())
     return (f"no: {n} CUDA runs trained with train.deterministic false (cuDNN autotuning, atomic-add kernels): the "
-            "same seed or a resumed run differs in the last bits" if n else "deterministic kernels requested on CUDA (train.deterministic; ops without one warn)")
+            "same seed or a resumed run differs in the last bits" if n
+            else "deterministic kernels requested on CUDA (train.deterministic; ops without one warn)")
 
 
 TOP1 = "top-1 accuracy (%)"  # the metric of results written before runs.csv named it
