@@ -44,13 +44,14 @@ def plan_report(config: Config, throughput_path: Path, device: str | None, list_
            f"{len(costs)} runs, {done} done, {len(costs) - done} remaining."]
     if throughput is None:
         out.append(f"No throughput measurement ({throughput_path} missing): no estimate. "
-                   "Run benchmarks/throughput.py --json on the training device.")
+                   "Run benchmarks/gpu_check.py (or benchmarks/throughput.py --json) on the training device.")
     else:
         out.append(f"Estimate from the measurement on {throughput.label} ({throughput_path}): device-hours of one "
                    "run at a time on that device, not a measurement.")
         if throughput.device != "cuda":
             out.append(f"No GPU measurement in {throughput_path}: these are CPU hours on {throughput.device_name}; "
-                       "GPU figures are missing (run benchmarks/throughput.py --json on a GPU).")
+                       "GPU figures are missing (run benchmarks/gpu_check.py on a GPU: benchmarks/RESULTS.md "
+                       "says how).")
     out += [f"Note: {n}" for n in notes] + [""]
 
     groups: dict[tuple, list[RunCost]] = defaultdict(list)

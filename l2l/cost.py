@@ -1,19 +1,28 @@
 """The cost of a profile: its runs per experiment/model/dataset and per claim, which are done,
 and the remaining device-hours estimated from measured training throughput.
 
-Throughput comes from benchmarks/throughput.json (benchmarks/throughput.py, one measurement per
-device). A run's cost is its training images (every epoch of every phase of its method) at the
-engine's measured images/s for its model plus its evaluation images (validation every epoch, the
-evaluate stage's val and test passes of two checkpoints) at EVAL_SPEEDUP times that. A phase
-epoch is priced as one training pass of the run's model: frozen parts (layerwise) cost less,
-a second network (a teacher, a layer-to-layer partner) more. A model the benchmark did not measure is scaled by
-FLOPs from the measured model of its architecture (or the median of all measured ones), and so is
-every model on images larger than CIFAR's 32x32 (Pascal VOC at data.voc2007.image_size). These
-are estimates from a named measurement, never measurements themselves.
+Throughput comes from benchmarks/throughput.json (benchmarks/gpu_check.py or
+benchmarks/throughput.py, one measurement per device; a GPU's is used when there is one): the
+engine's measured images/s of a conventional training step per model. A run is priced by its
+method's real step: every phase's step is run once on the meta device (shapes only, no compute)
+under the FLOP counter (l2l.profiling, grouped convolutions counted correctly), so a distilled
+student's step includes its teacher's forward, layer-to-layer its two updates per batch, a
+layerwise stage its frozen prefix's forward only, a generation its teacher's forward. A phase
+epoch then costs (its step's FLOPs / the model's conventional step FLOPs) conventional training
+passes at the measured rate; evaluation images (validation every epoch, the evaluate stage's val
+and test passes of two checkpoints) go at EVAL_SPEEDUP times that rate. A model the benchmark did
+not measure is scaled by FLOPs from the measured model of its architecture (or the median of all
+measured ones), and so is every model on images larger than CIFAR's 32x32 (Pascal VOC at
+data.voc2007.image_size). Each row names its basis ("measured (name)" or "FLOPs-scaled ...") and
+its step factor. These are estimates from a named measurement, never measurements themselves;
+they assume the achieved FLOP/s of a method's step equals that of the conventional step of the
+same model (a launch-bound small part, e.g. a head, runs at a lower rate).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from l2l.checks import ConfigError
 from l2l.config import Config, plan
@@ -31,12 +39,10 @@ from l2l.engine import RunContext
 from l2l.io import read_json
 from l2l.methods import METHODS
 from l2l.models import build_model, with_defaults
+from l2l.profiling import flop_counter
 from l2l.spec import RunSpec
 
 THROUGHPUT_FILE = Path("benchmarks/throughput.json")
-SOURCE_TRAIN_IMAGES = 50000  # CIFAR-10/100 training sets
-OFFICIAL_TEST_IMAGES = 10000
-VOC_TRAINVAL_IMAGES, VOC_TEST_IMAGES = 5011, 4952  # Pascal VOC 2007
 # A forward pass is about a third of a training step's FLOPs (the backward pass costs about twice
 # the forward): evaluation images go about 3x as fast as training images.
 EVAL_SPEEDUP = 3.0
@@ -44,12 +50,12 @@ EVAL_SPEEDUP = 3.0
 
 def train_flops_per_image(model_cfg: dict, num_classes: int = 10, batch_size: int = 128, image_size: int = 32
                           ) -> float:
-    """Forward + backward FLOPs of one training image (torch.utils.flop_counter on the meta
-    device: shapes only, no compute)."""
+    """Forward + backward FLOPs of one conventional training image (l2l.profiling's counter on the
+    meta device: shapes only, no compute)."""
     model = build_model(model_cfg, num_classes).to("meta")
     x = torch.empty(batch_size, 3, image_size, image_size, device="meta")
     y = torch.zeros(batch_size, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops() / batch_size
 
@@ -153,32 +159,112 @@ def split_counts(split: dict, manifest: dict | None, dataset: str = "cifar10", v
     if manifest is not None:
         return {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
     if DATASETS[dataset].task == MULTI_LABEL:
-        return {"train": VOC_TRAINVAL_IMAGES - voc_val_size, "val": voc_val_size, "test": VOC_TEST_IMAGES}
-    train = SOURCE_TRAIN_IMAGES - split["val_size"]
+        d = DATASETS[dataset]
+        return {"train": d.train_images - voc_val_size, "val": voc_val_size, "test": d.test_images}
+    train = DATASETS[dataset].train_images - split["val_size"]
     if split.get("train_subset"):
         train = min(train, split["train_subset"])
-    return {"train": train, "val": split["val_size"], "test": OFFICIAL_TEST_IMAGES}
+    return {"train": train, "val": split["val_size"], "test": DATASETS[dataset].test_images}
 
 
-_EPOCHS: dict[str, int] = {}
+@dataclass
+class PhaseCost:
+    epochs: int
+    step_flops: float | None  # per training image, the phase's real step; None: not countable on meta
+    note: str = ""
+
+
+_PHASES: dict[str, list[PhaseCost]] = {}
+# epochs at which a phase's step is counted (its epoch hook may change it: l2l's moving split): the
+# first and the last; where they differ, the quarters too. (A meta step runs through torch's Python
+# decompositions: about 1.4 s for a ResNeXt l2l step, so each count matters for `l2l plan`.)
+ENDS, QUARTERS = (0.0, 1.0), (0.25, 0.5, 0.75)
+
+
+def phase_costs(spec: RunSpec) -> list[PhaseCost]:
+    """Per phase of the run's method: its epochs and its step's FLOPs per training image. The phase
+    generator is replayed without training, as a resumed run replays it: models are built on the
+    meta device (shapes only) over a few random CPU images; each phase's step is run on one
+    meta batch under the FLOP counter at a few epochs (after the phase's epoch hook, e.g. l2l's
+    split move, where the hook can run without data or other runs' checkpoints)."""
+    key = json.dumps([spec.method, spec.model_cfg, spec.train, spec.options, spec.dataset,
+                      spec.data.get("image_size", 32)], sort_keys=True)
+    if key in _PHASES:
+        return _PHASES[key]
+    k = DATASETS[spec.dataset].num_classes
+    size = spec.data.get("image_size", 32)
+    rng = np.random.default_rng(0)
+    arrays = {s: (rng.integers(0, 256, (8, 3, size, size), dtype=np.uint8), np.arange(8) % k)
+              for s in ("train", "val", "test")}
+    plain = dataclasses.replace(spec, train={**spec.train, "compile": False, "deterministic": False})
+    meta = torch.device("meta")
+    # runs=os.devnull: no run folder, so a method reading another run's checkpoint (distill) cannot
+    aug = spec.train["augment"]
+    data = DeviceData(arrays, spec.dataset, torch.device("cpu"), crop_padding=aug["crop_padding"], flip=aug["flip"])
+    ctx = RunContext(plain, data, k, meta, runs=Path(os.devnull))
+    b = spec.train["batch_size"]
+    x = torch.empty(b, 3, size, size, device=meta)
+    y = (torch.zeros(b, k, device=meta) if ctx.task.kind == MULTI_LABEL
+         else torch.zeros(b, dtype=torch.long, device=meta))
+    out = []
+    for phase in METHODS[spec.method].phases(plain, ctx):
+        if phase.step is None:
+            out.append(PhaseCost(phase.epochs, None, "no step"))
+            continue
+        counts, notes = [], set()
+        fractions = ENDS if phase.on_epoch_start is not None else (0.0,)
+        for rest in (False, True):
+            for e in sorted({round(f * (phase.epochs - 1)) for f in (QUARTERS if rest else fractions)}):
+                count = _count_step(phase, e, x, y, notes)
+                if count is None:
+                    break
+                counts.append(count)
+            if rest or len(set(counts)) <= 1:
+                break
+        out.append(PhaseCost(phase.epochs, sum(counts) / len(counts) if counts else None, "; ".join(sorted(notes))))
+    _PHASES[key] = out
+    return out
+
+
+def _count_step(phase, epoch: int, x, y, notes: set) -> float | None:
+    """FLOPs per image of one step of `phase` at `epoch` (after its epoch hook, where it can run)."""
+    if phase.on_epoch_start is not None:
+        try:
+            phase.on_epoch_start(epoch)
+        except (RuntimeError, NotImplementedError, OSError) as err:
+            notes.add(f"epoch hook skipped ({type(err).__name__})")
+    try:
+        with flop_counter() as counter:
+            phase.step(x, y)
+    except (RuntimeError, NotImplementedError) as err:
+        notes.add(f"step not countable on meta ({type(err).__name__})")
+        return None
+    return counter.get_total_flops() / len(x)
 
 
 def planned_epochs(spec: RunSpec) -> int:
     """Passes over the training set, summed over the method's phases (one stretch per block,
-    per generation, ...): its phase generator replayed without training, as a resumed run
-    replays it, on a few random images on the CPU (models are built, nothing is trained)."""
-    key = json.dumps([spec.method, spec.model_cfg, spec.train, spec.options, spec.dataset], sort_keys=True)
-    if key not in _EPOCHS:
-        k = DATASETS[spec.dataset].num_classes
-        rng = np.random.default_rng(0)
-        arrays = {s: (rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8), np.arange(8) % k)
-                  for s in ("train", "val", "test")}
-        cpu = torch.device("cpu")
-        aug = spec.train["augment"]
-        ctx = RunContext(spec, DeviceData(arrays, spec.dataset, cpu, crop_padding=aug["crop_padding"],
-                                          flip=aug["flip"]), k, cpu)
-        _EPOCHS[key] = sum(phase.epochs for phase in METHODS[spec.method].phases(spec, ctx))
-    return _EPOCHS[key]
+    per generation, ...)."""
+    return sum(p.epochs for p in phase_costs(spec))
+
+
+def step_factor(spec: RunSpec, flops: dict) -> tuple[float, str]:
+    """(training cost of the run's phases in conventional-step epochs / its epochs, a note): 1 for
+    conventional training, ~2x for l2l, < 1 for layerwise stages, > 1 with a teacher's forward."""
+    key = json.dumps([spec.model_cfg, spec.data.get("image_size", 32), _classes(spec)], sort_keys=True)
+    if key not in flops:
+        flops[key] = train_flops_per_image(spec.model_cfg, _classes(spec), spec.train["batch_size"],
+                                           spec.data.get("image_size", 32))
+    conventional = flops[key]
+    phases = phase_costs(spec)
+    notes = sorted({p.note for p in phases if p.note} |
+                   ({"a phase priced as a conventional step"} if any(p.step_flops is None for p in phases) else set()))
+    cost = sum(p.epochs * (p.step_flops if p.step_flops is not None else conventional) for p in phases)
+    return cost / max(sum(p.epochs for p in phases), 1) / conventional, "; ".join(notes)
+
+
+def _classes(spec: RunSpec) -> int:
+    return DATASETS[spec.dataset].num_classes
 
 
 def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Path("runs")
@@ -193,7 +279,9 @@ def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Pa
         hours, basis = None, "no throughput measurement"
         if throughput is not None:
             rate, basis = throughput.rate(s.model_cfg, flops, s.data.get("image_size", 32))
-            images = epochs * n["train"] + (epochs * n["val"] + 2 * (n["val"] + n["test"])) / EVAL_SPEEDUP
+            factor, note = step_factor(s, flops)
+            basis += f"; step x{factor:.2f} of conventional" + (f" ({note})" if note else "")
+            images = epochs * n["train"] * factor + (epochs * n["val"] + 2 * (n["val"] + n["test"])) / EVAL_SPEEDUP
             hours = images / rate / 3600
         done = s.dataset in manifests and (runs_dir / s.hash / "result.json").exists()
         out.append(RunCost(s, done, epochs, hours, basis))

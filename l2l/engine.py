@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from l2l.compiling import RunCompiler, set_determinism
 from l2l.device_data import DeviceData
 from l2l.checks import IntegrityError
 from l2l.io import read_json, read_record, run_lock, sha256_file, write_atomic, write_json, write_record, write_text
@@ -33,8 +34,6 @@ from l2l.tasks import Task, TopOneMeter, task_of
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# train.compile: static shapes (a CIFAR epoch has two batch shapes: full and the last one).
-COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
 
 
 @dataclass
@@ -100,9 +99,10 @@ class RunContext:
         self.amp = device.type == "cuda" and precision in ("auto", "bf16")
         self.channels_last = device.type == "cuda"
         self.compile = spec.train["compile"]
-        if device.type == "cuda":
-            # Fixed CIFAR shapes: let cuDNN pick its fastest convolution algorithms once per shape.
-            torch.backends.cudnn.benchmark = True
+        self.deterministic = spec.train["deterministic"]
+        set_determinism(self.deterministic, device)
+        # meta: shapes only (l2l.cost counts a step's FLOPs), nothing to compile
+        self.compiler = RunCompiler(spec.hash) if self.compile and device.type != "meta" else None
 
     # --- building blocks for methods ---
     def prepare(self, module: nn.Module) -> nn.Module:
@@ -115,9 +115,15 @@ class RunContext:
         return contextlib.nullcontext()
 
     def compiled(self, module: nn.Module) -> nn.Module:
-        """`module` through torch.compile when train.compile is on: the same parameters and
-        buffers, a compiled forward. Checkpoint and return the original module, call this one."""
-        return torch.compile(module, **COMPILE_OPTIONS) if self.compile else module
+        """`module` through torch.compile when train.compile is on (l2l/compiling.py): the same
+        parameters and buffers, a compiled forward. Checkpoint and return the original module, call
+        this one; build it once per module (each call is one more entry of the run's compile cache)."""
+        return self.compiler(module) if self.compiler is not None else module
+
+    def speed_record(self) -> dict:
+        """What the run's speed and reproducibility settings were (result.json and its tags)."""
+        return {"compile": self.compiler.summary() if self.compiler is not None else None,
+                "deterministic": self.deterministic}
 
     def optimizer(self, params, train: dict | None = None) -> torch.optim.Optimizer:
         o = (train or self.spec.train)["optimizer"]
@@ -360,6 +366,8 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
                 progress.close()
                 return {"interrupted": True}
             row = _train_epoch(spec, ctx, phase, pi, epoch)
+            if ctx.compiler is not None:
+                ctx.compiler.check()
             updates += row["batches"] * phase.updates_per_batch
             row["updates"] = updates
             row["global_epoch"] = len(history)
@@ -393,7 +401,11 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
               "epochs": len(history), "updates": updates,
               "train_seconds": float(sum(r["epoch_seconds"] for r in history)),
               "images_per_s": float(np.median([r["images_per_s"] for r in history])),
-              "phase_metrics": phase_metrics, "tags": tags}
+              "phase_metrics": phase_metrics, **ctx.speed_record()}
+    result["tags"] = {**tags, "train.compile": str(ctx.compile).lower(),
+                      "train.deterministic": str(ctx.deterministic).lower()}
+    if ctx.compiler is not None:
+        ctx.compiler.close()
     result = write_record(run_dir / "result.json", result, files)
     _clear_resume(run_dir)  # the run is complete; the resume states (with optimizer moments) are no longer needed
     return result

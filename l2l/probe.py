@@ -65,7 +65,7 @@ def probe_stages(model: nn.Sequential, ctx, epochs: int, lr: float) -> dict[str,
     ends = stage_ends(model)
     spec = ctx.spec
     bs = spec.train["batch_size"]
-    eval_bs = spec.train.get("eval_batch_size", 1000)
+    eval_bs = spec.train["eval_batch_size"]
     with torch.no_grad(), ctx.autocast():
         x0 = next(iter(ctx.data.eval_batches("train", 2)))[0]
         widths = [f.shape[1] for f in stage_outputs(model, x0, ends)]

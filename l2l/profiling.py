@@ -2,7 +2,9 @@
 
 FLOPs follow torch.utils.flop_counter's rules: 2 per multiply-accumulate of convolutions and
 matrix products (the linear layer included); BatchNorm, activations, pooling and the residual
-additions are not counted (a few per cent of a ResNet's).
+additions are not counted (a few per cent of a ResNet's). One correction (FLOP_RULES): the weight
+gradient of a grouped convolution, which torch counts ``groups`` times too high (it multiplies
+all input channels by all output channels, where each output channel only sees its group's).
 
 Latency is wall time of one forward pass in inference mode on the model's device, in the
 precision the run trains in: warm-up passes first (allocator, cuDNN algorithm choice, caches),
@@ -18,11 +20,33 @@ from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                       _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """aten.convolution_backward: the input gradient as torch counts it (the transposed convolution
+    of the output gradient with the weights), and the weight gradient at the forward convolution's
+    cost: each of the weight's prod(w_shape) entries (C_out x C_in/groups x kernel) sums one product
+    per image and output position, exactly the forward's multiply-accumulates."""
+    n = 0
+    if output_mask[0]:
+        n += conv_flop_count(grad_out_shape, w_shape, x_shape, not transposed)
+    if output_mask[1]:
+        n += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return n
+
+
+FLOP_RULES = {torch.ops.aten.convolution_backward: conv_backward_flop}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter with this module's corrections; use as a context, then .get_total_flops()."""
+    return FlopCounterMode(display=False, custom_mapping=FLOP_RULES)
 
 
 def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -30,7 +54,7 @@ def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     was_training = model.training
     model.eval()
     x = torch.zeros(1, *input_shape, device=_device(model))
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with torch.no_grad(), counter:
         model(x)
     model.train(was_training)

@@ -126,10 +126,22 @@ def stamp(results: Path) -> dict[str, str]:
         "git commit": git_commit(),
         "dvc.lock sha256": hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else "none",
         "runs": str(len(runs)),
+        "bit-reproducible": _reproducibility(runs),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **{f"data: {ds}": f"{d['source']['kind']} ({_source_paths(d['source'])}); {d['split_note']}"
            for ds, d in data["datasets"].items()},
     }
+
+
+def _reproducibility(runs: pd.DataFrame) -> str:
+    """CUDA kernels sum in varying order unless train.deterministic is on (l2l/compiling.py)."""
+    if not (runs["device"] == "cuda").any():
+        return "yes (CPU runs: the same seed gives the same numbers)"
+    det = runs["deterministic"] if "deterministic" in runs else pd.Series(False, index=runs.index)
+    n = int(((runs["device"] == "cuda") & ~det.fillna(False).astype(bool)).sum())
+    return (f"no: {n} CUDA runs trained with train.deterministic false (cuDNN autotuning, atomic-add kernels): the "
+            "same seed or a resumed run differs in the last bits" if n
+            else "deterministic kernels requested on CUDA (train.deterministic; ops without one warn)")
 
 
 TOP1 = "top-1 accuracy (%)"  # the metric of results written before runs.csv named it

@@ -76,7 +76,8 @@ def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
                      "train_acc": result["final"]["train_acc"], "epochs": result["epochs"],
                      "updates": result["updates"], "train_seconds": result["train_seconds"],
                      "images_per_s": result["images_per_s"],
-                     **{k: result[k] for k in ("device", "device_name", "torch", "cuda")}})
+                     **{k: result[k] for k in ("device", "device_name", "torch", "cuda")},
+                     "deterministic": result.get("deterministic", False)})  # absent: written before the switch
     return pd.DataFrame(rows)
 
 

@@ -49,7 +49,9 @@ TRAIN: dict[str, Key] = {
         "flip": Key(boolean, False, "random horizontal flip"),
     }),
     "precision": Key(lambda v, p: choice(v, p, PRECISIONS), "auto", "auto: bf16 autocast on CUDA, fp32 on CPU"),
-    "compile": Key(boolean, False, "torch.compile of the training step's forward"),
+    "compile": Key(boolean, False, "torch.compile of the training steps' forwards (l2l/compiling.py)"),
+    "deterministic": Key(boolean, False, "cuDNN autotuning off and deterministic kernels (CUDA results then "
+                                         "bit-reproducible); off: the fastest kernels"),
 }
 
 

@@ -6,14 +6,14 @@ the inductor path."""
 import pytest
 import torch
 
-from l2l import engine
+from l2l import compiling
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.methods import conventional
 from tests.conftest import make_spec
 
 
 def test_compiled_step_trains_like_eager(tmp_path, tiny_data, monkeypatch):
-    monkeypatch.setitem(engine.COMPILE_OPTIONS, "backend", "aot_eager")
+    monkeypatch.setitem(compiling.COMPILE_OPTIONS, "backend", "aot_eager")
     eager_spec = make_spec()
     compiled_spec = make_spec(train={**eager_spec.train, "compile": True})
     cpu = torch.device("cpu")

@@ -41,8 +41,10 @@ def test_counts_done_and_estimate_from_the_named_measurement(workspace, capsys):
     # smoke split: train 200, val 50, test 100; 1 epoch; the measured cnn trains 0.01 images/s
     cnn = (200 + (50 + 2 * (50 + 100)) / EVAL_SPEEDUP) / 0.01 / 3600
     wide = cnn * train_flops_per_image({"arch": "cnn", "width": 8}) / 1e9 / 0.004  # the same FLOP/s
-    assert f"| cnn | cifar10 | 2 | 0 | 2 | 1 | {_hours(cnn)} | {_hours(2 * cnn)} | measured (cnn) |" in out
-    assert f"| wide | cifar10 | 2 | 0 | 2 | 1 | {_hours(wide)} | {_hours(2 * wide)} | FLOPs-scaled from cnn |" in out
+    assert (f"| cnn | cifar10 | 2 | 0 | 2 | 1 | {_hours(cnn)} | {_hours(2 * cnn)} | measured (cnn); "
+            "step x1.00 of conventional |") in out
+    assert (f"| wide | cifar10 | 2 | 0 | 2 | 1 | {_hours(wide)} | {_hours(2 * wide)} | FLOPs-scaled from cnn; "
+            "step x1.00 of conventional |") in out
 
     fingerprint = json.loads((workspace / "data/prepared/cifar10/manifest.json").read_text())["fingerprint"]
     spec = plan(load_config(), {"cifar10": fingerprint})[0]

@@ -44,7 +44,8 @@ from l2l.engine import Phase, RunContext, device_info, load_checkpoint
 from l2l.io import read_record
 from l2l.methods.base import Method, model_predictor
 from l2l.methods.options import validate
-from l2l.methods.teaching import check_kd_options, final_accuracies, freeze, kd_step, profile, train_mode
+from l2l.methods.teaching import (check_kd_options, compiled_teacher, final_accuracies, freeze, kd_step, profile,
+                                  train_mode)
 from l2l.models import build_model
 from l2l.spec import RunSpec
 
@@ -137,7 +138,8 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
             loaded.append(path)
 
     opt = ctx.optimizer(student.parameters())
-    step = kd_step(ctx, student, opt, lambda x, y: teacher(x), ctx.task.loss, o["temperature"], o["kd_weight"])
+    step = kd_step(ctx, student, opt, compiled_teacher(ctx, teacher), ctx.task.loss, o["temperature"],
+                   o["kd_weight"])
     yield Phase("student", epochs, {"teacher": teacher, "student": student}, {"sgd": opt}, step,
                 predictor=student, schedulers={"lr": ctx.scheduler(opt, epochs)},
                 train_mode=train_mode(student, [teacher]), on_epoch_start=load_teacher,

@@ -50,8 +50,8 @@ from l2l.engine import Phase, RunContext
 from l2l.losses import TSD_NORMS, confidence_penalty_ce, label_smoothing_ce, tsd
 from l2l.methods.base import Method, model_predictor
 from l2l.methods.options import validate
-from l2l.methods.teaching import (LabelLoss, check_kd_options, check_number, final_accuracies, freeze, kd_step,
-                                  loss_step, output_measures, train_mode)
+from l2l.methods.teaching import (LabelLoss, check_kd_options, check_number, compiled_teacher, final_accuracies,
+                                  freeze, kd_step, loss_step, output_measures, train_mode)
 from l2l.profiling import flops
 from l2l.pruning import count_parameters
 from l2l.spec import RunSpec
@@ -180,8 +180,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
         else:
             teacher = elders[-1]
             if o["teacher_on_the_fly"]:
-                def teacher_fn(x, y, teacher=teacher):
-                    return teacher(x)
+                teacher_fn = compiled_teacher(ctx, teacher)
             else:
                 teacher_fn = CachedTeacher(ctx, teacher, g)
                 on_epoch_start = teacher_fn.on_epoch_start

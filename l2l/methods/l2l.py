@@ -176,11 +176,16 @@ class LayerToLayer:
         self.model, self.heads, self.opt, self.ctx, self.o = model, heads, opt, ctx, options
         self.mutual = step == "mutual"
         self.k: int | None = None
+        self.parts: dict[int, tuple] = {}  # per split: the same module objects (and compiled forwards) each epoch
 
     def set_split(self, k: int) -> None:
         self.k = k
-        self.student, self.teacher = self.model[:k], self.model[k:]
-        self.head = self.heads[str(k)] if self.mutual else None
+        if k not in self.parts:
+            student, teacher = self.model[:k], self.model[k:]
+            head = self.heads[str(k)] if self.mutual else None
+            forwards = [self.ctx.compiled(m) if m is not None else None for m in (student, teacher, head)]
+            self.parts[k] = (student, teacher, head, *forwards)
+        self.student, self.teacher, self.head, self.student_fwd, self.teacher_fwd, self.head_fwd = self.parts[k]
         student_parts = [self.student] + ([self.head] if self.mutual else [])
         self.student_params = [p for m in student_parts for p in m.parameters()]
         self.teacher_params = list(self.teacher.parameters())
@@ -218,23 +223,23 @@ class LayerToLayer:
     def student_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the student's loss, the full network's logits) with the teacher frozen."""
         with self.frozen(self.teacher, self.teacher_bn), self.ctx.autocast():
-            h = self.student(x)
+            h = self.student_fwd(x)
             if not self.mutual:
-                logits = self.teacher(h)
+                logits = self.teacher_fwd(h)
                 loss = F.cross_entropy(logits.float(), y)
                 return loss, logits
             with torch.no_grad():
-                logits = self.teacher(h)
-            loss = self.distillation_loss(self.head(h), logits, y, self.o["student_kd_weight"])
+                logits = self.teacher_fwd(h)
+            loss = self.distillation_loss(self.head_fwd(h), logits, y, self.o["student_kd_weight"])
         return loss, logits
 
     def teacher_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the teacher's loss, the full network's logits) with the student (and its head) frozen."""
         with self.ctx.autocast():
             with torch.no_grad(), self.frozen(self.student, self.student_bn):
-                h = self.student(x)
-                student_logits = self.head(h) if self.mutual else None
-            logits = self.teacher(h)
+                h = self.student_fwd(x)
+                student_logits = self.head_fwd(h) if self.mutual else None
+            logits = self.teacher_fwd(h)
             if not self.mutual:
                 return F.cross_entropy(logits.float(), y), logits
             loss = self.distillation_loss(logits, student_logits, y, self.o["teacher_kd_weight"])

@@ -169,12 +169,14 @@ def _train_phase(name: str, spec: RunSpec, ctx: RunContext, modules: dict, froze
     """Train ``trained`` (a stage and its head, or a head alone) on the frozen ``frozen``'s output."""
     opt = ctx.optimizer(trained.parameters())
     restarts = _decay_epochs(spec.train, epochs) if spec.options["restart_optimizer_at_decay"] else set()
+    frozen_forward = ctx.compiled(frozen) if len(frozen) else frozen  # stage 1: no prefix, nothing to compile
+    trained_forward = ctx.compiled(trained)
 
     def step(x, y):
         with torch.no_grad(), ctx.autocast():
-            h = frozen(x)
+            h = frozen_forward(x)
         with ctx.autocast():
-            logits = trained(h)
+            logits = trained_forward(h)
             loss = F.cross_entropy(logits, y)
         ctx.update(opt, loss)
         return loss, logits

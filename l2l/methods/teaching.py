@@ -45,9 +45,11 @@ def train_mode(trainable: nn.Module, frozen: list[nn.Module]) -> Callable[[], No
 
 def loss_step(ctx: RunContext, model: nn.Module, opt: torch.optim.Optimizer, label_loss: LabelLoss) -> StepFn:
     """One update of `model` on a label loss (plain or regularised cross-entropy)."""
+    forward = ctx.compiled(model)
+
     def step(x, y):
         with ctx.autocast():
-            logits = model(x)
+            logits = forward(x)
         loss = label_loss(logits, y)
         ctx.update(opt, loss)
         return loss, logits
@@ -57,16 +59,25 @@ def loss_step(ctx: RunContext, model: nn.Module, opt: torch.optim.Optimizer, lab
 def kd_step(ctx: RunContext, student: nn.Module, opt: torch.optim.Optimizer, teacher: TeacherFn,
             label_loss: LabelLoss, temperature: float, kd_weight: float) -> StepFn:
     """One update of `student` on (1 - w) * label loss + w * KD from the teacher's logits (Hinton's
-    softmax KD, or its per-class sigmoid form on a multi-label dataset: the run's task)."""
+    softmax KD, or its per-class sigmoid form on a multi-label dataset: the run's task). A teacher
+    computed on the fly should come through ctx.compiled (compiled_teacher) like the student here."""
+    forward = ctx.compiled(student)
+
     def step(x, y):
         with torch.no_grad(), ctx.autocast():
             t = teacher(x, y)
         with ctx.autocast():
-            logits = student(x)
+            logits = forward(x)
         loss = kd_objective(logits, t, label_loss(logits, y), temperature, kd_weight, kd=ctx.task.kd)
         ctx.update(opt, loss)
         return loss, logits
     return step
+
+
+def compiled_teacher(ctx: RunContext, teacher: nn.Module) -> TeacherFn:
+    """A frozen teacher's logits on the student's batch, through train.compile's forward."""
+    forward = ctx.compiled(teacher)
+    return lambda x, y: forward(x)
 
 
 def output_measures(logits: torch.Tensor) -> dict[str, float]:
