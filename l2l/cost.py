@@ -154,8 +154,8 @@ def _prepared(config: Config) -> tuple[dict, dict, list[str]]:
     return prof.split, manifests, notes
 
 
-def split_counts(split: dict, manifest: dict | None, dataset: str = "cifar10", voc_val_size: int = 500
-                 ) -> dict[str, int]:
+def split_counts(split: dict, manifest: dict | None, dataset: str, voc_val_size: int) -> dict[str, int]:
+    """Images per split of a run: the prepared manifest's counts, else the sizes the settings imply."""
     if manifest is not None:
         return {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
     if DATASETS[dataset].task == MULTI_LABEL:

@@ -332,7 +332,6 @@ def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path
 
 
 def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs, checkpoint_every) -> dict:
-
     if (run_dir / "result.json").exists():  # finished by another trainer while this one waited: not twice
         return read_record(run_dir / "result.json", check=())
     resume = load_resume(run_dir)
