@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import throughput as tp  # noqa: E402  (benchmarks/throughput.py: the engine and naive paths)
 from l2l.compiling import COMPILE_OPTIONS  # noqa: E402
-from l2l.config import RunSpec  # noqa: E402
+from l2l.spec import RunSpec  # noqa: E402
 from l2l.cost import train_flops_per_image  # noqa: E402
 from l2l.device_data import DeviceData  # noqa: E402
 from l2l.engine import RunContext, load_checkpoint, train_run  # noqa: E402

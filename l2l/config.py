@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from l2l.checks import (ConfigError, DataError, Key, boolean, choice, config_error, deep_merge, integer, mapping,
+from l2l.checks import (ConfigError, Key, boolean, choice, config_error, deep_merge, integer, mapping,
                         name_list, nonneg_int, number, one_of_keys, optional_str, path_str, pos_float, pos_int,
                         resolve, seeds)
 from l2l.datasets import DATASETS, DataSettings, resolve_data, resolve_split
@@ -28,7 +28,7 @@ from l2l.io import read_json
 from l2l.models import ARCHS, build_model, with_defaults
 from l2l.spec import RunSpec, resolve_train
 
-__all__ = ["Config", "ConfigError", "DataError", "Experiment", "Profile", "RunSpec", "load_config", "load_params",
+__all__ = ["Config", "Experiment", "Profile", "load_config", "load_params",
            "plan", "prepared_plan", "required_hashes", "resolve_config"]
 
 PARAMS_FILE = Path("params.yaml")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from l2l.claims import check, claim_power, load_claims
-from l2l.config import ConfigError
+from l2l.checks import ConfigError
 from tests.conftest import REPO, config_of
 
 

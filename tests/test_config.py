@@ -3,7 +3,8 @@ import copy
 import pytest
 import yaml
 
-from l2l.config import ConfigError, load_params
+from l2l.checks import ConfigError
+from l2l.config import load_params
 from tests.conftest import REPO, config_of, plan_of
 
 

@@ -16,7 +16,7 @@ import torchvision.datasets
 import torchvision.datasets.cifar
 from torchvision.datasets.utils import calculate_md5
 
-from l2l import archives, data
+from l2l import archives
 from l2l.checks import DataError
 from l2l.data import load_prepared, prepare
 from l2l.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES, DATASETS, SourceConfig, SplitConfig

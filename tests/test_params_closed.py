@@ -3,7 +3,6 @@ fails in one line naming its full key path, a default written out is the same ru
 identities do not drift by accident."""
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 

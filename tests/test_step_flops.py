@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from l2l.config import RunSpec
+from l2l.spec import RunSpec
 from l2l.cost import phase_costs, step_factor, train_flops_per_image
 from l2l.methods import distill
 from l2l.models import build_model
