@@ -26,8 +26,11 @@ CLAIMS_FILE = Path("claims.yaml")
 TWO_ARM_KINDS = ("superiority", "equivalence")
 BUILTIN_KINDS = ("superiority", "equivalence", "ordering", "reported_value")
 REQUIRED = ("id", "paper", "claim", "kind", "metric", "dataset", "arms", "reported", "protocol")
-OPTIONAL = ("margin", "min_effect", "tolerance", "family", "role", "role_reason")
+OPTIONAL = ("margin", "min_effect", "tolerance", "family", "role", "role_reason", "stated_in", "harness_choices")
 ROLES = ("primary", "sensitivity")
+# Where the paper states the claim (the first word of `stated_in`; the rest may say more, e.g. "table 2"):
+# the harness tests sentences it can point to, and says so where it cannot ("unconfirmed").
+STATED_IN = ("abstract", "summary", "text", "table", "figure", "code", "unconfirmed")
 DIFF_SD_FACTOR = math.sqrt(2)  # planning: a difference of two independent runs has sqrt(2) x one run's sd
 
 
@@ -62,6 +65,8 @@ class Claim:
     family: str = ""  # the multiplicity family (default: the paper)
     role: str = "primary"  # primary | sensitivity (another reading of what the paper left open)
     role_reason: str = ""
+    stated_in: str = "unconfirmed"  # where the paper states it (STATED_IN)
+    harness_choices: dict = field(default_factory=dict)  # what the harness chose, not the paper: dataset, budget, ...
 
     @property
     def family_key(self) -> str:
@@ -165,11 +170,20 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
             raise _err(cid, "reported", "expected 'not public' or a mapping with value (or per-arm values) and source")
         if rec["kind"] == "reported_value" and not isinstance(reported, dict):
             raise _err(cid, "reported", "a reported_value claim needs the paper's value")
+        stated_in = rec.get("stated_in", "unconfirmed")
+        if not isinstance(stated_in, str) or stated_in.split(" ")[0] not in STATED_IN:
+            raise _err(cid, "stated_in", f"expected a string starting with one of {', '.join(STATED_IN)}, "
+                                         f"got {stated_in!r}")
+        choices = rec.get("harness_choices", {})
+        if not (isinstance(choices, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in choices.items())):
+            raise _err(cid, "harness_choices", f"expected a mapping of aspect -> the harness's choice (strings), "
+                                               f"got {choices!r}")
         known = set(REQUIRED) | set(OPTIONAL)
         out.append(Claim(cid, rec["paper"], doc["papers"][rec["paper"]], rec["claim"], rec["kind"], rec["metric"],
                          rec["dataset"], arms, reported, rec["protocol"], margin, rec.get("min_effect"),
                          {k: v for k, v in rec.items() if k not in known}, tolerance, family, role,
-                         rec.get("role_reason", "")))
+                         rec.get("role_reason", ""), stated_in, choices))
     return out
 
 
@@ -368,7 +382,8 @@ def check(claims: list[Claim], runs: pd.DataFrame, phases: pd.DataFrame, preds: 
                "kind": claim.kind, "metric": claim.metric, "dataset": claim.dataset, "protocol": claim.protocol,
                "reported": claim.reported, "reported_text": claim.reported_text, "margin": claim.margin,
                "tolerance": claim.tolerance, "min_effect": claim.min_effect, "family": claim.family_key,
-               "role": claim.role, "role_reason": claim.role_reason,
+               "role": claim.role, "role_reason": claim.role_reason, "stated_in": claim.stated_in,
+               "harness_choices": claim.harness_choices,
                "arms": {a.name: {"experiment": a.experiment, "model": a.model, "phase": a.phase,
                                  "values": arm_values(runs, claim, a, phases), "runs": arm_runs(runs, claim, a)}
                         for a in claim.arms}, **claim.extra}

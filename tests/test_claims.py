@@ -65,6 +65,8 @@ def test_registry_validation_errors(tmp_path, params):
         (("kind",), "vibes", "claims.yaml: PX-C1.kind: expected one of superiority"),
         (("arms", "a", "model"), "vgg99", "claims.yaml: PX-C1.arms.a.model: model 'vgg99' is not trained by better"),
         (("paper",), "PZ", "claims.yaml: PX-C1.paper: unknown paper"),
+        (("stated_in",), "a blog post", "claims.yaml: PX-C1.stated_in: expected a string starting with one of"),
+        (("harness_choices",), {"dataset": 10}, "claims.yaml: PX-C1.harness_choices: expected a mapping"),
     ]
     for path, value, message in cases:
         doc = json.loads(json.dumps(CLAIMS))
@@ -81,6 +83,10 @@ def test_registry_validation_errors(tmp_path, params):
         load_claims(config_of(params), write(tmp_path, doc))
     params["stats"]["margins"] = {"PX-C3": 0.5}  # params may set the margin instead
     assert load_claims(config_of(params), write(tmp_path, doc))[2].margin == 0.5
+    doc["claims"][0].update(stated_in="table 2", harness_choices={"dataset": "CIFAR-10 (the paper: ImageNet)"})
+    first = load_claims(config_of(params), write(tmp_path, doc))[0]
+    assert (first.stated_in, first.harness_choices) == ("table 2", {"dataset": "CIFAR-10 (the paper: ImageNet)"})
+    assert load_claims(config_of(params), write(tmp_path, doc))[1].stated_in == "unconfirmed"  # the default
 
 
 def test_check_verdicts_not_run_and_holm(tmp_path, params):
