@@ -21,14 +21,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from l2l.io import read_json, write_text  # noqa: E402
-from l2l.results import mean_interval  # noqa: E402
+from l2l.results import FEWEST_SEEDS_FOR_INTERVAL, interval_shown, mean_interval  # noqa: E402
 from l2l.tracking import git_commit  # noqa: E402
 
 
 @dataclass
 class Doc:
+    """Blocks: ("h", level, text), ("p", text), ("table", df), ("figure", name, caption). Text may hold the
+    little Markdown the report writes (`code`, **bold**, "- " bullet lines); html() renders it."""
     blocks: list[tuple] = field(default_factory=list)
     figures: dict[str, bytes] = field(default_factory=dict)
+    svgs: dict[str, bytes] = field(default_factory=dict)
 
     def h(self, level: int, text: str) -> None:
         self.blocks.append(("h", level, text))
@@ -39,12 +42,14 @@ class Doc:
     def table(self, df: pd.DataFrame) -> None:
         self.blocks.append(("table", df))
 
-    def figure(self, name: str, fig, caption: str) -> None:
-        buf = io.BytesIO()
+    def figure(self, name: str, fig, caption: str, svg: bool = False) -> None:
+        """The figure as PNG (embedded in the HTML); svg: also figures/<name>.svg beside it."""
         fig.tight_layout()  # cheaper than bbox_inches="tight", which draws every figure twice
-        fig.savefig(buf, format="png", dpi=100)
+        for fmt, store in (("png", self.figures), ("svg", self.svgs))[:1 + svg]:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=100)
+            store[name] = buf.getvalue()
         plt.close(fig)
-        self.figures[name] = buf.getvalue()
         self.blocks.append(("figure", name, caption))
 
     def markdown(self) -> str:
@@ -57,45 +62,74 @@ class Doc:
             elif b[0] == "table":
                 out.append(_md_table(b[1]))
             elif b[0] == "figure":
-                out.append(f"![{b[2]}](figures/{b[1]}.png)\n\n*{b[2]}*")
+                svg = f" ([SVG](figures/{b[1]}.svg))" if b[1] in self.svgs else ""
+                out.append(f"![{b[2]}](figures/{b[1]}.png)\n\n*{b[2]}*{svg}")
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
         out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-               "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-               "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #bbb;padding:3px 6px}"
-               "th{background:#eee}img{max-width:100%}figcaption{font-style:italic}</style></head><body>"]
+               f"<style>{CSS}</style></head><body>"]
         for b in self.blocks:
             if b[0] == "h":
-                out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+                out.append(f"<h{b[1]}>{_inline(b[2])}</h{b[1]}>")
             elif b[0] == "p":
-                out.append(f"<p>{_inline_html(b[1])}</p>")
+                out.append(_block_html(b[1]))
             elif b[0] == "table":
-                out.append(b[1].to_html(index=False, na_rep="", escape=True, border=0))
+                out.append(_html_table(b[1]))
             elif b[0] == "figure":
                 data = base64.b64encode(self.figures[b[1]]).decode()
                 out.append(f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>"
-                           f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+                           f"<figcaption>{_inline(b[2])}</figcaption></figure>")
         out.append("</body></html>")
         return "\n".join(out)
 
 
-def _inline_html(text: str) -> str:
-    # Paragraphs may hold Markdown bullet lists and `code`; render both minimally.
+CSS = ("body{font-family:sans-serif;max-width:80em;margin:2em auto;padding:0 1em;line-height:1.4}"
+       "table{border-collapse:collapse;font-size:90%;margin:.5em 0}td,th{border:1px solid #bbb;padding:3px 6px;"
+       "vertical-align:top;text-align:left}th{background:#eee}img{max-width:100%}figcaption{font-style:italic}"
+       "code{background:#f3f3f3;padding:0 2px}td.supported{background:#dff0d8}td.contradicted{background:#f2dede}"
+       "td.inconclusive{background:#f5f5f5}")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code` and **bold** rendered (code first: nothing inside it is bold)."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else _bold(p) for i, p in enumerate(parts))
+
+
+def _bold(text: str) -> str:
+    parts = text.split("**")
+    if len(parts) % 2 == 0:  # an unpaired ** stays as it is
+        return text
+    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _block_html(text: str) -> str:
+    """A paragraph, or a bullet list when every line starts with "- "."""
     lines = text.split("\n")
     if all(line.startswith("- ") for line in lines):
-        return "<ul>" + "".join(f"<li>{_code(html.escape(line[2:]))}</li>" for line in lines) + "</ul>"
-    return _code(html.escape(text)).replace("\n", "<br>")
+        return "<ul>" + "".join(f"<li>{_inline(line[2:])}</li>" for line in lines) + "</ul>"
+    return "<p>" + "<br>".join(_inline(line) for line in lines) + "</p>"
 
 
-def _code(text: str) -> str:
-    parts = text.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+def _html_table(df: pd.DataFrame) -> str:
+    head = "".join(f"<th>{_inline(str(c))}</th>" for c in df.columns)
+    rows = []
+    for _, row in df.iterrows():
+        cells = []
+        for c in df.columns:
+            v = _fmt(row[c])
+            cls = next((k for k in ("supported", "contradicted", "inconclusive") if c == "verdict"
+                        and v.startswith(k)), "")
+            cells.append(f"<td class='{cls}'>{_inline(v)}</td>" if cls else f"<td>{_inline(v)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _fmt(v) -> str:
+    """A table cell: floats to 4 significant digits (tables from other sections may hold raw means)."""
     if isinstance(v, float):
-        return "" if pd.isna(v) else f"{v:.2f}"
+        return "" if pd.isna(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     return str(v)
 
 
@@ -107,12 +141,35 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def format_interval(mean, lo, hi) -> str:
-    if pd.isna(mean):
+ACCURACY_RANGE = (0.0, 100.0)  # the *_acc columns: top-1 accuracy or mAP, in %
+DIFFERENCE_RANGE = (-100.0, 100.0)
+
+
+def decimals(halfwidth) -> int:
+    """Decimals that the seeds support: two significant digits of the interval's half-width, the
+    estimate to the same place (0 to 2 decimals; 1 when there is no interval)."""
+    if halfwidth is None or not math.isfinite(halfwidth) or halfwidth <= 0:
+        return 1
+    return int(min(2, max(0, 1 - math.floor(math.log10(halfwidth)))))
+
+
+def rounded(v: float, d: int, signed: bool = False) -> str:
+    """v to d decimals, with no "-0" (a difference that rounds to zero has no sign)."""
+    v = 0.0 if round(v, d) == 0 else v
+    return f"{v:{'+' if signed and v else ''}.{d}f}"
+
+
+def format_interval(mean, lo, hi, n=None, limits=ACCURACY_RANGE, signed: bool = False) -> str:
+    """ "mean [lo, hi]" rounded to what the interval supports; "mean (interval too wide, n=2)" when it
+    is not shown (results.interval_shown: under 3 seeds, or reaching values the metric cannot take)."""
+    if mean is None or pd.isna(mean):
         return "n/a"
-    if pd.isna(lo):
-        return f"{mean:.2f}"
-    return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
+    if lo is None or pd.isna(lo):
+        return rounded(mean, 1, signed) + (f" (n={n})" if n else "")
+    d = decimals((hi - lo) / 2)
+    if not interval_shown(n, lo, hi, limits):
+        return rounded(mean, d, signed) + " (interval too wide" + (f", n={n})" if n else ")")
+    return f"{rounded(mean, d, signed)} [{rounded(lo, d)}, {rounded(hi, d)}]"
 
 
 def stamp(results: Path) -> dict[str, str]:
@@ -161,17 +218,22 @@ def _source_paths(source: dict) -> str:
 
 
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    def interval(metric: str) -> list[str]:
+        cols = [f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high", "n"]
+        return [format_interval(m, lo, hi, int(n)) for m, lo, hi, n in summary[cols].itertuples(index=False)]
+
     return pd.DataFrame({
         "experiment": summary["experiment"], "method": summary["method"], "model": summary["model"],
         "dataset": summary["dataset"], "n": summary["n"],
         "metric": summary["metric"] if "metric" in summary else TOP1,
-        "test, last epoch (95% CI)": [format_interval(*r) for r in summary[
-            ["final_test_acc_mean", "final_test_acc_ci_low", "final_test_acc_ci_high"]].itertuples(index=False)],
-        "test, best-val epoch (95% CI)": [format_interval(*r) for r in summary[
-            ["best_test_acc_mean", "best_test_acc_ci_low", "best_test_acc_ci_high"]].itertuples(index=False)],
-        "val, last epoch": summary["final_val_acc_mean"],
-        "train s (mean)": summary["train_seconds_mean"],
+        "test, last epoch [95% CI]": interval("final_test_acc"),
+        "test, best-val epoch [95% CI]": interval("best_test_acc"),
+        "val, last epoch [95% CI]": interval("final_val_acc"),
+        "train s (mean)": [f"{v:.0f}" if v >= 10 else f"{v:.1f}" for v in summary["train_seconds_mean"]],
     })
+
+
+CURVE_RANGES = {"train_loss": (0.0, math.inf), "val_acc": ACCURACY_RANGE}
 
 
 def learning_curves(doc: Doc, results: Path) -> None:
@@ -183,39 +245,93 @@ def learning_curves(doc: Doc, results: Path) -> None:
         by_panel.setdefault((model, dataset), []).append((experiment, pd.read_csv(f)))
     for (model, dataset), items in by_panel.items():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        hidden = set()
         for experiment, df in items:
+            n = int(df["n"].min())
             for ax, metric in zip(axes, ("train_loss", "val_acc")):
                 line, = ax.plot(df["epoch"], df[f"{metric}_mean"], label=f"{experiment} (n={df['n'].max()})")
-                if df[f"{metric}_low"].notna().any():
-                    ax.fill_between(df["epoch"], df[f"{metric}_low"], df[f"{metric}_high"], alpha=0.2,
-                                    color=line.get_color())
+                lo, hi = df[f"{metric}_low"], df[f"{metric}_high"]
+                if lo.notna().any() and interval_shown(n, lo.min(), hi.max(), CURVE_RANGES[metric]):
+                    ax.fill_between(df["epoch"], lo, hi, alpha=0.2, color=line.get_color())
+                elif lo.notna().any():
+                    hidden.add(n)
         for ax, title in zip(axes, ("training loss", f"validation {metrics.get(dataset, TOP1)}")):
             ax.set_xlabel("epoch (all phases in order)")
             ax.set_title(title)
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
+        note = (f"; no band where it would be too wide to mean anything (n={', '.join(map(str, sorted(hidden)))} "
+                f"seeds, under {FEWEST_SEEDS_FOR_INTERVAL}, or reaching impossible values)" if hidden else "")
         doc.figure(f"curves_{model}_{dataset}", fig,
-                   f"Learning curves, {model} on {dataset}: mean across seeds, band = 95% t-interval")
+                   f"Learning curves, {model} on {dataset}: mean across seeds, band = 95% t-interval{note}")
 
 
 def _num(v, spec=".2f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def _ours(rec: dict) -> str:
+def _p(v) -> str:
+    return _num(v, ".2g")
+
+
+def _seeds(rec: dict) -> int:
+    c = rec["comparison"]
+    return min(c["n_a"], c.get("n_b") or c["n_a"])
+
+
+def _paper_value(rec: dict) -> float | None:
+    r = rec["reported"]
+    return r.get("value") if isinstance(r, dict) else None
+
+
+def estimate(rec: dict) -> tuple[float, float, float]:
+    """The forest plot's quantity with its 95% interval: arm a - arm b (the last minus the first arm of an
+    ordering), or for a reported value ours - the paper's number; 0 = no difference / the paper's value."""
+    c = rec["comparison"]
+    if rec["kind"] == "reported_value":
+        r = _paper_value(rec)
+        return c["mean_a"] - r, c["ci_low"] - r, c["ci_high"] - r
+    return c["diff"], c["ci_low"], c["ci_high"]
+
+
+def _estimate_range(rec: dict) -> tuple[float, float]:
+    if rec["kind"] == "reported_value":
+        r = _paper_value(rec)
+        return ACCURACY_RANGE[0] - r, ACCURACY_RANGE[1] - r
+    return DIFFERENCE_RANGE
+
+
+def _arm_label(rec: dict, name: str) -> str:
+    """An arm by its experiment (and model, when the arms' models differ): what a reader compares."""
+    arms = rec["arms"]
+    models = {_arm_model(a) for a in arms.values()}
+    arm = arms[name]
+    return arm["experiment"] + (f" ({_arm_model(arm)})" if len(models) > 1 else "")
+
+
+def _order(rec: dict) -> tuple[str, str]:
+    """(minuend, subtrahend) arm names of the claim's difference."""
+    names = list(rec["arms"])
+    return (names[-1], names[0]) if rec["kind"] == "ordering" else (names[0], names[1])
+
+
+def ours(rec: dict) -> str:
+    """Our number with its interval, rounded to what the seeds support."""
     c = rec.get("comparison")
     if not c:
         return "not run"
+    n = _seeds(rec)
     if rec["kind"] == "reported_value":
-        return f"{_num(c['mean_a'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
-    return f"{_num(c['mean_a'])} vs {_num(c['mean_b'])}"
-
-
-def _difference(rec: dict) -> str:
-    c = rec.get("comparison")
-    if not c or rec["kind"] == "reported_value":
-        return f"{_num(c['diff'])} from the paper" if c else ""
-    return f"{_num(c['diff'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
+        d = decimals((c["ci_high"] - c["ci_low"]) / 2)
+        return (f"{format_interval(c['mean_a'], c['ci_low'], c['ci_high'], n)}; "
+                f"{rounded(c['mean_a'] - _paper_value(rec), d, signed=True)} from the paper")
+    est, lo, hi = estimate(rec)
+    first, second = _order(rec)
+    d = decimals((hi - lo) / 2)
+    means = {k: sum(v["values"].values()) / len(v["values"]) for k, v in rec["arms"].items()}
+    return (f"{_arm_label(rec, first)} − {_arm_label(rec, second)}: "
+            f"{format_interval(est, lo, hi, n, DIFFERENCE_RANGE, signed=True)} "
+            f"({rounded(means[first], d)} vs {rounded(means[second], d)}, {'paired' if c['paired'] else 'unpaired'})")
 
 
 def _family(r: dict) -> str:
@@ -224,13 +340,34 @@ def _family(r: dict) -> str:
     return fam + (" (sensitivity)" if r.get("role") == "sensitivity" else "")
 
 
+def _claim_name(r: dict) -> str:
+    """A claim named by its text, its id after it (ids alone say nothing to a reader)."""
+    return f"{r['claim']} `{r['id']}`" + (" (sensitivity)" if r.get("role") == "sensitivity" else "")
+
+
+def overview_table(records: list[dict]) -> pd.DataFrame:
+    """One line per checked claim: its text, where the paper states it, the paper's number, ours, verdict."""
+    return pd.DataFrame([{"claim": _claim_name(r), "stated in": r.get("stated_in", "unconfirmed"),
+                          "paper": r["reported_text"], "ours [95% CI]": ours(r), "verdict": r["verdict"]}
+                         for r in records])
+
+
 def verdict_table(records: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{
-        "claim": r["id"], "family": _family(r), "kind": r["kind"], "dataset": r["dataset"],
-        "paper's number": r["reported_text"], "ours: mean [95% CI]": _ours(r), "difference [95% CI]": _difference(r),
-        "p (Holm)": _num(r.get("p_holm"), ".3g") if r.get("comparison") else "",
-        "contra p (Holm)": _num(r.get("p_contra_holm"), ".3g") if r.get("comparison") else "",
-        "verdict": r["verdict"]} for r in records])
+    """The statistics behind each verdict, claims named by their text."""
+    rows = []
+    for r in records:
+        c = r["comparison"]
+        est, lo, hi = estimate(r)
+        d = decimals((hi - lo) / 2)
+        shift = est - (c["mean_a"] if r["kind"] == "reported_value" else c["diff"])  # onto the estimate's scale
+        alo, ahi = c.get("adj_ci_low"), c.get("adj_ci_high")
+        adj = (f"[{rounded(alo + shift, d)}, {rounded(ahi + shift, d)}]" if alo is not None and ahi is not None
+               and interval_shown(_seeds(r), alo + shift, ahi + shift, _estimate_range(r)) else "not shown")
+        rows.append({"claim": _claim_name(r), "family": _family(r), "kind": r["kind"], "n": _seeds(r),
+                     "estimate [95% CI]": format_interval(est, lo, hi, _seeds(r), _estimate_range(r), signed=True),
+                     "family-adjusted interval": adj, "p (Holm)": _p(r.get("p_holm")),
+                     "contra p (Holm)": _p(r.get("p_contra_holm")), "verdict": r["verdict"]})
+    return pd.DataFrame(rows)
 
 
 def family_table(records: list[dict]) -> pd.DataFrame:
@@ -270,35 +407,168 @@ def calibration_section(doc: Doc, profile: str, path: Path = CALIBRATION_FILE) -
                                 for k, name in CALIBRATION_COLUMNS.items()}} for r in data["rows"]]))
 
 
+
+
+def fold_not_run(records: list[dict]) -> dict[str, list[dict]]:
+    """Not-run claims by their general cause (the record's `why`; its full reason where it has none)."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("comparison") is None:
+            groups.setdefault(r.get("why") or r["reason"], []).append(r)
+    return groups
+
+
+def not_run_line(why: str, recs: list[dict]) -> str:
+    """One line for every claim not run for one cause: how many per paper and which runs they lack."""
+    papers = ", ".join(f"{p} {n}" for p, n in pd.Series([r["paper"] for r in recs]).value_counts(sort=False).items())
+    missing = sorted({f"{_arm_model(a)} on {r['dataset']}" for r in recs for a in r["arms"].values()
+                      if not a["values"]})
+    return (f"- **{len(recs)} claim{'s' * (len(recs) != 1)}**: {why} ({papers})"
+            + (f"; lacking {', '.join(missing)}" if missing else ""))
+
+
+def forest_figure(records: list[dict]):
+    """Every checked claim's estimate (estimate()) with its 95% interval against 0, the figures written
+    beside it; an interval under 3 seeds or reaching impossible values is not drawn (hollow marker). Grey
+    ticks: the claim's margin, min_effect or tolerance; red x: the paper's own difference where it gives both."""
+    fig, ax = plt.subplots(figsize=(11, 1.3 + 0.5 * len(records)))
+    colors = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(r["paper"] for r in records))}
+    beside = ax.get_yaxis_transform()  # x in axes units, y in data units: a text column right of the plot
+    labels = []
+    for i, r in enumerate(records):
+        y = len(records) - 1 - i
+        est, lo, hi = estimate(r)
+        color = colors[r["paper"]]
+        if interval_shown(_seeds(r), lo, hi, _estimate_range(r)):
+            ax.errorbar([est], [y], xerr=[[est - lo], [hi - est]], fmt="o", color=color, capsize=3)
+        else:
+            ax.plot([est], [y], "o", mfc="white", color=color)
+        ax.text(1.02, y, format_interval(est, lo, hi, _seeds(r), _estimate_range(r), signed=True), transform=beside,
+                va="center", fontsize=8)
+        c = r["comparison"]
+        bounds = ([c["min_effect"]] if c.get("min_effect") else []) + [
+            s * v for v in (c.get("margin"), c.get("tolerance")) if v for s in (-1, 1)]
+        for b in bounds:
+            ax.plot([b, b], [y - 0.3, y + 0.3], color="gray", lw=1)
+        rep = r["reported"]
+        if isinstance(rep, dict) and r["kind"] != "reported_value":
+            first, second = _order(r)
+            if isinstance(rep.get(first), (int, float)) and isinstance(rep.get(second), (int, float)):
+                ax.plot([rep[first] - rep[second]], [y], "x", color="tab:red", ms=7)
+        what = "ours − paper" if r["kind"] == "reported_value" else " − ".join(_arm_label(r, n) for n in _order(r))
+        labels.append(f"{r['id']}\n{what}")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(records)))
+    ax.set_yticklabels(labels[::-1], fontsize=7)
+    ax.set_ylim(-0.6, len(records) - 0.4)
+    ax.text(1.02, len(records) - 0.4, "estimate [95% CI]", transform=beside, va="bottom", fontsize=8, weight="bold")
+    ax.set_xlabel("difference, points of the claim's metric (0: no difference, or the paper's number)")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
 def _arm_model(arm: dict) -> str:
     """The arm's model, with the phase whose metric it reads (e.g. a generation) when it names one."""
     return arm["model"] + (f" [{arm['phase']}]" if arm.get("phase") else "")
 
 
+def _interval_or_note(ax, x: float, vals: pd.Series, limits, color="black") -> None:
+    """The mean at x with its 95% t-interval, or the mean alone and a note when the interval is not shown."""
+    mean, _, lo, hi = mean_interval(vals)
+    if interval_shown(len(vals), lo, hi, limits):
+        ax.errorbar([x], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=4)
+    else:
+        ax.plot([x], [mean], "o", color=color)
+        ax.annotate(f"n={len(vals)}: interval\ntoo wide", (x, mean), xytext=(6, 0), textcoords="offset points",
+                    va="center", fontsize=7, color="dimgray")
+
+
 def claim_figure(rec: dict, metric_name: str | None = None):
-    """Per-seed points of each arm with its mean and 95% t-interval; the paper's number dashed.
+    """A paired claim: each seed's line across the arms and, beside it, the per-seed differences with
+    their mean. An unpaired claim or a reported value: per-seed points per arm with the mean. The mean's
+    95% t-interval only where it is shown (results.interval_shown); dashed red: the paper's numbers.
     metric_name: what the claim's *_acc column holds on its dataset (accuracy or mAP)."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rec["arms"]), 3.2))
-    for i, (name, arm) in enumerate(rec["arms"].items()):
-        vals = pd.Series(list(arm["values"].values()), dtype=float)
-        ax.scatter([i] * len(vals), vals, s=18, alpha=0.7)
-        mean, _, lo, hi = mean_interval(vals)
-        if not math.isnan(lo):
-            ax.errorbar([i + 0.15], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", color="black", capsize=4)
-        else:
-            ax.plot([i + 0.15], [mean], "o", color="black")
-        reported = rec["reported"].get(name) if isinstance(rec["reported"], dict) else None
-        if reported is not None:
-            ax.plot([i - 0.3, i + 0.3], [reported] * 2, "--", color="tab:red")
-    if isinstance(rec["reported"], dict) and "value" in rec["reported"]:
-        ax.axhline(rec["reported"]["value"], ls="--", color="tab:red", label="paper")
+    arms, c = rec["arms"], rec["comparison"]
+    names = list(arms)
+    ylabel = rec["metric"] + (f"\n{metric_name}" if metric_name and rec["metric"].endswith("_acc") else "")
+    paired = bool(c.get("paired")) and len(names) > 1
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(4.2 + 1.1 * len(names), 3.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [len(names), 1.4]} if paired else None)
+    ax = axes[0][0]
+    reported = rec["reported"] if isinstance(rec["reported"], dict) else {}
+    if paired:
+        seeds = sorted(set.intersection(*(set(a["values"]) for a in arms.values())), key=int)
+        for s in seeds:
+            ys = [arms[n]["values"][s] for n in names]
+            ax.plot(range(len(names)), ys, "-o", color="gray", alpha=0.6, ms=4)
+            ax.annotate(f"s{s}", (len(names) - 1, ys[-1]), xytext=(5, 0), textcoords="offset points", fontsize=7,
+                        va="center")
+    else:
+        for i, n in enumerate(names):
+            vals = pd.Series(list(arms[n]["values"].values()), dtype=float)
+            ax.scatter([i] * len(vals), vals, s=18, alpha=0.7)
+            _interval_or_note(ax, i + 0.15, vals, None)
+    for i, n in enumerate(names):
+        if isinstance(reported.get(n), (int, float)):
+            ax.plot([i - 0.3, i + 0.3], [reported[n]] * 2, "--", color="tab:red")
+    if isinstance(reported.get("value"), (int, float)):
+        ax.axhline(reported["value"], ls="--", color="tab:red", label="paper")
         ax.legend(fontsize=7)
-    ax.set_xticks(range(len(rec["arms"])))
-    ax.set_xticklabels([f"{n}\n{a['experiment']}\n{_arm_model(a)}" for n, a in rec["arms"].items()], fontsize=7)
-    ax.set_ylabel(rec["metric"] + (f"\n{metric_name}" if metric_name and rec["metric"].endswith("_acc") else ""))
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{arms[n]['experiment']}\n{_arm_model(arms[n])}" for n in names], fontsize=7)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylabel(ylabel)
     ax.set_title(rec["id"], fontsize=9)
     ax.grid(alpha=0.3)
+    if paired:
+        first, second = _order(rec)
+        diffs = pd.Series([arms[first]["values"][s] - arms[second]["values"][s] for s in seeds], dtype=float)
+        dax = axes[0][1]
+        dax.scatter([0] * len(diffs), diffs, s=18, color="gray")
+        _interval_or_note(dax, 0.15, diffs, DIFFERENCE_RANGE)
+        dax.axhline(0, color="black", lw=0.8)
+        for b in [v for v in (c.get("min_effect"),) if v] + ([-c["margin"], c["margin"]] if c.get("margin") else []):
+            dax.axhline(b, color="gray", ls=":", lw=1)
+        dax.set_xticks([0])
+        dax.set_xticklabels([f"{arms[first]['experiment']}\n− {arms[second]['experiment']}"], fontsize=7)
+        dax.set_xlim(-0.6, 1.2)
+        dax.set_title("per-seed difference", fontsize=9)
+        dax.grid(alpha=0.3)
     return fig
+
+
+def _provenance(rec: dict) -> str:
+    stated = rec.get("stated_in", "unconfirmed")
+    choices = rec.get("harness_choices") or {}
+    return ("stated in the paper: " + (stated if stated != "unconfirmed" else "unconfirmed (where the paper "
+                                       "states it has not been checked)")
+            + ("; the harness's choices, not the paper's: " + "; ".join(f"{k}: {v}" for k, v in choices.items())
+               if choices else ""))
+
+
+def claims_overview(doc: Doc, records: list[dict], profile: str) -> None:
+    """The report's top: per paper, one line per checked claim and one per cause of claims not run,
+    then the forest plot of every checked claim."""
+    doc.h(2, "Claims at a glance")
+    doc.p("Per paper: each checked claim in one line (our estimate with its 95% t-interval, rounded to what the "
+          "seeds support; an interval from fewer than 3 seeds, or one reaching values the metric cannot take, is "
+          "not printed: it could exclude nothing), then one line per cause for the claims not run.")
+    for paper in dict.fromkeys(r["paper"] for r in records):
+        recs = [r for r in records if r["paper"] == paper]
+        doc.h(3, f"{paper}: {recs[0]['citation']}")
+        checked = [r for r in recs if r.get("comparison") is not None]
+        if checked:
+            doc.table(overview_table(checked))
+        folded = fold_not_run(recs)
+        if folded:
+            doc.p("\n".join(not_run_line(why, rs) for why, rs in folded.items()))
+    checked = [r for r in records if r.get("comparison") is not None]
+    if checked:
+        doc.figure("forest", forest_figure(checked),
+                   "Every checked claim: arm a − arm b (an ordering: last − first arm), or ours − the paper's number "
+                   "for a reported value, with its 95% t-interval; hollow: interval not drawn (too few seeds or "
+                   "reaching impossible values); grey ticks: margin, min_effect or tolerance; red x: the paper's "
+                   "own difference", svg=True)
 
 
 def claims_sections(doc: Doc, results: Path) -> None:
@@ -308,52 +578,56 @@ def claims_sections(doc: Doc, results: Path) -> None:
     data = read_json(path)
     records, st = data["claims"], data["settings"]
     metrics = dataset_metrics(results) if (results / "runs.csv").exists() else {}
+    claims_overview(doc, records, data["profile"])
+    checked = [r for r in records if r.get("comparison") is not None]
+    folded = fold_not_run(records)
+    if folded:
+        doc.h(3, f"Not run in profile {data['profile']} ({sum(map(len, folded.values()))} claims)")
+        doc.p("\n".join(not_run_line(why, rs) for why, rs in folded.items()))
     doc.h(2, "Verdicts")
     if data["profile"] == "smoke":
         doc.p("Smoke scale cannot support any verdict: every checked claim reads \"inconclusive (smoke scale)\"; "
               "its reason gives what the statistics alone would say, to show the machinery works.")
-    checked = [r for r in records if r.get("comparison") is not None]
-    not_run = [r for r in records if r.get("comparison") is None]
     if checked:
         doc.table(verdict_table(checked))
     else:
         doc.p("No claim has its arms in this profile.")
     doc.p(f"alpha = {st['alpha']} per family, at least {st['min_seeds']} seeds per arm; p-values Holm-adjusted "
           "within each family (supporting and contradicting tests separately); intervals are t-intervals. "
-          "Differences are arm a minus arm b (the last minus the first arm for an ordering), in points of the "
-          "claim's metric (accuracy; mAP on VOC). Families and the number of tests each holds:")
+          "Estimates are arm a minus arm b (the last minus the first arm for an ordering), or ours minus the "
+          "paper's number for a reported value, in points of the claim's metric (accuracy; mAP on VOC). "
+          "Families and the number of tests each holds:")
     doc.table(family_table(records))
     doc.h(3, "How a verdict is decided")
     doc.p("\n".join(f"- {line}" for line in data["verdict_rule"].splitlines() if line.strip()))
     calibration_section(doc, data["profile"])
-    if not_run:
-        doc.h(3, f"Not run in profile {data['profile']} ({len(not_run)} claims)")
-        doc.table(pd.DataFrame([{"claim": r["id"], "claim text": r["claim"], "paper's number": r["reported_text"],
-                                 "why not run": r["reason"]} for r in not_run]))
     doc.h(2, "Claims checked")
     for rec in checked:
         doc.h(3, f"{rec['id']}: {rec['claim']}")
         doc.p(f"Source: {rec['citation']}. Paper's number: {rec['reported_text']}"
-              + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "") + ".")
+              + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "")
+              + f". Provenance: {_provenance(rec)}.")
         doc.p(f"Protocol here: {rec['protocol']}")
-        arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": _arm_model(a), "n": len(a["values"]),
-                              "per seed": ", ".join(f"s{s}: {_num(v)}" for s, v in a["values"].items())}
-                             for n, a in rec["arms"].items()])
-        doc.table(arms)
         c = rec["comparison"]
+        n = _seeds(rec)
+        est, lo, hi = estimate(rec)
+        d = decimals((hi - lo) / 2)
+        arms = pd.DataFrame([{"arm": name, "experiment": a["experiment"], "model": _arm_model(a),
+                              "n": len(a["values"]),
+                              "per seed": ", ".join(f"s{s}: {rounded(v, max(d, 1))}" for s, v in a["values"].items())}
+                             for name, a in rec["arms"].items()])
+        doc.table(arms)
         details = [f"verdict: **{rec['verdict']}** ({rec['reason']})",
                    f"family {_family(rec)}, {rec.get('family_size')} tests"
                    + (f"; {rec['role_reason']}" if rec.get("role_reason") else ""),
-                   f"{'paired by seed' if c['paired'] else 'unpaired'}; difference {_difference(rec)}; "
-                   f"family-adjusted interval [{_num(c.get('adj_ci_low'))}, {_num(c.get('adj_ci_high'))}]",
-                   f"supporting test p = {_num(c['p_value'], '.3g')}, Holm {_num(rec.get('p_holm'), '.3g')}; "
-                   f"contradicting test ({c.get('contra_test')}) p = {_num(c.get('p_contra'), '.3g')}, "
-                   f"Holm {_num(rec.get('p_contra_holm'), '.3g')}; non-parametric p = {_num(c['p_nonparam'], '.3g')} "
-                   "(descriptive)",
+                   f"{'paired by seed' if c['paired'] else 'unpaired'}; ours: {ours(rec)}",
+                   f"supporting test p = {_p(c['p_value'])}, Holm {_p(rec.get('p_holm'))}; "
+                   f"contradicting test ({c.get('contra_test')}) p = {_p(c.get('p_contra'))}, "
+                   f"Holm {_p(rec.get('p_contra_holm'))}; non-parametric p = {_p(c['p_nonparam'])} (descriptive)",
                    f"effect size {_num(c['effect_size'])}; P(a > b across seeds) = {_num(c['prob_superiority'])}"]
         if c.get("mcnemar_p") is not None:
             details.append(f"per-example McNemar (combined over seeds; descriptive: it compares trained networks, "
-                           f"not methods, and is in no verdict): p = {_num(c['mcnemar_p'], '.3g')}")
+                           f"not methods, and is in no verdict): p = {_p(c['mcnemar_p'])}")
         if c.get("power") is not None:
             details.append(f"power of the rule at the effect of interest ({_num(c.get('effect_of_interest'))}) with "
                            f"these seeds and the measured sd {_num(c.get('sd'))}: {_num(100 * c['power'], '.0f')}%")
@@ -361,15 +635,16 @@ def claims_sections(doc: Doc, results: Path) -> None:
             details.append(f"seeds per arm for 80% power: {c['seeds_needed']}")
         if c.get("dropped"):
             details.append("runs left out: " + ", ".join(c["dropped"]))
-        details += [f"note: {n}" for n in c.get("notes", [])]
-        doc.p("\n".join(f"- {d}" for d in details))
+        details += [f"note: {note}" for note in c.get("notes", [])]
+        doc.p("\n".join(f"- {x}" for x in details))
         doc.figure(f"claim_{rec['id'].replace('/', '_')}", claim_figure(rec, metrics.get(rec["dataset"])),
-                   f"{rec['id']}: per-seed values, "
-                   "mean and 95% t-interval per arm; dashed: the paper's number")
+                   f"{rec['id']}: " + ("each seed's line across the arms; right: per-seed differences and their mean"
+                                       if c["paired"] and len(rec["arms"]) > 1 else "per-seed values and their mean")
+                   + f" (95% t-interval from {FEWEST_SEEDS_FOR_INTERVAL} seeds on); dashed: the paper's number")
 
 
 def build(results: Path, out: Path, extra_sections=None) -> Doc:
-    """Write out/report.md, out/report.html and out/figures/*.png from results/."""
+    """Write out/report.md, out/report.html and out/figures/*.png (+ forest.svg) from results/."""
     summary = pd.read_csv(results / "summary.csv")
     st = stamp(results)
     doc = Doc()
@@ -378,7 +653,8 @@ def build(results: Path, out: Path, extra_sections=None) -> Doc:
         doc.p("**Smoke scale.** This report comes from the smoke profile: tiny models, a few hundred images and "
               "one or two epochs, to prove the pipeline end to end. Its numbers cannot support any verdict about "
               "the papers.")
-    doc.p("\n".join(f"- {k}: {v}" for k, v in st.items()))
+    doc.p(f"{st['runs']} runs on {st['device']}; git commit `{st['git commit']}`; generated {st['generated']} "
+          "(full provenance at the end).")
     for section in [claims_sections, *(extra_sections or [])]:
         section(doc, results)
     doc.h(2, "Summary")
@@ -389,12 +665,15 @@ def build(results: Path, out: Path, extra_sections=None) -> Doc:
     doc.table(summary_table(summary))
     doc.h(2, "Learning curves")
     learning_curves(doc, results)
+    doc.h(2, "Provenance")
+    doc.p("\n".join(f"- {k}: {v}" for k, v in st.items()))
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
-    for name, png in doc.figures.items():
-        (tmp / "figures" / f"{name}.png").write_bytes(png)
+    for store, ext in ((doc.figures, "png"), (doc.svgs, "svg")):
+        for name, data in store.items():
+            (tmp / "figures" / f"{name}.{ext}").write_bytes(data)
     write_text(tmp / "report.md", doc.markdown())
     write_text(tmp / "report.html", doc.html(f"l2l-bench report ({st['profile']})"))
     shutil.rmtree(out, ignore_errors=True)

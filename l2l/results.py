@@ -44,6 +44,22 @@ def mean_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, f
     return mean, std, float(lo), float(hi)
 
 
+# Fewer seeds than this and a 95% t-interval is not shown: with 2 seeds it has 1 degree of freedom (t = 12.7),
+# so it spans far more than any effect it could exclude, often beyond what the metric can take. 3 is also
+# the floor of stats.min_seeds, below which no verdict is tested.
+FEWEST_SEEDS_FOR_INTERVAL = 3
+
+
+def interval_shown(n, lo, hi, limits: tuple[float, float] | None = None) -> bool:
+    """Whether a t-interval is worth drawing: enough seeds (n None: not known, not checked), finite
+    bounds, inside the values the metric can take (limits, e.g. (0, 100) for an accuracy)."""
+    if lo is None or hi is None or not np.isfinite([lo, hi]).all():
+        return False
+    if n is not None and n < FEWEST_SEEDS_FOR_INTERVAL:
+        return False
+    return limits is None or (limits[0] <= lo and hi <= limits[1])
+
+
 def read_result(run_dir: Path, check: tuple[str, ...] | None = None) -> dict:
     """runs/<hash>/result.json, verified with the files it records (`check`: default all of them)."""
     return read_record(run_dir / "result.json", check, advice=f"delete {run_dir}/ and re-run `dvc repro` (it "
