@@ -43,7 +43,8 @@ class Doc:
         self.blocks.append(("table", df))
 
     def figure(self, name: str, fig, caption: str, svg: bool = False) -> None:
-        """The figure as PNG (embedded in the HTML); svg: also figures/<name>.svg beside it."""
+        """The figure as PNG (embedded in the HTML) in figures/; svg: the report's headline figure, as PNG
+        and SVG beside the report instead (dvc.yaml's plots show it first)."""
         fig.tight_layout()  # cheaper than bbox_inches="tight", which draws every figure twice
         for fmt, store in (("png", self.figures), ("svg", self.svgs))[:1 + svg]:
             buf = io.BytesIO()
@@ -62,8 +63,9 @@ class Doc:
             elif b[0] == "table":
                 out.append(_md_table(b[1]))
             elif b[0] == "figure":
-                svg = f" ([SVG](figures/{b[1]}.svg))" if b[1] in self.svgs else ""
-                out.append(f"![{b[2]}](figures/{b[1]}.png)\n\n*{b[2]}*{svg}")
+                beside = b[1] in self.svgs
+                svg = f" ([SVG]({b[1]}.svg))" if beside else ""
+                out.append(f"![{b[2]}]({'' if beside else 'figures/'}{b[1]}.png)\n\n*{b[2]}*{svg}")
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
@@ -337,7 +339,7 @@ def ours(rec: dict) -> str:
 def _family(r: dict) -> str:
     """The claim's family; sensitivity claims are marked."""
     fam = r.get("family", r["paper"])
-    return fam + (" (sensitivity)" if r.get("role") == "sensitivity" else "")
+    return fam + (" (sensitivity)" if r.get("role") == "sensitivity" and "sensitivity" not in fam else "")
 
 
 def _claim_name(r: dict) -> str:
@@ -644,7 +646,7 @@ def claims_sections(doc: Doc, results: Path) -> None:
 
 
 def build(results: Path, out: Path, extra_sections=None) -> Doc:
-    """Write out/report.md, out/report.html and out/figures/*.png (+ forest.svg) from results/."""
+    """Write out/report.md, out/report.html, out/forest.png + .svg and out/figures/*.png from results/."""
     summary = pd.read_csv(results / "summary.csv")
     st = stamp(results)
     doc = Doc()
@@ -671,9 +673,10 @@ def build(results: Path, out: Path, extra_sections=None) -> Doc:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
-    for store, ext in ((doc.figures, "png"), (doc.svgs, "svg")):
-        for name, data in store.items():
-            (tmp / "figures" / f"{name}.{ext}").write_bytes(data)
+    for name, png in doc.figures.items():
+        (tmp / ("" if name in doc.svgs else "figures") / f"{name}.png").write_bytes(png)
+    for name, svg in doc.svgs.items():
+        (tmp / f"{name}.svg").write_bytes(svg)
     write_text(tmp / "report.md", doc.markdown())
     write_text(tmp / "report.html", doc.html(f"l2l-bench report ({st['profile']})"))
     shutil.rmtree(out, ignore_errors=True)

@@ -3,7 +3,7 @@
 results/runs.csv      one row per run: identity, every param that varies, every metric; the *_acc columns
                       hold the dataset's metric, named in column `metric` (top-1 accuracy; mAP for VOC)
 results/summary.csv   per experiment x method x model x dataset: n, mean, std, 95% t-interval
-results/metrics.json  the summary for `dvc metrics show`
+results/metrics.json  the summary per group (`dvc metrics show results/metrics.json`; DVC's metrics are per claim)
 results/curves/*.csv  learning curves per group: mean and band across seeds (`dvc plots show`)
 results/phases.csv    per-phase metrics that methods record (e.g. per-stage accuracy)
 results/predictions.npz  per-example test predictions (class ids; per-class scores for VOC) and labels
