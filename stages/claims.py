@@ -7,7 +7,7 @@ from l2l.claims import check, load_claims, load_predictions
 from l2l.config import load_config
 from l2l.io import write_json
 from l2l.layerwise_analysis import record_stage_figure
-from l2l.report import estimate
+from l2l.claims_report import estimate
 from l2l.stats import VERDICT_RULE
 from l2l.tracking import log_claims, log_figure
 

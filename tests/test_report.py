@@ -8,7 +8,8 @@ from matplotlib.container import ErrorbarContainer
 
 from l2l.claims import check, load_claims
 from l2l.io import write_json
-from l2l.report import Doc, claim_figure, claims_sections, forest_figure, format_interval, ours
+from l2l.claims_report import claim_figure, claims_sections, forest_figure, ours
+from l2l.report import Doc, format_interval
 from stages.claims import claims_metrics
 from tests.conftest import config_of
 from tests.test_claims import CLAIMS, params, runs_frame, write  # noqa: F401 (params: the fixture)
