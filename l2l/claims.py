@@ -389,7 +389,8 @@ def check(claims: list[Claim], runs: pd.DataFrame, phases: pd.DataFrame, preds: 
                         for a in claim.arms}, **claim.extra}
         missing = [a for a in claim.arms if not rec["arms"][a.name]["values"]]
         if missing:
-            rec.update(status="not run", verdict="not run",
+            # why: the general cause, which the report folds not-run claims on; reason: the runs it lacks
+            rec.update(status="not run", verdict="not run", why=f"its runs are not in profile {profile}",
                        reason="; ".join(f"{a.label} on {claim.dataset} is not in profile {profile}" for a in missing))
             comps.append(None)
         else:

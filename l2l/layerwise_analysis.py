@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from l2l import stats
-from l2l.results import mean_interval
+from l2l.results import interval_shown, mean_interval
 
 STAGE_PHASE = re.compile(r"^stage(\d+)(_pruned)?$")
 PROBE_METRIC = re.compile(r"^stage(\d+)_probe_(train|test)_acc$")
@@ -246,7 +246,7 @@ def stage_figure(phases: pd.DataFrame, model: str, dataset: str, layerwise: str 
             stats = pd.DataFrame([(s, *_band(g[metric])) for s, g in t.groupby("stage")],
                                  columns=["stage", "mean", "lo", "hi"])
             line, = ax.plot(stats.stage, stats["mean"], marker="o", label=f"{label} (n={n})")
-            if stats.lo.notna().any():
+            if interval_shown(n, stats.lo.min(), stats.hi.max(), (0, 100) if metric == "test_acc" else (-100, 100)):
                 ax.fill_between(stats.stage, stats.lo, stats.hi, alpha=0.2, color=line.get_color())
     full = _model_acc(phases, {"experiment": end_to_end, "model": model}, dataset)
     if full:

@@ -21,14 +21,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from l2l.io import read_json, write_text  # noqa: E402
-from l2l.results import mean_interval  # noqa: E402
+from l2l.results import FEWEST_SEEDS_FOR_INTERVAL, interval_shown  # noqa: E402
 from l2l.tracking import git_commit  # noqa: E402
 
 
 @dataclass
 class Doc:
+    """Blocks: ("h", level, text), ("p", text), ("table", df), ("figure", name, caption). Text may hold the
+    little Markdown the report writes (`code`, **bold**, "- " bullet lines); html() renders it."""
     blocks: list[tuple] = field(default_factory=list)
     figures: dict[str, bytes] = field(default_factory=dict)
+    svgs: dict[str, bytes] = field(default_factory=dict)
 
     def h(self, level: int, text: str) -> None:
         self.blocks.append(("h", level, text))
@@ -39,12 +42,15 @@ class Doc:
     def table(self, df: pd.DataFrame) -> None:
         self.blocks.append(("table", df))
 
-    def figure(self, name: str, fig, caption: str) -> None:
-        buf = io.BytesIO()
+    def figure(self, name: str, fig, caption: str, svg: bool = False) -> None:
+        """The figure as PNG (embedded in the HTML) in figures/; svg: the report's headline figure, as PNG
+        and SVG beside the report instead (dvc.yaml's plots show it first)."""
         fig.tight_layout()  # cheaper than bbox_inches="tight", which draws every figure twice
-        fig.savefig(buf, format="png", dpi=100)
+        for fmt, store in (("png", self.figures), ("svg", self.svgs))[:1 + svg]:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=100)
+            store[name] = buf.getvalue()
         plt.close(fig)
-        self.figures[name] = buf.getvalue()
         self.blocks.append(("figure", name, caption))
 
     def markdown(self) -> str:
@@ -57,45 +63,75 @@ class Doc:
             elif b[0] == "table":
                 out.append(_md_table(b[1]))
             elif b[0] == "figure":
-                out.append(f"![{b[2]}](figures/{b[1]}.png)\n\n*{b[2]}*")
+                beside = b[1] in self.svgs
+                svg = f" ([SVG]({b[1]}.svg))" if beside else ""
+                out.append(f"![{b[2]}]({'' if beside else 'figures/'}{b[1]}.png)\n\n*{b[2]}*{svg}")
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
         out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-               "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-               "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #bbb;padding:3px 6px}"
-               "th{background:#eee}img{max-width:100%}figcaption{font-style:italic}</style></head><body>"]
+               f"<style>{CSS}</style></head><body>"]
         for b in self.blocks:
             if b[0] == "h":
-                out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+                out.append(f"<h{b[1]}>{_inline(b[2])}</h{b[1]}>")
             elif b[0] == "p":
-                out.append(f"<p>{_inline_html(b[1])}</p>")
+                out.append(_block_html(b[1]))
             elif b[0] == "table":
-                out.append(b[1].to_html(index=False, na_rep="", escape=True, border=0))
+                out.append(_html_table(b[1]))
             elif b[0] == "figure":
                 data = base64.b64encode(self.figures[b[1]]).decode()
                 out.append(f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>"
-                           f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+                           f"<figcaption>{_inline(b[2])}</figcaption></figure>")
         out.append("</body></html>")
         return "\n".join(out)
 
 
-def _inline_html(text: str) -> str:
-    # Paragraphs may hold Markdown bullet lists and `code`; render both minimally.
+CSS = ("body{font-family:sans-serif;max-width:80em;margin:2em auto;padding:0 1em;line-height:1.4}"
+       "table{border-collapse:collapse;font-size:90%;margin:.5em 0}td,th{border:1px solid #bbb;padding:3px 6px;"
+       "vertical-align:top;text-align:left}th{background:#eee}img{max-width:100%}figcaption{font-style:italic}"
+       "code{background:#f3f3f3;padding:0 2px}td.supported{background:#dff0d8}td.contradicted{background:#f2dede}"
+       "td.inconclusive{background:#f5f5f5}")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code` and **bold** rendered (code first: nothing inside it is bold)."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else _bold(p) for i, p in enumerate(parts))
+
+
+def _bold(text: str) -> str:
+    parts = text.split("**")
+    if len(parts) % 2 == 0:  # an unpaired ** stays as it is
+        return text
+    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _block_html(text: str) -> str:
+    """A paragraph, or a bullet list when every line starts with "- "."""
     lines = text.split("\n")
     if all(line.startswith("- ") for line in lines):
-        return "<ul>" + "".join(f"<li>{_code(html.escape(line[2:]))}</li>" for line in lines) + "</ul>"
-    return _code(html.escape(text)).replace("\n", "<br>")
+        return "<ul>" + "".join(f"<li>{_inline(line[2:])}</li>" for line in lines) + "</ul>"
+    return "<p>" + "<br>".join(_inline(line) for line in lines) + "</p>"
 
 
-def _code(text: str) -> str:
-    parts = text.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+def _html_table(df: pd.DataFrame) -> str:
+    head = "".join(f"<th>{_inline(str(c))}</th>" for c in df.columns)
+    rows = []
+    for _, row in df.iterrows():
+        cells = []
+        for c in df.columns:
+            v = _fmt(row[c])
+            cls = next((k for k in ("supported", "contradicted", "inconclusive") if c == "verdict"
+                        and v.startswith(k)), "")
+            cells.append(f"<td class='{cls}'>{_inline(v)}</td>" if cls else f"<td>{_inline(v)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _fmt(v) -> str:
+    """A table cell: floats to 4 significant digits (tables from other sections may hold raw means)."""
     if isinstance(v, float):
-        return "" if pd.isna(v) else f"{v:.2f}"
+        return "" if pd.isna(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     return str(v)
 
 
@@ -107,12 +143,35 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def format_interval(mean, lo, hi) -> str:
-    if pd.isna(mean):
+ACCURACY_RANGE = (0.0, 100.0)  # the *_acc columns: top-1 accuracy or mAP, in %
+DIFFERENCE_RANGE = (-100.0, 100.0)
+
+
+def decimals(halfwidth) -> int:
+    """Decimals that the seeds support: two significant digits of the interval's half-width, the
+    estimate to the same place (0 to 2 decimals; 1 when there is no interval)."""
+    if halfwidth is None or not math.isfinite(halfwidth) or halfwidth <= 0:
+        return 1
+    return int(min(2, max(0, 1 - math.floor(math.log10(halfwidth)))))
+
+
+def rounded(v: float, d: int, signed: bool = False) -> str:
+    """v to d decimals, with no "-0" (a difference that rounds to zero has no sign)."""
+    v = 0.0 if round(v, d) == 0 else v
+    return f"{v:{'+' if signed and v else ''}.{d}f}"
+
+
+def format_interval(mean, lo, hi, n=None, limits=ACCURACY_RANGE, signed: bool = False) -> str:
+    """ "mean [lo, hi]" rounded to what the interval supports; "mean (interval too wide, n=2)" when it
+    is not shown (results.interval_shown: under 3 seeds, or reaching values the metric cannot take)."""
+    if mean is None or pd.isna(mean):
         return "n/a"
-    if pd.isna(lo):
-        return f"{mean:.2f}"
-    return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
+    if lo is None or pd.isna(lo):
+        return rounded(mean, 1, signed) + (f" (n={n})" if n else "")
+    d = decimals((hi - lo) / 2)
+    if not interval_shown(n, lo, hi, limits):
+        return rounded(mean, d, signed) + " (interval too wide" + (f", n={n})" if n else ")")
+    return f"{rounded(mean, d, signed)} [{rounded(lo, d)}, {rounded(hi, d)}]"
 
 
 def stamp(results: Path) -> dict[str, str]:
@@ -161,17 +220,22 @@ def _source_paths(source: dict) -> str:
 
 
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    def interval(metric: str) -> list[str]:
+        cols = [f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high", "n"]
+        return [format_interval(m, lo, hi, int(n)) for m, lo, hi, n in summary[cols].itertuples(index=False)]
+
     return pd.DataFrame({
         "experiment": summary["experiment"], "method": summary["method"], "model": summary["model"],
         "dataset": summary["dataset"], "n": summary["n"],
         "metric": summary["metric"] if "metric" in summary else TOP1,
-        "test, last epoch (95% CI)": [format_interval(*r) for r in summary[
-            ["final_test_acc_mean", "final_test_acc_ci_low", "final_test_acc_ci_high"]].itertuples(index=False)],
-        "test, best-val epoch (95% CI)": [format_interval(*r) for r in summary[
-            ["best_test_acc_mean", "best_test_acc_ci_low", "best_test_acc_ci_high"]].itertuples(index=False)],
-        "val, last epoch": summary["final_val_acc_mean"],
-        "train s (mean)": summary["train_seconds_mean"],
+        "test, last epoch [95% CI]": interval("final_test_acc"),
+        "test, best-val epoch [95% CI]": interval("best_test_acc"),
+        "val, last epoch [95% CI]": interval("final_val_acc"),
+        "train s (mean)": [f"{v:.0f}" if v >= 10 else f"{v:.1f}" for v in summary["train_seconds_mean"]],
     })
+
+
+CURVE_RANGES = {"train_loss": (0.0, math.inf), "val_acc": ACCURACY_RANGE}
 
 
 def learning_curves(doc: Doc, results: Path) -> None:
@@ -183,65 +247,25 @@ def learning_curves(doc: Doc, results: Path) -> None:
         by_panel.setdefault((model, dataset), []).append((experiment, pd.read_csv(f)))
     for (model, dataset), items in by_panel.items():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        hidden = set()
         for experiment, df in items:
+            n = int(df["n"].min())
             for ax, metric in zip(axes, ("train_loss", "val_acc")):
                 line, = ax.plot(df["epoch"], df[f"{metric}_mean"], label=f"{experiment} (n={df['n'].max()})")
-                if df[f"{metric}_low"].notna().any():
-                    ax.fill_between(df["epoch"], df[f"{metric}_low"], df[f"{metric}_high"], alpha=0.2,
-                                    color=line.get_color())
+                lo, hi = df[f"{metric}_low"], df[f"{metric}_high"]
+                if lo.notna().any() and interval_shown(n, lo.min(), hi.max(), CURVE_RANGES[metric]):
+                    ax.fill_between(df["epoch"], lo, hi, alpha=0.2, color=line.get_color())
+                elif lo.notna().any():
+                    hidden.add(n)
         for ax, title in zip(axes, ("training loss", f"validation {metrics.get(dataset, TOP1)}")):
             ax.set_xlabel("epoch (all phases in order)")
             ax.set_title(title)
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
+        note = (f"; no band where it would be too wide to mean anything (n={', '.join(map(str, sorted(hidden)))} "
+                f"seeds, under {FEWEST_SEEDS_FOR_INTERVAL}, or reaching impossible values)" if hidden else "")
         doc.figure(f"curves_{model}_{dataset}", fig,
-                   f"Learning curves, {model} on {dataset}: mean across seeds, band = 95% t-interval")
-
-
-def _num(v, spec=".2f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def _ours(rec: dict) -> str:
-    c = rec.get("comparison")
-    if not c:
-        return "not run"
-    if rec["kind"] == "reported_value":
-        return f"{_num(c['mean_a'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
-    return f"{_num(c['mean_a'])} vs {_num(c['mean_b'])}"
-
-
-def _difference(rec: dict) -> str:
-    c = rec.get("comparison")
-    if not c or rec["kind"] == "reported_value":
-        return f"{_num(c['diff'])} from the paper" if c else ""
-    return f"{_num(c['diff'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
-
-
-def _family(r: dict) -> str:
-    """The claim's family; sensitivity claims are marked."""
-    fam = r.get("family", r["paper"])
-    return fam + (" (sensitivity)" if r.get("role") == "sensitivity" else "")
-
-
-def verdict_table(records: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{
-        "claim": r["id"], "family": _family(r), "kind": r["kind"], "dataset": r["dataset"],
-        "paper's number": r["reported_text"], "ours: mean [95% CI]": _ours(r), "difference [95% CI]": _difference(r),
-        "p (Holm)": _num(r.get("p_holm"), ".3g") if r.get("comparison") else "",
-        "contra p (Holm)": _num(r.get("p_contra_holm"), ".3g") if r.get("comparison") else "",
-        "verdict": r["verdict"]} for r in records])
-
-
-def family_table(records: list[dict]) -> pd.DataFrame:
-    """Per family: how many tests Holm's correction runs over (checked claims) and its role."""
-    fams: dict[str, dict] = {}
-    for r in records:
-        if r.get("comparison") is not None:
-            f = fams.setdefault(r.get("family", r["paper"]), {"role": r.get("role", "primary"), "tests": 0})
-            f["tests"] += 1
-    return pd.DataFrame([{"family": k, "role": v["role"], "tests (Holm runs over)": v["tests"]}
-                         for k, v in fams.items()])
+                   f"Learning curves, {model} on {dataset}: mean across seeds, band = 95% t-interval{note}")
 
 
 CALIBRATION_FILE = Path("benchmarks/calibration.json")
@@ -270,106 +294,11 @@ def calibration_section(doc: Doc, profile: str, path: Path = CALIBRATION_FILE) -
                                 for k, name in CALIBRATION_COLUMNS.items()}} for r in data["rows"]]))
 
 
-def _arm_model(arm: dict) -> str:
-    """The arm's model, with the phase whose metric it reads (e.g. a generation) when it names one."""
-    return arm["model"] + (f" [{arm['phase']}]" if arm.get("phase") else "")
-
-
-def claim_figure(rec: dict, metric_name: str | None = None):
-    """Per-seed points of each arm with its mean and 95% t-interval; the paper's number dashed.
-    metric_name: what the claim's *_acc column holds on its dataset (accuracy or mAP)."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rec["arms"]), 3.2))
-    for i, (name, arm) in enumerate(rec["arms"].items()):
-        vals = pd.Series(list(arm["values"].values()), dtype=float)
-        ax.scatter([i] * len(vals), vals, s=18, alpha=0.7)
-        mean, _, lo, hi = mean_interval(vals)
-        if not math.isnan(lo):
-            ax.errorbar([i + 0.15], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", color="black", capsize=4)
-        else:
-            ax.plot([i + 0.15], [mean], "o", color="black")
-        reported = rec["reported"].get(name) if isinstance(rec["reported"], dict) else None
-        if reported is not None:
-            ax.plot([i - 0.3, i + 0.3], [reported] * 2, "--", color="tab:red")
-    if isinstance(rec["reported"], dict) and "value" in rec["reported"]:
-        ax.axhline(rec["reported"]["value"], ls="--", color="tab:red", label="paper")
-        ax.legend(fontsize=7)
-    ax.set_xticks(range(len(rec["arms"])))
-    ax.set_xticklabels([f"{n}\n{a['experiment']}\n{_arm_model(a)}" for n, a in rec["arms"].items()], fontsize=7)
-    ax.set_ylabel(rec["metric"] + (f"\n{metric_name}" if metric_name and rec["metric"].endswith("_acc") else ""))
-    ax.set_title(rec["id"], fontsize=9)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def claims_sections(doc: Doc, results: Path) -> None:
-    path = results / "claims.json"
-    if not path.exists():
-        return
-    data = read_json(path)
-    records, st = data["claims"], data["settings"]
-    metrics = dataset_metrics(results) if (results / "runs.csv").exists() else {}
-    doc.h(2, "Verdicts")
-    if data["profile"] == "smoke":
-        doc.p("Smoke scale cannot support any verdict: every checked claim reads \"inconclusive (smoke scale)\"; "
-              "its reason gives what the statistics alone would say, to show the machinery works.")
-    checked = [r for r in records if r.get("comparison") is not None]
-    not_run = [r for r in records if r.get("comparison") is None]
-    if checked:
-        doc.table(verdict_table(checked))
-    else:
-        doc.p("No claim has its arms in this profile.")
-    doc.p(f"alpha = {st['alpha']} per family, at least {st['min_seeds']} seeds per arm; p-values Holm-adjusted "
-          "within each family (supporting and contradicting tests separately); intervals are t-intervals. "
-          "Differences are arm a minus arm b (the last minus the first arm for an ordering), in points of the "
-          "claim's metric (accuracy; mAP on VOC). Families and the number of tests each holds:")
-    doc.table(family_table(records))
-    doc.h(3, "How a verdict is decided")
-    doc.p("\n".join(f"- {line}" for line in data["verdict_rule"].splitlines() if line.strip()))
-    calibration_section(doc, data["profile"])
-    if not_run:
-        doc.h(3, f"Not run in profile {data['profile']} ({len(not_run)} claims)")
-        doc.table(pd.DataFrame([{"claim": r["id"], "claim text": r["claim"], "paper's number": r["reported_text"],
-                                 "why not run": r["reason"]} for r in not_run]))
-    doc.h(2, "Claims checked")
-    for rec in checked:
-        doc.h(3, f"{rec['id']}: {rec['claim']}")
-        doc.p(f"Source: {rec['citation']}. Paper's number: {rec['reported_text']}"
-              + (f" ({rec['reported'].get('source')})" if isinstance(rec["reported"], dict) else "") + ".")
-        doc.p(f"Protocol here: {rec['protocol']}")
-        arms = pd.DataFrame([{"arm": n, "experiment": a["experiment"], "model": _arm_model(a), "n": len(a["values"]),
-                              "per seed": ", ".join(f"s{s}: {_num(v)}" for s, v in a["values"].items())}
-                             for n, a in rec["arms"].items()])
-        doc.table(arms)
-        c = rec["comparison"]
-        details = [f"verdict: **{rec['verdict']}** ({rec['reason']})",
-                   f"family {_family(rec)}, {rec.get('family_size')} tests"
-                   + (f"; {rec['role_reason']}" if rec.get("role_reason") else ""),
-                   f"{'paired by seed' if c['paired'] else 'unpaired'}; difference {_difference(rec)}; "
-                   f"family-adjusted interval [{_num(c.get('adj_ci_low'))}, {_num(c.get('adj_ci_high'))}]",
-                   f"supporting test p = {_num(c['p_value'], '.3g')}, Holm {_num(rec.get('p_holm'), '.3g')}; "
-                   f"contradicting test ({c.get('contra_test')}) p = {_num(c.get('p_contra'), '.3g')}, "
-                   f"Holm {_num(rec.get('p_contra_holm'), '.3g')}; non-parametric p = {_num(c['p_nonparam'], '.3g')} "
-                   "(descriptive)",
-                   f"effect size {_num(c['effect_size'])}; P(a > b across seeds) = {_num(c['prob_superiority'])}"]
-        if c.get("mcnemar_p") is not None:
-            details.append(f"per-example McNemar (combined over seeds; descriptive: it compares trained networks, "
-                           f"not methods, and is in no verdict): p = {_num(c['mcnemar_p'], '.3g')}")
-        if c.get("power") is not None:
-            details.append(f"power of the rule at the effect of interest ({_num(c.get('effect_of_interest'))}) with "
-                           f"these seeds and the measured sd {_num(c.get('sd'))}: {_num(100 * c['power'], '.0f')}%")
-        if c.get("seeds_needed") is not None and not rec["verdict"].startswith("supported"):
-            details.append(f"seeds per arm for 80% power: {c['seeds_needed']}")
-        if c.get("dropped"):
-            details.append("runs left out: " + ", ".join(c["dropped"]))
-        details += [f"note: {n}" for n in c.get("notes", [])]
-        doc.p("\n".join(f"- {d}" for d in details))
-        doc.figure(f"claim_{rec['id'].replace('/', '_')}", claim_figure(rec, metrics.get(rec["dataset"])),
-                   f"{rec['id']}: per-seed values, "
-                   "mean and 95% t-interval per arm; dashed: the paper's number")
 
 
 def build(results: Path, out: Path, extra_sections=None) -> Doc:
-    """Write out/report.md, out/report.html and out/figures/*.png from results/."""
+    """extra_sections: functions (doc, results) that write their sections after the stamp line, in order
+    (stages/report.py: the claims first, claims_report.claims_sections). Write out/report.md, out/report.html, out/forest.png + .svg and out/figures/*.png from results/."""
     summary = pd.read_csv(results / "summary.csv")
     st = stamp(results)
     doc = Doc()
@@ -378,8 +307,9 @@ def build(results: Path, out: Path, extra_sections=None) -> Doc:
         doc.p("**Smoke scale.** This report comes from the smoke profile: tiny models, a few hundred images and "
               "one or two epochs, to prove the pipeline end to end. Its numbers cannot support any verdict about "
               "the papers.")
-    doc.p("\n".join(f"- {k}: {v}" for k, v in st.items()))
-    for section in [claims_sections, *(extra_sections or [])]:
+    doc.p(f"{st['runs']} runs on {st['device']}; git commit `{st['git commit']}`; generated {st['generated']} "
+          "(full provenance at the end).")
+    for section in extra_sections or []:
         section(doc, results)
     doc.h(2, "Summary")
     doc.p("Test metric per experiment, model and dataset (column metric: top-1 accuracy, or mAP on a multi-label "
@@ -389,12 +319,16 @@ def build(results: Path, out: Path, extra_sections=None) -> Doc:
     doc.table(summary_table(summary))
     doc.h(2, "Learning curves")
     learning_curves(doc, results)
+    doc.h(2, "Provenance")
+    doc.p("\n".join(f"- {k}: {v}" for k, v in st.items()))
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
     for name, png in doc.figures.items():
-        (tmp / "figures" / f"{name}.png").write_bytes(png)
+        (tmp / ("" if name in doc.svgs else "figures") / f"{name}.png").write_bytes(png)
+    for name, svg in doc.svgs.items():
+        (tmp / f"{name}.svg").write_bytes(svg)
     write_text(tmp / "report.md", doc.markdown())
     write_text(tmp / "report.html", doc.html(f"l2l-bench report ({st['profile']})"))
     shutil.rmtree(out, ignore_errors=True)

@@ -3,7 +3,7 @@
 results/runs.csv      one row per run: identity, every param that varies, every metric; the *_acc columns
                       hold the dataset's metric, named in column `metric` (top-1 accuracy; mAP for VOC)
 results/summary.csv   per experiment x method x model x dataset: n, mean, std, 95% t-interval
-results/metrics.json  the summary for `dvc metrics show`
+results/metrics.json  the summary per group (`dvc metrics show results/metrics.json`; DVC's metrics are per claim)
 results/curves/*.csv  learning curves per group: mean and band across seeds (`dvc plots show`)
 results/phases.csv    per-phase metrics that methods record (e.g. per-stage accuracy)
 results/predictions.npz  per-example test predictions (class ids; per-class scores for VOC) and labels
@@ -42,6 +42,22 @@ def mean_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, f
         return mean, 0.0, mean, mean
     lo, hi = stats.t.interval(confidence, len(v) - 1, loc=mean, scale=stats.sem(v))
     return mean, std, float(lo), float(hi)
+
+
+# Fewer seeds than this and a 95% t-interval is not shown: with 2 seeds it has 1 degree of freedom (t = 12.7),
+# so it spans far more than any effect it could exclude, often beyond what the metric can take. 3 is also
+# the floor of stats.min_seeds, below which no verdict is tested.
+FEWEST_SEEDS_FOR_INTERVAL = 3
+
+
+def interval_shown(n, lo, hi, limits: tuple[float, float] | None = None) -> bool:
+    """Whether a t-interval is worth drawing: enough seeds (n None: not known, not checked), finite
+    bounds, inside the values the metric can take (limits, e.g. (0, 100) for an accuracy)."""
+    if lo is None or hi is None or not np.isfinite([lo, hi]).all():
+        return False
+    if n is not None and n < FEWEST_SEEDS_FOR_INTERVAL:
+        return False
+    return limits is None or (limits[0] <= lo and hi <= limits[1])
 
 
 def read_result(run_dir: Path, check: tuple[str, ...] | None = None) -> dict:

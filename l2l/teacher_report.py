@@ -26,7 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from l2l.report import Doc, format_interval  # noqa: E402
-from l2l.results import mean_interval  # noqa: E402
+from l2l.results import interval_shown, mean_interval  # noqa: E402
 
 GEN = re.compile(r"gen(\d+)$")
 LATENCY = re.compile(r"latency_(\w+?)_b(\d+)_ms$")
@@ -66,7 +66,7 @@ def generation_figure(phases_df: pd.DataFrame) -> Figure:
         label = f"{exp} ({model}, {ds}, n={g['n'].min()})"
         line, = axes[0].plot(g["generation"], g["test_acc"], marker="o", label=label)
         color = line.get_color()
-        if g["test_acc_low"].notna().any():
+        if interval_shown(g["n"].min(), g["test_acc_low"].min(), g["test_acc_high"].max(), (0, 100)):
             axes[0].fill_between(g["generation"], g["test_acc_low"], g["test_acc_high"], alpha=0.2, color=color)
         axes[0].plot(g["generation"], g["ensemble_test_acc"], ls="--", marker="x", color=color)
         axes[1].plot(g["generation"], g["confidence"], marker="o", color=color)
@@ -131,8 +131,8 @@ def accuracy_latency_figure(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> F
         for ax, col in zip(row_axes, lat):
             for _, r in t[t["dataset"] == ds].iterrows():
                 teacher, baseline = r["role"] == "teacher", r["role"] == "no-KD baseline"
-                err = None if pd.isna(r["test_acc_low"]) else [[r["test_acc"] - r["test_acc_low"]],
-                                                               [r["test_acc_high"] - r["test_acc"]]]
+                shown = interval_shown(r["n"], r["test_acc_low"], r["test_acc_high"], (0, 100))
+                err = [[r["test_acc"] - r["test_acc_low"]], [r["test_acc_high"] - r["test_acc"]]] if shown else None
                 color = "k" if teacher else colors[r["model"]]  # a student and its baseline share a colour
                 ax.errorbar(r[col], r["test_acc"], yerr=err, fmt="s" if teacher else "o", capsize=3, color=color,
                             mfc="none" if baseline else color, label=f"{r['model']}: {r['role']} ({r['dataset']})")
@@ -151,7 +151,7 @@ def accuracy_latency_figure(runs_df: pd.DataFrame, phases_df: pd.DataFrame) -> F
 
 def _fmt_table(t: pd.DataFrame, keys: list[str], extra: dict[str, str]) -> pd.DataFrame:
     out = t[keys].copy()
-    out["test (95% CI)"] = [format_interval(*v) for v in t[["test_acc", "test_acc_low", "test_acc_high"]].itertuples(
+    out["test (95% CI)"] = [format_interval(*v) for v in t[["test_acc", "test_acc_low", "test_acc_high", "n"]].itertuples(
         index=False)]
     for col, name in extra.items():
         out[name] = t[col]

@@ -1,5 +1,5 @@
 """DVC stage `claims`: check every claim of claims.yaml against results/ (l2l.stats), write
-results/claims.json (+ per-claim metrics for `dvc metrics diff`) and one MLflow run per claim."""
+results/claims.json (+ per-claim estimate, interval and verdict for `dvc metrics show/diff`) and one MLflow run per claim."""
 import pandas as pd
 
 from l2l import stage
@@ -7,8 +7,22 @@ from l2l.claims import check, load_claims, load_predictions
 from l2l.config import load_config
 from l2l.io import write_json
 from l2l.layerwise_analysis import record_stage_figure
+from l2l.claims_report import estimate
 from l2l.stats import VERDICT_RULE
 from l2l.tracking import log_claims, log_figure
+
+
+def claims_metrics(records: list[dict]) -> dict:
+    """DVC's metrics: what a person compares across experiments, per checked claim its estimate (the
+    report's forest plot: a - b, or ours - the paper's number), 95% interval and verdict; the rest is in
+    results/claims.json and results/metrics.json (README: `dvc exp show --keep/--drop`)."""
+    out = {}
+    for r in records:
+        if r.get("comparison") is not None:
+            est, lo, hi = estimate(r)
+            out[r["id"]] = {"estimate": round(est, 2), "ci_low": round(lo, 2), "ci_high": round(hi, 2),
+                            "verdict": r["verdict"]}
+    return out
 
 
 def run() -> None:
@@ -28,9 +42,7 @@ def run() -> None:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])
     write_json(stage.RESULTS / "claims.json", {"profile": profile, "settings": settings,
                                                "verdict_rule": VERDICT_RULE, "claims": records})
-    write_json(stage.RESULTS / "claims_metrics.json", {
-        r["id"]: {k: (r.get("comparison") or {}).get(k) for k in ("diff", "ci_low", "ci_high", "mean_a", "n_a")}
-        | {"p_holm": r.get("p_holm"), "p_contra_holm": r.get("p_contra_holm")} for r in records})
+    write_json(stage.RESULTS / "claims_metrics.json", claims_metrics(records))
     counts = pd.Series([r["verdict"] for r in records]).value_counts().to_dict()
     stage.log.info("claims: %d checked: %s", len(records), counts)
 

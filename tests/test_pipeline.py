@@ -82,7 +82,10 @@ def test_claims_in_report_and_mlflow(workspace):
     assert "cifar100 is not in profile smoke" in claims[1]["reason"]
     md = (ws / "reports/report.md").read_text()
     assert md.index("## Verdicts") < md.index("## Summary") and "How a verdict is decided" in md
-    assert md.index("| PX-C1 |") < md.index("### Not run in profile smoke (1 claims)") < md.index("| PX-C2 |")
+    top = md[:md.index("## Verdicts")]  # the report opens with the claims, by their text
+    assert md.index("| The CNN reaches 90%. `PX-C1` |") < md.index("### Not run in profile smoke (1 claims)")
+    assert "- **1 claim**: its runs are not in profile smoke (PX 1); lacking cnn on cifar100" in top
+    assert "forest.png" in top and (ws / "reports/forest.svg").exists()
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
@@ -257,7 +260,7 @@ def test_voc_through_the_whole_pipeline(tmp_path, monkeypatch):
     (claim,) = json.loads((tmp_path / "results/claims.json").read_text())["claims"]
     assert claim["verdict"] == "inconclusive (smoke scale)" and claim["comparison"] is not None
     md = (tmp_path / "reports/report.md").read_text()
-    assert "| P5-C1/voc2007 |" in md and "mAP (%, area)" in md and "P5: distillation" in md
+    assert "`P5-C1/voc2007`" in md and "mAP (%, area)" in md and "P5: distillation" in md
     assert (tmp_path / "reports/figures/p5_accuracy_latency.png").exists()
     client, mruns = mlflow_runs(tmp_path)
     assert {r.data.tags["l2l.metric"] for r in mruns} == {"mAP (%, area)"}
