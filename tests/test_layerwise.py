@@ -507,3 +507,30 @@ def test_report_section_and_claim_figure(tmp_path):
            "arms": {"a": {"experiment": "layerwise_e2e", "model": "p3"}, "b": {"experiment": "layerwise", "model": "p3"}}}
     assert len(record_stage_figure(rec, synthetic_phases()).axes) == 2
     assert record_stage_figure({**rec, "kind": "superiority"}, synthetic_phases()) is None
+
+
+def test_p3_claims_declare_the_precision_bn_init_and_images_their_arms_train_with(tmp_path):
+    """Each P3 record's protocol says fp32, BN gamma U(0,1) and all 50,000 images, and the paper
+    profile's runs of its arms do exactly that; sensitivity records say why; provenance is filled in."""
+    import yaml
+
+    from l2l.claims import load_claims
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = {"papers": yaml.safe_load((repo / "claims.yaml").read_text())["papers"],
+           "claims": yaml.safe_load((repo / "claims" / "layerwise.yaml").read_text())}
+    (tmp_path / "claims.yaml").write_text(yaml.safe_dump(doc))
+    params = load_params(repo / "params.yaml")
+    claims = [c for c in load_claims(config_of(params), tmp_path / "claims.yaml") if c.paper == "P3"]
+    specs = plan_of(params, "paper")
+    assert {c.id for c in claims if c.role == "sensitivity"} == {f"P3-C{k}-paper-text" for k in (1, 2, 3)}
+    for c in claims:
+        assert "fp32" in c.protocol and "U(0,1)" in c.protocol and "50,000" in c.protocol, c.id
+        assert c.stated_in != "unconfirmed" and c.harness_choices, c.id
+        assert c.role == "primary" or c.role_reason, c.id
+        runs = [s for s in specs if any((s.experiment, s.model) == (a.experiment, a.model) for a in c.arms)]
+        assert runs and all(s.train["precision"] == "fp32" and s.data["val_size"] == 0 for s in runs), c.id
+        for s in runs:
+            assert s.model_cfg["arch"] == "layerwise_cnn" and s.model_cfg["preset"] in LAYERWISE_PRESETS
+            assert LAYERWISE_PRESETS[s.model_cfg["preset"]]["bn_weight_init"] == "uniform"
+            assert s.model_cfg["bn_weight_init"] is None  # the preset's, not overridden
