@@ -22,7 +22,7 @@ import yaml
 from l2l.checks import (ConfigError, Key, boolean, choice, config_error, deep_merge, integer, mapping,
                         name_list, nonneg_int, number, one_of_keys, optional_str, path_str, pos_float, pos_int,
                         resolve, seeds)
-from l2l.datasets import DATASETS, DataSettings, resolve_data, resolve_split
+from l2l.datasets import DATASETS, DataSettings, resolve_data, resolve_experiment_split, resolve_split
 from l2l.methods import METHODS
 from l2l.io import read_json
 from l2l.models import ARCHS, build_model, with_defaults
@@ -80,7 +80,7 @@ STATS: dict[str, Key] = {  # how claims are checked (l2l/stats.py: the verdict r
 
 TOP_LEVEL = ("profile", "data", "executor", "stats", "profiles")
 PROFILE_KEYS = ("extends", "seeds", "datasets", "split", "models", "train", "experiments")
-EXPERIMENT_KEYS = ("method", "models", "datasets", "seeds", "train", "options")
+EXPERIMENT_KEYS = ("method", "models", "datasets", "seeds", "split", "train", "options")
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Experiment:
     seeds: list[int]
     train: dict  # resolved
     options: dict  # resolved (the method's defaults filled in)
+    split: dict  # resolved (l2l.datasets.EXPERIMENT_SPLIT): val_size 0, or None for the profile's split
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,8 @@ def _resolve_experiment(ecfg: Any, path: str, train_raw: dict, models: dict, dat
         if ds in datasets and DATASETS[ds].task not in tasks:
             raise ConfigError(f"params.yaml: {path}.datasets: method {method} with these options trains on "
                               f"{' or '.join(tasks)} datasets only, got {ds} ({DATASETS[ds].task})")
-    return Experiment(method, exp_models, [d for d in exp_datasets if d in datasets], exp_seeds, train, options)
+    split = resolve_experiment_split(ecfg.get("split"), f"{path}.split")
+    return Experiment(method, exp_models, [d for d in exp_datasets if d in datasets], exp_seeds, train, options, split)
 
 
 # --- models: the builder's signature is the schema ---------------------------------------
@@ -265,7 +267,7 @@ def _specs(prof: Profile, data: DataSettings, fingerprints: dict[str, str]) -> l
     for exp, e in prof.experiments.items():
         for model in e.models:
             for dataset in e.datasets:
-                run_data = {**data.run_data(prof.split, dataset), "fingerprint": fingerprints.get(dataset)}
+                run_data = {**data.run_data(prof.split, dataset, e.split), "fingerprint": fingerprints.get(dataset)}
                 for seed in e.seeds:
                     specs.append(RunSpec(exp, e.method, model, dataset, seed, prof.models[model], e.train, e.options,
                                          run_data))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from l2l.checks import ConfigError
 from l2l.config import Config, plan
-from l2l.datasets import DATASETS, MULTI_LABEL
+from l2l.datasets import DATASETS, MULTI_LABEL, val_joins_train
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext
 from l2l.io import read_json
@@ -275,6 +275,8 @@ def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Pa
     out = []
     for s in specs:
         n = split_counts(split, manifests.get(s.dataset), s.dataset, s.data.get("val_size", 0))
+        if val_joins_train(s.data):  # its experiment's split.val_size 0: the validation images train too
+            n = {**n, "train": n["train"] + n["val"], "val": 0}
         epochs = planned_epochs(s)
         hours, basis = None, "no throughput measurement"
         if throughput is not None:

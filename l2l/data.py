@@ -22,7 +22,7 @@ from torchvision.datasets.utils import calculate_md5
 
 from l2l.archives import ARCHIVE_ERRORS, array_sha256, one_line, stage_mirror_archive, write_prepared
 from l2l.checks import DataError
-from l2l.datasets import DATASETS, DataSettings, SourceConfig, SplitConfig
+from l2l.datasets import DATASETS, DataSettings, SourceConfig, SplitConfig, val_joins_train
 from l2l.device_data import DeviceData
 from l2l.spec import RunSpec
 from l2l.voc import prepare_voc2007
@@ -295,6 +295,13 @@ def load_prepared(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[n
     return data, manifest
 
 
+def join_val(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The split of a run whose experiment has split.val_size 0: the validation images appended to the
+    training ones (train then val), an empty validation split, the same test split."""
+    (xt, yt), (xv, yv) = arrays["train"], arrays["val"]
+    return {**arrays, "train": (np.concatenate([xt, xv]), np.concatenate([yt, yv])), "val": (xv[:0], yv[:0])}
+
+
 class DeviceDataCache:
     """Prepared arrays are loaded (and verified) once per dataset and kept on the device."""
 
@@ -303,11 +310,13 @@ class DeviceDataCache:
 
     def get(self, spec: RunSpec):
         aug = spec.train["augment"]
-        key = (spec.dataset, aug["crop_padding"], aug["flip"])
+        joined = val_joins_train(spec.data)
+        key = (spec.dataset, aug["crop_padding"], aug["flip"], joined)
         if key not in self._data:
             if spec.dataset not in self._arrays:
                 self._arrays[spec.dataset] = load_prepared(self.settings.prepared_dir(spec.dataset))
             arrays, manifest = self._arrays[spec.dataset]
+            arrays = join_val(arrays) if joined else arrays
             self._data[key] = DeviceData(arrays, spec.dataset, self.device, crop_padding=key[1], flip=key[2],
                                          channels_last=self.device.type == "cuda")
         return self._data[key], DATASETS[spec.dataset].num_classes

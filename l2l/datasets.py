@@ -89,6 +89,27 @@ SPLIT: dict[str, Key] = {
 }
 
 
+def _no_val(v: Any, path: str) -> int | None:
+    if v is None or (v == 0 and not isinstance(v, bool)):
+        return v
+    raise config_error(path, "0 (the validation images join the training split: no model selection) or absent "
+                             "(the profile's split)", v)
+
+
+# An experiment's own split (profiles.<p>.experiments.<e>.split): only val_size: 0, for experiments
+# that never select a model (P3 reports the last epoch: its code trains on all 50,000 images).
+EXPERIMENT_SPLIT: dict[str, Key] = {
+    "val_size": Key(_no_val, None, "0: the profile's validation images join the training split; "
+                                   "absent (null): the profile's split"),
+}
+
+
+def val_joins_train(run_data: dict) -> bool:
+    """Whether a run's validation images join its training split (its experiment's split.val_size: 0):
+    the run then has no validation split and selects nothing (best-validation metrics are NaN)."""
+    return run_data.get("val_size") == 0
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     kind: str  # "download" | "mirror" | "npz"
@@ -135,15 +156,21 @@ class DataSettings:
         return SplitConfig(val_size=split["val_size"], test_size=split["test_size"],
                            train_subset=split["train_subset"], seed=self.split_seed)
 
-    def run_data(self, split: dict, dataset: str) -> dict:
+    def run_data(self, split: dict, dataset: str, experiment_split: dict | None = None) -> dict:
         """What of the data settings a run on `dataset` depends on (part of its RunSpec, so of its hash):
         CIFAR: the profile's split; VOC: its preparation (image size, val split) and its task (metric,
-        difficult-only labels). The split seed for both."""
+        difficult-only labels). The split seed for both. An experiment's split.val_size 0 sets val_size 0
+        (the prepared validation images join training: :func:`val_joins_train`; the data's fingerprint
+        still names the prepared arrays)."""
         if DATASETS[dataset].task == SINGLE_LABEL:
-            return {**split, "split_seed": self.split_seed}
-        v = self.voc2007
-        return {"image_size": v["image_size"], "val_size": v["val_size"], "split_seed": self.split_seed,
-                "task": {"kind": MULTI_LABEL, "ap_mode": v["ap_mode"], "difficult": v["difficult"]}}
+            out = {**split, "split_seed": self.split_seed}
+        else:
+            v = self.voc2007
+            out = {"image_size": v["image_size"], "val_size": v["val_size"], "split_seed": self.split_seed,
+                   "task": {"kind": MULTI_LABEL, "ap_mode": v["ap_mode"], "difficult": v["difficult"]}}
+        if (experiment_split or {}).get("val_size") == 0:
+            out["val_size"] = 0
+        return out
 
 
 VOC_NO_NPZ = ("voc2007 has no npz source; set data.voc2007.root (an extracted VOCdevkit/VOC2007 directory) "
@@ -161,3 +188,7 @@ def resolve_data(given: Any) -> DataSettings:
 
 def resolve_split(given: Any, path: str) -> dict:
     return resolve(SPLIT, given, path)
+
+
+def resolve_experiment_split(given: Any, path: str) -> dict:
+    return resolve(EXPERIMENT_SPLIT, given, path)

@@ -171,15 +171,23 @@ class RunContext:
             with self.autocast():
                 out.append(model(x).float())
         model.train(was_training)
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes, device=self.device)
 
     @torch.no_grad()
     def evaluate(self, predictor: nn.Module, split: str) -> dict:
         """Loss, the task's metric ("acc": top-1 accuracy or mAP, in %) and per-example predictions
         (class ids or per-class scores) of `predictor` on a split."""
         logits, y = self.split_logits(predictor, split), self.data.y[split]
+        if not len(y):  # no such images (a run whose validation images joined training): undefined, not 0
+            return {"loss": float("nan"), "acc": float("nan"), "pred": self.task.predictions(logits)}
         return {"loss": self.task.loss(logits, y).item(), "acc": self.task.score(logits, y),
                 "pred": self.task.predictions(logits)}
+
+    @property
+    def images(self) -> dict[str, int]:
+        """Images per split the run sees (its train split includes the validation images when its
+        experiment's split.val_size is 0; then val is 0 and nothing is selected on validation)."""
+        return {s: len(y) for s, y in self.data.y.items()}
 
 
 # --- checkpoints ------------------------------------------------------------------------
@@ -323,7 +331,8 @@ def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path
     """Train one run to completion (resuming from its last verified resume state if there is one),
     holding run_dir's lock (l2l.io.run_lock: a second trainer of the same run is refused).
 
-    Writes run_dir/{history.csv, final.pt, best.pt} and last, result.json recording their sha256;
+    Writes run_dir/{history.csv, final.pt, best.pt} and last, result.json recording their sha256
+    (no best.pt without a validation split: best-validation is then undefined, result["best"]["sha256"] None);
     returns the result dict. A resume state is saved every `checkpoint_every` epochs and at the end
     of every phase. stop_after_epochs simulates an interruption (tests): return after that many epochs.
     """
@@ -336,7 +345,7 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
         return read_record(run_dir / "result.json", check=())
     resume = load_resume(run_dir)
     history: list[dict] = resume["history"] if resume else []
-    best = resume["best"] if resume else {"phase": -1, "val_acc": -1.0}
+    best = resume["best"] if resume else {"phase": -1, "val_acc": -1.0 if ctx.images["val"] else float("nan")}
     best_state: dict | None = resume["best_state"] if resume else None  # the best predictor's weights (CPU)
     phase_metrics: dict = resume["phase_metrics"] if resume else {}
     if resume:
@@ -371,7 +380,7 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
             row["updates"] = updates
             row["global_epoch"] = len(history)
             history.append(row)
-            if pi != best["phase"] or row["val_acc"] > best["val_acc"]:
+            if ctx.images["val"] and (pi != best["phase"] or row["val_acc"] > best["val_acc"]):
                 # best-on-validation within the current phase (its predictor is the final one at the end)
                 best = {"phase": pi, "epoch": epoch, "val_acc": row["val_acc"]}
                 best_state = _cpu_copy(phase.predictor.state_dict())
@@ -391,13 +400,14 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
 
     # The files the result depends on, each hashed once as it is written.
     files = {"final.pt": atomic_save(phase.predictor.state_dict(), run_dir / "final.pt"),
-             "best.pt": atomic_save(best_state, run_dir / "best.pt"),
              "history.csv": write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))}
+    if best_state is not None:  # none without a validation split: nothing was selected
+        files["best.pt"] = atomic_save(best_state, run_dir / "best.pt")
     last = history[-1]
     result = {"spec": spec.to_dict(), "hash": spec.hash, **device_info(ctx.device),
               "final": {k: last[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
-              "best": {**best, "sha256": files["best.pt"]}, "final_sha256": files["final.pt"],
-              "epochs": len(history), "updates": updates,
+              "best": {**best, "sha256": files.get("best.pt")}, "final_sha256": files["final.pt"],
+              "images": ctx.images, "epochs": len(history), "updates": updates,
               "train_seconds": float(sum(r["epoch_seconds"] for r in history)),
               "images_per_s": float(np.median([r["images_per_s"] for r in history])),
               "phase_metrics": phase_metrics, **ctx.speed_record()}

@@ -223,16 +223,40 @@ def aux_head(in_channels: int, num_classes: int, convs: int, width: int, batch_n
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * c, num_classes))
 
 
-# The paper's configurations (P3 Table 2 and the compression experiment). downsample_at counts
-# blocks from 0, as the paper's j does. "5x64" is the compression experiment's end-to-end baseline:
-# 3 trunk convs + the 2 convs of a k=3 head, all of width 64, no downsampling.
+# P3's configurations. downsample_at counts blocks from 0: block j space-to-depths its input.
+# The defaults are the official code's (github eugenium/layerCNN, cifar.py + model_greedy.py at
+# every commit f2e6136..5a20c8d; README commands "k=3 (~91.7) --ncnn 4 --nlin 2 --feature_size 128
+# --down [1] --bn 1", "k=2 (~90.4) ... --nlin 1 ...", "k=1 (~88.3) --ncnn 5 --nlin 0 --feature_size 256"):
+# - M_tilde 128 doubling after a downsampling: cifar.py --width_aux default 128, doubled with
+#   feature_size when `n in downsample` (the paper's text: M~ = 256, see *_paper_text).
+# - pool_bn (k > 1): auxillary_classifier's self.bn after avg_pool2d when --bn 1 (text: silent).
+# - k=1 downsample_at [2, 3]: the README's k=1 command leaves --down at cifar.py's default [1,2], and
+#   the block added after block n downsamples when n is in it (add_block(n in downsample)); the text's
+#   "j = 1, 3" is k1_paper_text. (A `--down [1,3]` command, blocks 2 and 4, is in no stored commit.)
+# - conv_bias "block0": greedyNet's first conv has bias=not batchnorm, block_conv's convs bias=False
+#   (with BN no conv has one); "without_bn": a bias on every conv that no BatchNorm follows.
+# - bn_weight_init "uniform": the code targets PyTorch <= 0.4 (loss.data[0], Variable(volatile=True)),
+#   whose BatchNorm drew gamma from U(0,1) (pytorch/pytorch#12259, changed to ones in PyTorch 1.2).
+# "compress" (P3's compression experiment; its script is not public): the text's k=3, J=3,
+# M = M~ = 128 with the codebase's head and BN conventions; "5x64" is its end-to-end baseline: 3 trunk
+# convs + the 2 convs of a k=3 head, all of width 64, no downsampling (the pruned network's shape).
+OFFICIAL_CODE = {"M_tilde_doubles": True, "pool_bn": True, "conv_bias": "block0", "bn_weight_init": "uniform"}
+PAPER_TEXT = {"M_tilde": 256, "M_tilde_doubles": True, "pool_bn": False}  # M~ 256 initially, doubling as M~_f
 LAYERWISE_PRESETS: dict[str, dict] = {
-    "k1": {"k": 1, "J": 5, "M": 256, "M_tilde": 256, "downsample_at": [1, 3]},
-    "k2": {"k": 2, "J": 4, "M": 128, "M_tilde": 256, "downsample_at": [2]},
-    "k3": {"k": 3, "J": 4, "M": 128, "M_tilde": 256, "downsample_at": [2]},
-    "compress": {"k": 3, "J": 3, "M": 128, "M_tilde": 128, "downsample_at": [], "final_M_tilde": 64},
-    "5x64": {"k": 3, "J": 3, "M": 64, "M_tilde": 64, "downsample_at": []},
+    "k1": {**OFFICIAL_CODE, "k": 1, "J": 5, "M": 256, "M_tilde": 256, "downsample_at": [2, 3], "pool_bn": False},
+    "k2": {**OFFICIAL_CODE, "k": 2, "J": 4, "M": 128, "M_tilde": 128, "downsample_at": [2]},
+    "k3": {**OFFICIAL_CODE, "k": 3, "J": 4, "M": 128, "M_tilde": 128, "downsample_at": [2]},
+    "compress": {**OFFICIAL_CODE, "k": 3, "J": 3, "M": 128, "M_tilde": 128, "downsample_at": [], "final_M_tilde": 64},
+    "5x64": {**OFFICIAL_CODE, "k": 3, "J": 3, "M": 64, "M_tilde": 64, "downsample_at": []},
+    # The paper text's reading (sensitivity claims): what it states where it differs from the code;
+    # where it is silent (biases, BN init), the code's choice.
+    "k1_paper_text": {**OFFICIAL_CODE, "k": 1, "J": 5, "M": 256, "M_tilde": 256, "downsample_at": [1, 3],
+                      "pool_bn": False},
+    "k2_paper_text": {**OFFICIAL_CODE, **PAPER_TEXT, "k": 2, "J": 4, "M": 128, "downsample_at": [2]},
+    "k3_paper_text": {**OFFICIAL_CODE, **PAPER_TEXT, "k": 3, "J": 4, "M": 128, "downsample_at": [2]},
 }
+CONV_BIAS = ("block0", "without_bn")
+BN_WEIGHT_INIT = ("uniform", "ones")
 
 
 def _layerwise_cfg(args: dict) -> dict:
@@ -247,6 +271,9 @@ def _layerwise_cfg(args: dict) -> dict:
         cfg["batch_norm"] = cfg["k"] > 1  # P3: BatchNorm only with auxiliary convs
     if cfg["k"] < 1 or cfg["J"] < 1 or any(not 0 <= j < cfg["J"] for j in cfg["downsample_at"]):
         raise ValueError(f"layerwise_cnn: need k >= 1, J >= 1 and downsample_at within 0..J-1, got {cfg}")
+    for key, known in (("conv_bias", CONV_BIAS), ("bn_weight_init", BN_WEIGHT_INIT)):
+        if cfg[key] not in known:
+            raise ValueError(f"layerwise_cnn: {key} must be one of {', '.join(known)}, got {cfg[key]!r}")
     return cfg
 
 
@@ -267,39 +294,52 @@ def _layerwise_plan(cfg: dict) -> list[tuple[int, int, bool, int]]:
     return plan
 
 
-def _layerwise_block(cfg: dict, c_in: int, width: int, down: bool) -> nn.Sequential:
+def _init_bn(cfg: dict, module: nn.Module) -> nn.Module:
+    """BatchNorm gammas drawn from U(0,1) (PyTorch <= 0.4's init) with bn_weight_init "uniform",
+    in construction order from torch's global generator; "ones": PyTorch's current init."""
+    if cfg["bn_weight_init"] == "uniform":
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.uniform_(m.weight)
+    return module
+
+
+def _layerwise_block(cfg: dict, j: int, c_in: int, width: int, down: bool) -> nn.Sequential:
     layers: list[nn.Module] = [nn.PixelUnshuffle(2)] if down else []
-    layers.append(nn.Conv2d(c_in, width, 3, padding=1, bias=not cfg["batch_norm"]))
+    bias = not cfg["batch_norm"] and (j == 0 or cfg["conv_bias"] == "without_bn")
+    layers.append(nn.Conv2d(c_in, width, 3, padding=1, bias=bias))
     layers += [nn.BatchNorm2d(width)] if cfg["batch_norm"] else []
     layers.append(nn.ReLU(inplace=True))
     layers += [ChannelMask(width)] if cfg["channel_mask"] else []
-    return nn.Sequential(*layers)
+    return _init_bn(cfg, nn.Sequential(*layers))
 
 
 def _layerwise_head(cfg: dict, num_classes: int, c_in: int, width: int) -> nn.Sequential:
-    return aux_head(c_in, num_classes, cfg["k"] - 1, width, cfg["batch_norm"], cfg["pool_bn"])
+    return _init_bn(cfg, aux_head(c_in, num_classes, cfg["k"] - 1, width, cfg["batch_norm"], cfg["pool_bn"]))
 
 
 def layerwise_cnn(num_classes: int, preset: str = "k3", k: int | None = None, J: int | None = None,
                   M: int | None = None, M_tilde: int | None = None, downsample_at: list[int] | None = None,
-                  batch_norm: bool | None = None, final_M_tilde: int | None = None, M_tilde_doubles: bool = False,
-                  pool_bn: bool = False, channel_mask: bool = False) -> nn.Sequential:
+                  batch_norm: bool | None = None, final_M_tilde: int | None = None,
+                  M_tilde_doubles: bool | None = None, pool_bn: bool | None = None, conv_bias: str | None = None,
+                  bn_weight_init: str | None = None, channel_mask: bool = False) -> nn.Sequential:
     """P3's CNN: blocks ``block0..block{J-1}`` and, as ``classifier``, the last block's auxiliary head.
 
     Block j: [2x2 space-to-depth if j in ``downsample_at``], 3x3 conv of width M (doubled by
     each downsampling block after the first), [BatchNorm], ReLU. No pooling in the trunk.
     Head: ``k``-1 3x3 convs of width ``M_tilde``, average pooling to 2x2, linear (:func:`aux_head`).
 
-    ``preset`` picks a paper configuration (:data:`LAYERWISE_PRESETS`); k, J, M, M_tilde and
-    downsample_at given (not None) override it. Other keywords: ``batch_norm`` (default: k > 1, as the paper), ``final_M_tilde``
-    (width of the last head; compression: 64), ``M_tilde_doubles`` (the official code doubles
-    the head width after each downsampling; paper: fixed, the default), ``pool_bn`` (the code's
-    BN after the head's pooling; paper: none, the default), ``channel_mask`` (a
-    :class:`ChannelMask` after each block, for pruning).
+    ``preset`` picks a configuration (:data:`LAYERWISE_PRESETS`, where each choice's source is
+    written); every other argument given (not None) overrides it: ``batch_norm`` (default: k > 1,
+    as the paper), ``final_M_tilde`` (width of the last head; compression: 64), ``M_tilde_doubles``
+    (the head width doubles with the trunk's at each downsampling), ``pool_bn`` (BN after the
+    head's pooling), ``conv_bias`` (:data:`CONV_BIAS`: which convs without BN have a bias),
+    ``bn_weight_init`` (:data:`BN_WEIGHT_INIT`: BatchNorm gamma U(0,1) or 1), ``channel_mask``
+    (a :class:`ChannelMask` after each block, for pruning).
     """
     cfg = _layerwise_cfg(locals())
     plan = _layerwise_plan(cfg)
-    blocks = OrderedDict((f"block{j}", _layerwise_block(cfg, c_in, width, down))
+    blocks = OrderedDict((f"block{j}", _layerwise_block(cfg, j, c_in, width, down))
                          for j, (c_in, width, down, _) in enumerate(plan))
     blocks["classifier"] = _layerwise_head(cfg, num_classes, plan[-1][1], plan[-1][3])
     return nn.Sequential(blocks)

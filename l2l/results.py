@@ -1,8 +1,10 @@
 """Aggregation (pandas): run folders -> results/ tables that the report reads.
 
 results/runs.csv      one row per run: identity, every param that varies, every metric; the *_acc columns
-                      hold the dataset's metric, named in column `metric` (top-1 accuracy; mAP for VOC)
-results/summary.csv   per experiment x method x model x dataset: n, mean, std, 95% t-interval
+                      hold the dataset's metric, named in column `metric` (top-1 accuracy; mAP for VOC);
+                      train_images / val_images: the images the run trained on and validated on (val 0:
+                      its experiment's split.val_size 0, the validation images joined training)
+results/summary.csv   per experiment x method x model x dataset: n, mean, std, 95% t-interval, train/val images
 results/metrics.json  the summary per group (`dvc metrics show results/metrics.json`; DVC's metrics are per claim)
 results/curves/*.csv  learning curves per group: mean and band across seeds (`dvc plots show`)
 results/phases.csv    per-phase metrics that methods record (e.g. per-stage accuracy)
@@ -89,6 +91,7 @@ def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
                      **{f"param.{c}": p[c] for c in varying},
                      "metric": task_of(spec.data).metric,  # what the *_acc columns hold
                      **{k: v for k, v in ev.items() if k not in ("final_sha256", "files", "sha256")},
+                     **_images(result),
                      "train_acc": result["final"]["train_acc"], "epochs": result["epochs"],
                      "updates": result["updates"], "train_seconds": result["train_seconds"],
                      "images_per_s": result["images_per_s"],
@@ -97,12 +100,22 @@ def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _images(result: dict) -> dict[str, float]:
+    """Images the run trained and validated on (result.json's counts; NaN in a record written before
+    they were kept)."""
+    n = result.get("images") or {}
+    return {"train_images": n.get("train", np.nan), "val_images": n.get("val", np.nan)}
+
+
 def summarise(runs_df: pd.DataFrame) -> pd.DataFrame:
     out = []
     for key, g in runs_df.groupby(GROUP, sort=False):
         row = dict(zip(GROUP, key), n=len(g))
         if "metric" in g:
             row["metric"] = g["metric"].iloc[0]
+        for col in ("train_images", "val_images"):  # the same for every seed of a group
+            if col in g:
+                row[col] = g[col].max()
         for m in SUMMARY_METRICS:
             row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = mean_interval(g[m])
         out.append(row)

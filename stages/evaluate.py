@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: the final and the best-on-validation checkpoint of every run, on the
 validation and the test split. The test split is only ever measured here, never used to
-select anything. Writes evals/<hash>/{eval.json, predictions.npz}. "acc" is the dataset's metric (l2l/tasks.py):
+select anything. A run without a validation split (its experiment's split.val_size 0) has no
+best-on-validation checkpoint: its best_* and *_val_* metrics are NaN (null in eval.json). Writes evals/<hash>/{eval.json, predictions.npz}. "acc" is the dataset's metric (l2l/tasks.py):
 top-1 accuracy, or mAP on a multi-label dataset.
 
 Nothing is trusted unverified: a run's result.json and every file it records (final.pt, best.pt,
@@ -35,6 +36,9 @@ def run() -> None:
         model = ctx.prepare(METHODS[spec.method].predictor(spec, num_classes))
         metrics, preds = {"final_sha256": result["final_sha256"]}, {}
         for which in ("final", "best"):
+            if which == "best" and result["best"]["sha256"] is None:  # no validation split: nothing selected
+                metrics.update({f"best_{split}_{m}": float("nan") for split in ("val", "test") for m in ("acc", "loss")})
+                continue
             model.load_state_dict(load_checkpoint(run_dir / f"{which}.pt"))  # verified just above
             for split in ("val", "test"):
                 ev = ctx.evaluate(model, split)

@@ -73,35 +73,81 @@ def same(a: dict, b: dict, prefix: str = "") -> bool:
 
 def test_space_to_depth_is_invertible():
     x = torch.randn(2, 5, 8, 6)
-    down = layerwise_cnn(10, preset="k1").block1[0]
+    down = layerwise_cnn(10, preset="k1").block2[0]
     assert isinstance(down, nn.PixelUnshuffle) and down(x).shape == (2, 20, 4, 3)
     assert torch.equal(nn.PixelShuffle(2)(down(x)), x)
 
 
-@pytest.mark.parametrize("preset, widths, sizes, bn", [
-    ("k1", [256, 512, 512, 1024, 1024], [32, 16, 16, 8, 8], False),
-    ("k2", [128, 128, 256, 256], [32, 32, 16, 16], True),
-    ("k3", [128, 128, 256, 256], [32, 32, 16, 16], True),
-    ("compress", [128, 128, 128], [32, 32, 32], True),
-    ("5x64", [64, 64, 64], [32, 32, 32], True),
+def _head_widths(head: nn.Sequential) -> list[int]:
+    return [m.out_channels for m in head if isinstance(m, nn.Conv2d)]
+
+
+def _pooled_bn(head: nn.Sequential) -> bool:
+    pool = next(i for i, m in enumerate(head) if isinstance(m, nn.AdaptiveAvgPool2d))
+    return isinstance(head[pool + 1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("preset, widths, sizes, bn, head_widths, pool_bn", [
+    # the official code (eugenium/layerCNN README commands; l2l/models.py LAYERWISE_PRESETS)
+    ("k1", [256, 256, 512, 1024, 1024], [32, 32, 16, 8, 8], False, [[]] * 5, False),
+    ("k2", [128, 128, 256, 256], [32, 32, 16, 16], True, [[128], [128], [256], [256]], True),
+    ("k3", [128, 128, 256, 256], [32, 32, 16, 16], True, [[128] * 2, [128] * 2, [256] * 2, [256] * 2], True),
+    ("compress", [128, 128, 128], [32, 32, 32], True, [[128] * 2, [128] * 2, [64] * 2], True),
+    ("5x64", [64, 64, 64], [32, 32, 32], True, [[64] * 2] * 3, True),
+    # the paper's text: j = 1, 3 (k=1); M~ = 256 doubling with the trunk, no BN after the pooling
+    ("k1_paper_text", [256, 512, 512, 1024, 1024], [32, 16, 16, 8, 8], False, [[]] * 5, False),
+    ("k2_paper_text", [128, 128, 256, 256], [32, 32, 16, 16], True, [[256], [256], [512], [512]], False),
+    ("k3_paper_text", [128, 128, 256, 256], [32, 32, 16, 16], True, [[256] * 2, [256] * 2, [512] * 2, [512] * 2],
+     False),
 ])
-def test_presets_match_the_paper(preset, widths, sizes, bn):
+def test_presets_build_their_configuration(preset, widths, sizes, bn, head_widths, pool_bn):
     with torch.device("meta"):  # shapes without the compute of the full-width networks
         model = layerwise_cnn(10, preset=preset)
         heads = layerwise_cnn_heads(10, preset=preset)
         outs = stage_outputs(model, torch.zeros(2, 3, 32, 32))
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    k = LAYERWISE_PRESETS[preset]["k"]
     assert [o.shape[1] for o in outs] == widths and [o.shape[2] for o in outs] == sizes
     assert len(heads) == len(widths) - 1 and stage_ends(model) == list(range(1, len(widths) + 1))
-    for head in [*heads, model.classifier]:
-        convs = [m for m in head if isinstance(m, nn.Conv2d)]
-        assert len(convs) == k - 1
-        assert isinstance(head[len(head) - 3], nn.AdaptiveAvgPool2d) and head[len(head) - 3].output_size == 2
-    head_widths = {m.out_channels for h in heads for m in h if isinstance(m, nn.Conv2d)}
-    assert head_widths <= {LAYERWISE_PRESETS[preset]["M_tilde"]}
+    all_heads = [*heads, model.classifier]
+    assert [_head_widths(h) for h in all_heads] == head_widths
+    assert all(_pooled_bn(h) == pool_bn for h in all_heads)
+    assert all(h[-1].in_features == 4 * (hw[-1] if hw else w) for h, hw, w in zip(all_heads, head_widths, widths))
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bn
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+
+
+def test_official_configurations_have_the_official_parameter_counts():
+    """The final networks (trunk + last head) of the official code's k=2 and k=3 CIFAR-10 commands;
+    k=1: 3*256*9 + 256 (block 0, with its bias) + 256*256*9 + 1024*512*9 + 2048*1024*9 + 1024*1024*9
+    (no biases, no BN) + 4*1024*10 + 10 (linear head on the 2x2 map)."""
+    with torch.device("meta"):
+        counts = {p: count_parameters(layerwise_cnn(10, preset=p)) for p in ("k1", "k2", "k3")}
+    assert counts == {"k1": 33_668_106, "k2": 2_523_018, "k3": 3_113_354}
+
+
+def test_conv_biases_follow_the_official_code():
+    """greedyNet's first conv has bias=not batchnorm, every later block_conv bias=False."""
+    with torch.device("meta"):
+        code = layerwise_cnn(10, preset="k1")
+        every = layerwise_cnn(10, preset="k1", conv_bias="without_bn")
+        bn = layerwise_cnn(10, preset="k3")
+    assert [m.bias is not None for m in code.modules() if isinstance(m, nn.Conv2d)] == [True] + [False] * 4
+    assert all(m.bias is not None for m in every.modules() if isinstance(m, nn.Conv2d))
+    assert all(m.bias is None for m in bn.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_bn_gamma_is_drawn_from_u01_as_pytorch_0_4_did_and_ones_on_request():
+    torch.manual_seed(0)
+    old = layerwise_cnn(10, preset="k3", M=8, M_tilde=8)
+    torch.manual_seed(0)
+    again = [*layerwise_cnn(10, preset="k3", M=8, M_tilde=8).modules()]
+    new = layerwise_cnn(10, preset="k3", M=8, M_tilde=8, bn_weight_init="ones")
+    gammas = torch.cat([m.weight.detach() for m in old.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert len(gammas) > 50 and 0 <= gammas.min() and gammas.max() < 1 and gammas.std() > 0.2  # U(0,1): sd 0.29
+    assert torch.equal(gammas, torch.cat([m.weight.detach() for m in again if isinstance(m, nn.BatchNorm2d)]))
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in new.modules() if isinstance(m, nn.BatchNorm2d))
+    heads = layerwise_cnn_heads(10, preset="k3", M=8, M_tilde=8)  # the heads' BatchNorms too
+    assert all(m.weight.max() < 1 for h in heads for m in h.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def test_compressed_network_is_the_5x64_baseline():
@@ -123,6 +169,10 @@ def test_bad_model_kwargs():
         layerwise_cnn(10, J=2, downsample_at=[2])
     with pytest.raises(ValueError, match="models.layerwise_cnn"):
         build_model({"arch": "layerwise_cnn", "width": 3}, 10)
+    with pytest.raises(ValueError, match="conv_bias must be one of block0, without_bn"):
+        layerwise_cnn(10, preset="k1", conv_bias="all")
+    with pytest.raises(ValueError, match="bn_weight_init must be one of uniform, ones"):
+        layerwise_cnn(10, preset="k3", bn_weight_init="zeros")
 
 
 # --- sequential training ---------------------------------------------------------------
@@ -457,3 +507,30 @@ def test_report_section_and_claim_figure(tmp_path):
            "arms": {"a": {"experiment": "layerwise_e2e", "model": "p3"}, "b": {"experiment": "layerwise", "model": "p3"}}}
     assert len(record_stage_figure(rec, synthetic_phases()).axes) == 2
     assert record_stage_figure({**rec, "kind": "superiority"}, synthetic_phases()) is None
+
+
+def test_p3_claims_declare_the_precision_bn_init_and_images_their_arms_train_with(tmp_path):
+    """Each P3 record's protocol says fp32, BN gamma U(0,1) and all 50,000 images, and the paper
+    profile's runs of its arms do exactly that; sensitivity records say why; provenance is filled in."""
+    import yaml
+
+    from l2l.claims import load_claims
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = {"papers": yaml.safe_load((repo / "claims.yaml").read_text())["papers"],
+           "claims": yaml.safe_load((repo / "claims" / "layerwise.yaml").read_text())}
+    (tmp_path / "claims.yaml").write_text(yaml.safe_dump(doc))
+    params = load_params(repo / "params.yaml")
+    claims = [c for c in load_claims(config_of(params), tmp_path / "claims.yaml") if c.paper == "P3"]
+    specs = plan_of(params, "paper")
+    assert {c.id for c in claims if c.role == "sensitivity"} == {f"P3-C{k}-paper-text" for k in (1, 2, 3)}
+    for c in claims:
+        assert "fp32" in c.protocol and "U(0,1)" in c.protocol and "50,000" in c.protocol, c.id
+        assert c.stated_in != "unconfirmed" and c.harness_choices, c.id
+        assert c.role == "primary" or c.role_reason, c.id
+        runs = [s for s in specs if any((s.experiment, s.model) == (a.experiment, a.model) for a in c.arms)]
+        assert runs and all(s.train["precision"] == "fp32" and s.data["val_size"] == 0 for s in runs), c.id
+        for s in runs:
+            assert s.model_cfg["arch"] == "layerwise_cnn" and s.model_cfg["preset"] in LAYERWISE_PRESETS
+            assert LAYERWISE_PRESETS[s.model_cfg["preset"]]["bn_weight_init"] == "uniform"
+            assert s.model_cfg["bn_weight_init"] is None  # the preset's, not overridden
