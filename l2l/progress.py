@@ -50,8 +50,8 @@ class RunProgress:
         if not self.bars:
             return
         if self.bar is None:  # one bar for the whole run, reset per phase: it stays on its line
-            self.bar = tqdm(total=total, initial=initial, unit="ep", leave=False, dynamic_ncols=True,
-                            position=1, file=self.stream)
+            self.bar = tqdm(total=total, initial=initial, desc=f"{self.label} {name}", unit="ep", leave=False,
+                            dynamic_ncols=True, position=1, file=self.stream)
         else:
             self.bar.reset(total=total)
             self.bar.update(initial)
