@@ -96,7 +96,7 @@ class StageProgress:
         stream = stream or sys.stderr
         self.bars = bars_enabled(stream) if bars is None else bars
         self.bar = tqdm(total=self.total, desc="train", unit="run", position=0, leave=True, dynamic_ncols=True,
-                        file=stream, bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed} {postfix}"
+                        file=stream, bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}"
                         ) if self.bars else None
         self._refresh()
 

@@ -41,7 +41,10 @@ def client():
     # Imported lazily: mlflow takes seconds to import and most of the library never needs it.
     import mlflow
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # mlflow sets its logger to INFO on import (after setup_logging), with its own console handler
+    # that writes past the progress bars: its per-run notes (system metrics monitor started...) are noise
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return mlflow.MlflowClient(tracking_uri=tracking_uri())
 
 
