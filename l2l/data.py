@@ -308,14 +308,18 @@ class DeviceDataCache:
     def __init__(self, data: DataSettings, device):
         self.settings, self.device, self._arrays, self._data = data, device, {}, {}
 
+    def prepared(self, dataset: str) -> tuple[dict, dict]:
+        """(the host arrays, the manifest) of a prepared dataset, loaded and verified once."""
+        if dataset not in self._arrays:
+            self._arrays[dataset] = load_prepared(self.settings.prepared_dir(dataset))
+        return self._arrays[dataset]
+
     def get(self, spec: RunSpec):
         aug = spec.train["augment"]
         joined = val_joins_train(spec.data)
         key = (spec.dataset, aug["crop_padding"], aug["flip"], joined)
         if key not in self._data:
-            if spec.dataset not in self._arrays:
-                self._arrays[spec.dataset] = load_prepared(self.settings.prepared_dir(spec.dataset))
-            arrays, manifest = self._arrays[spec.dataset]
+            arrays, manifest = self.prepared(spec.dataset)
             arrays = join_val(arrays) if joined else arrays
             self._data[key] = DeviceData(arrays, spec.dataset, self.device, crop_padding=key[1], flip=key[2],
                                          channels_last=self.device.type == "cuda")

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from l2l.compiling import RunCompiler, set_determinism
 from l2l.device_data import DeviceData
 from l2l.checks import IntegrityError
 from l2l.io import read_json, read_record, run_lock, sha256_file, write_atomic, write_json, write_record, write_text
+from l2l.progress import RunProgress
 from l2l.spec import RunSpec
 from l2l.tasks import Task, TopOneMeter, task_of
 
@@ -302,32 +301,11 @@ def _set_rng_state(state: dict) -> None:
 
 # --- the loop ---------------------------------------------------------------------------
 
-class Progress:
-    """A tqdm bar on a terminal; one log line per epoch otherwise (CI logs stay readable)."""
-
-    def __init__(self, label: str, total: int, initial: int):
-        self.label = label
-        self.bar = tqdm(total=total, initial=initial, desc=label, unit="ep", leave=False, dynamic_ncols=True,
-                        file=sys.stderr) if sys.stderr.isatty() else None
-
-    def update(self, row: dict) -> None:
-        msg = (f"loss {row['train_loss']:.3f} acc {row['train_acc']:.1f} val {row['val_acc']:.1f} "
-               f"{row['images_per_s']:.0f} img/s")
-        if self.bar is not None:
-            self.bar.set_postfix_str(msg, refresh=False)
-            self.bar.update(1)
-        else:
-            log.info("%s %s ep %d/%d: %s", self.label, row["phase"], row["epoch"] + 1, row["phase_epochs"], msg)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path,
               on_epoch: Callable[[dict], None] | None = None,
               on_resume: Callable[[list[dict]], None] | None = None,
-              stop_after_epochs: int | None = None, checkpoint_every: int = 1) -> dict:
+              stop_after_epochs: int | None = None, checkpoint_every: int = 1,
+              progress: RunProgress | None = None) -> dict:
     """Train one run to completion (resuming from its last verified resume state if there is one),
     holding run_dir's lock (l2l.io.run_lock: a second trainer of the same run is refused).
 
@@ -335,12 +313,19 @@ def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path
     (no best.pt without a validation split: best-validation is then undefined, result["best"]["sha256"] None);
     returns the result dict. A resume state is saved every `checkpoint_every` epochs and at the end
     of every phase. stop_after_epochs simulates an interruption (tests): return after that many epochs.
+    progress: the run's bar or epoch lines (default: a bar on a terminal, l2l.progress).
     """
+    progress = progress or RunProgress(spec.label)
     with run_lock(run_dir):
-        return _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs, checkpoint_every)
+        try:
+            return _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs,
+                                 checkpoint_every, progress)
+        finally:
+            progress.close()
 
 
-def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs, checkpoint_every) -> dict:
+def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs, checkpoint_every,
+                  progress) -> dict:
     if (run_dir / "result.json").exists():  # finished by another trainer while this one waited: not twice
         return read_record(run_dir / "result.json", check=())
     resume = load_resume(run_dir)
@@ -368,10 +353,9 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
                 _load_phase_state(phase, resume["state"])
                 _set_rng_state(resume["rng"])
                 start_epoch = resume["epoch"] + 1
-        progress = Progress(spec.label, phase.epochs, start_epoch)
+        progress.phase(phase.name, phase.epochs, start_epoch)
         for epoch in range(start_epoch, phase.epochs):
             if stop_after_epochs is not None and epochs_done_now >= stop_after_epochs:
-                progress.close()
                 return {"interrupted": True}
             row = _train_epoch(spec, ctx, phase, pi, epoch)
             if ctx.compiler is not None:
@@ -390,9 +374,8 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
                               "phase_metrics": phase_metrics}, run_dir)
             if on_epoch is not None:
                 on_epoch(row)
-            progress.update(row)
+            progress.epoch(row)
             epochs_done_now += 1
-        progress.close()
         if phase.on_end is not None:
             phase_metrics[phase.name] = phase.on_end()
     if phase is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import pickle
@@ -35,13 +36,15 @@ import torch
 from l2l.checks import ConfigError, DataError, IntegrityError, LockedError, RunsFailed
 from l2l.config import Config, required_hashes
 from l2l.data import DeviceDataCache
-from l2l.datasets import DataSettings
+from l2l.datasets import DataSettings, val_joins_train
 from l2l.engine import RunContext, device_info, pick_device, train_run
 from l2l.io import read_record, run_lock, write_json
 from l2l.methods import METHODS
+from l2l.mlflow_model import log_model
+from l2l.progress import RunProgress, StageProgress, bars_around_logging, bars_enabled
 from l2l.spec import RunSpec
 from l2l.stage import RUNS, setup_logging
-from l2l.tracking import RunTracker, mark_failed, single_writer
+from l2l.tracking import RunTracker, dataset_inputs, mark_failed, single_writer
 
 log = logging.getLogger(__name__)
 # Failures a worker reports as their one line (anything else: its traceback in the log as well).
@@ -74,6 +77,7 @@ class Worker:
     # so every backend uses the same number: params' executor.cpu_threads, else the train stage's.
     cpu_threads: int | None = None
     checkpoint_every: int = 1  # epochs between resume states (params' executor.checkpoint_every)
+    progress_bars: bool = False  # a bar per run (the stage's own process on a terminal); else epoch log lines
 
 
 def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> dict:
@@ -103,17 +107,26 @@ def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> d
             write_json(run_dir / "spec.json", spec.to_dict())
             tracker = RunTracker(spec, profile, run_dir, device_info(device))
             try:
+                tracker.log_datasets(dataset_inputs(*_DATA[key].prepared(spec.dataset),
+                                                    data.prepared_dir(spec.dataset),
+                                                    # split.val_size 0: the validation images were trained on
+                                                    {"train": "training", "val": "training"
+                                                     if val_joins_train(spec.data) else "validation"}))
                 ctx = RunContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve())
                 result = train_run(spec, METHODS[spec.method], ctx, run_dir, on_epoch=tracker.log_epoch,
-                                   on_resume=tracker.backfill, checkpoint_every=worker.checkpoint_every)
+                                   on_resume=tracker.backfill, checkpoint_every=worker.checkpoint_every,
+                                   progress=RunProgress(spec.label, bars=worker.progress_bars and bars_enabled()))
+                # Per run once; val/test accuracy of final.pt and best.pt come from the evaluate stage
+                # (logging them here too gave those keys two values at one step).
+                tracker.log_summary({"train_seconds": result["train_seconds"], "best_epoch": result["best"]["epoch"]})
+                tracker.set_tags(result["tags"])
+                tracker.log_artifacts(run_dir / "history.csv")
+                log_model(tracker.c, tracker.run_id, tracker.exp_id, spec, run_dir / "final.pt", num_classes,
+                          step=result["epochs"] - 1)
             except BaseException as e:  # KeyboardInterrupt too: the MLflow run must not stay RUNNING
                 tracker.finish("FAILED" if isinstance(e, Exception) else "KILLED",
                                error="".join(traceback.format_exception_only(e)).strip())
                 raise
-            tracker.log_metrics({"train_seconds": result["train_seconds"], "best_val_acc": result["best"]["val_acc"],
-                                 "final_val_acc": result["final"]["val_acc"]})
-            tracker.set_tags(result["tags"])
-            tracker.log_artifacts(run_dir / "history.csv", run_dir / "final.pt")
             tracker.finish()
     return {"hash": spec.hash, "images_per_s": result["images_per_s"]}
 
@@ -122,7 +135,8 @@ def train_group(specs: list[dict], profile: str, data: DataSettings, worker: Wor
     """Several runs sharing this process's GPU concurrently (one worker process each); one run: in process."""
     if len(specs) == 1:
         return [train_one(specs[0], profile, data, worker)]
-    return _pool([RunSpec.from_dict(s) for s in specs], profile, data, worker, slots=[None] * len(specs))
+    return _pool([RunSpec.from_dict(s) for s in specs], profile, data, worker, slots=[None] * len(specs),
+                 progress=StageProgress([s["hash"] for s in specs], bars=False))
 
 
 # --- local ------------------------------------------------------------------------------
@@ -150,12 +164,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class _LogToParent(logging.handlers.QueueHandler):
+    """A worker's log records travel to the pool's process, which prints them (above its bars)."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.queue.put(("log", -1, record))
+
+
 def _slot_worker(gpu: int | None, threads: int, tasks, results, job: tuple) -> None:
     """One worker process of the local pool: pinned to its GPU before CUDA starts, trains the runs it
-    takes from `tasks` until it takes None, reporting each start and outcome on `results`."""
+    takes from `tasks` until it takes None, reporting each start and outcome, and its log records, on
+    `results`."""
     _die_with_parent()
     stop_on_signals()
     setup_logging()
+    logging.getLogger().handlers[:] = [_LogToParent(results)]
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # read when CUDA initialises, after the import of torch
     torch.set_num_threads(threads)
@@ -185,11 +208,13 @@ def _report(outcomes: list[tuple[RunSpec, BaseException | None]]) -> None:
                          f"{type(err).__name__}: {err}")
 
 
-def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker, slots: list[int | None]) -> list:
+def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker, slots: list[int | None],
+          progress: StageProgress | None = None) -> list:
     """The runs of `todo` on one worker process per slot. A worker that dies (killed, out of memory)
     fails only the run it was training (marked FAILED in MLflow) and is replaced; the other workers'
     runs go on. Interrupted itself (SIGTERM, Ctrl-C), the pool stops its workers (their runs are
-    marked KILLED) before it re-raises."""
+    marked KILLED) before it re-raises. `progress`: the stage's count (default: this pool's own)."""
+    progress = progress or StageProgress([s.hash for s in todo], bars=False)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     tasks, results = ctx.Queue(), ctx.Queue()
     for i, s in enumerate(todo):
@@ -211,7 +236,7 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
 
     def record(i: int, err: BaseException | None) -> None:
         outcome[i] = err
-        log.info("[%d/%d] %s %s", len(outcome), len(todo), todo[i].hash, "done" if err is None else f"FAILED: {err}")
+        progress.finished(todo[i].hash, todo[i].label, err)
 
     try:
         while len(outcome) < len(todo):
@@ -236,8 +261,12 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
                     for i in sorted(set(range(len(todo))) - set(outcome)):
                         record(i, RuntimeError("not trained: every worker process ended before it"))
                 continue
+            if kind == "log":  # a worker's record, printed here (through tqdm while bars are drawn)
+                logging.getLogger(value.name).handle(value)
+                continue
             if kind == "start":
                 running[value] = i
+                progress.started(todo[i].hash, todo[i].label)
                 continue
             running = {pid: j for pid, j in running.items() if j != i}
             record(i, None if kind == "done" else value)
@@ -257,17 +286,22 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
     return out
 
 
-def run_local(todo: list[RunSpec], config: Config, worker: Worker) -> None:
+def run_local(todo: list[RunSpec], config: Config, worker: Worker, progress: StageProgress) -> None:
     cfg, profile = config.executor, config.profile.name
     slots = local_slots(cfg["runs_per_gpu"])
     if len(slots) == 1:  # one device, one run at a time: in this process, failures stop the stage
-        for i, spec in enumerate(todo, 1):
-            log.info("[%d/%d] %s: %s", i, len(todo), spec.hash, spec.label)
-            train_one(spec.to_dict(), profile, config.data, worker)
+        for spec in todo:
+            progress.started(spec.hash, spec.label)
+            try:
+                train_one(spec.to_dict(), profile, config.data, replace(worker, progress_bars=progress.bars))
+            except Exception as e:
+                progress.finished(spec.hash, spec.label, e)
+                raise
+            progress.finished(spec.hash, spec.label)
         return
     log.info("local: %d worker processes (%d per GPU)", len(slots), cfg["runs_per_gpu"])
     with single_writer(profile) as uri:
-        _pool(todo, profile, config.data, replace(worker, tracking_uri=uri), slots)
+        _pool(todo, profile, config.data, replace(worker, tracking_uri=uri), slots, progress)
 
 
 # --- ray --------------------------------------------------------------------------------
@@ -292,7 +326,7 @@ def _ray_task(*args) -> dict:
     return train_one(*args)
 
 
-def run_ray(todo: list[RunSpec], config: Config, worker: Worker) -> None:
+def run_ray(todo: list[RunSpec], config: Config, worker: Worker, progress: StageProgress) -> None:
     cfg, profile = config.executor, config.profile.name
     ray = _import("ray", "ray")
     address = cfg["ray"]["address"]
@@ -322,8 +356,7 @@ def run_ray(todo: list[RunSpec], config: Config, worker: Worker) -> None:
                     outcomes.append((spec, None))
                 except Exception as e:  # noqa: BLE001 (reported below with the run's identity)
                     outcomes.append((spec, getattr(e, "cause", None) or e))
-                log.info("[%d/%d] %s %s", len(outcomes), len(todo), spec.hash,
-                         "done" if outcomes[-1][1] is None else f"FAILED: {outcomes[-1][1]}")
+                progress.finished(spec.hash, spec.label, outcomes[-1][1])
         _report(outcomes)
     finally:
         if started:
@@ -346,7 +379,7 @@ class SlurmJob:
         return DelayedSubmission(self, *args, **kwargs)  # runs/<hash>/last.pt is the checkpoint
 
 
-def run_slurm(todo: list[RunSpec], config: Config, worker: Worker) -> None:
+def run_slurm(todo: list[RunSpec], config: Config, worker: Worker, progress: StageProgress) -> None:
     submitit = _import("submitit", "slurm")
     cfg, profile = config.executor, config.profile.name
     s = cfg["slurm"]
@@ -372,10 +405,12 @@ def run_slurm(todo: list[RunSpec], config: Config, worker: Worker) -> None:
             except Exception as e:  # noqa: BLE001 (reported below with the run's identity)
                 outcomes += [(sp, e) for sp in group]
                 log.error("job %s failed: %s", job.job_id, str(e).strip().splitlines()[-1:] or e)
+            for sp, err in outcomes[-len(group):]:
+                progress.finished(sp.hash, sp.label, err)
     _report(outcomes)
 
 
-RUNNERS: dict[str, Callable[[list[RunSpec], dict, dict, Worker], None]] = {
+RUNNERS: dict[str, Callable[[list[RunSpec], Config, Worker, StageProgress], None]] = {
     "local": run_local, "ray": run_ray, "slurm": run_slurm}
 
 
@@ -403,14 +438,26 @@ def _describe(spec: RunSpec) -> str:
     return f"{spec.hash} ({spec.label})"
 
 
-def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".") -> None:
+def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".",
+             estimates: dict[str, float | None] | None = None) -> None:
     """Train every run of `todo` with the backend params.yaml names, a run after the runs it requires
     (one call of the backend per wave, so every backend respects the order); raises if any run failed.
     A failed wave stops the stage: the later waves are not started and the error names the runs
-    that required a run that did not finish (re-running the stage trains the rest)."""
-    cfg = config.executor
+    that required a run that did not finish (re-running the stage trains the rest).
+    estimates: the cost model's seconds per run hash, for the stage's ETA (l2l.progress)."""
     if not todo:
         return
+    parallel = len(local_slots(config.executor["runs_per_gpu"])) if config.executor["backend"] == "local" else 1
+    progress = StageProgress([s.hash for s in todo], estimates, parallel=parallel)
+    try:
+        with bars_around_logging(progress.bars):
+            _run_waves(todo, config, root, progress)
+    finally:
+        progress.close()
+
+
+def _run_waves(todo: list[RunSpec], config: Config, root: str | Path, progress: StageProgress) -> None:
+    cfg = config.executor
     worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads(),
                     checkpoint_every=cfg["checkpoint_every"])
     by_hash = {s.hash: s for s in todo}
@@ -428,7 +475,7 @@ def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".") -> Non
             raise RunsFailed(f"{len(unfinished)} runs require unfinished runs; first: {_describe(s)} requires "
                                f"{_describe(by_hash[h]) if h in by_hash else h}, which has no result.json")
         try:
-            RUNNERS[cfg["backend"]](wave, config, worker)
+            RUNNERS[cfg["backend"]](wave, config, worker, progress)
         except Exception as e:
             later = [s for w in stages[i + 1:] for s in w]
             if not later:

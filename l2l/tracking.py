@@ -9,7 +9,9 @@ writer, :func:`single_writer`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,26 +41,48 @@ def client():
     # Imported lazily: mlflow takes seconds to import and most of the library never needs it.
     import mlflow
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # mlflow sets its logger to INFO on import (after setup_logging), with its own console handler
+    # that writes past the progress bars: its per-run notes (system metrics monitor started...) are noise
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return mlflow.MlflowClient(tracking_uri=tracking_uri())
 
 
-def git_commit() -> str:
+# Files `dvc exp run` rewrites itself (-S writes params.yaml, every run dvc.lock): a change there is
+# the run's parameters, which its params digest (the run hash) records, not a change of the code.
+DVC_WRITES = ("params.yaml", "dvc.lock")
+# MLflow 3's experiment kind ("machine learning", not "GenAI apps & agents"): the tag its UI sets when
+# a user picks the kind; 3.17 opens experiments by its global workflow toggle instead (README: MLflow).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def git_state() -> tuple[str, list[str]]:
+    """(HEAD's commit, tracked files modified beyond what DVC writes); ("unknown", []) outside git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return "unknown", []
+    return commit, [p for p in (line[3:] for line in status) if p.split(" -> ")[-1] not in DVC_WRITES]
+
+
+def git_commit() -> str:
+    """HEAD's commit, "-dirty" when code differs from it (params.yaml and dvc.lock, which `dvc exp run`
+    rewrites, do not count: a run's params digest records them)."""
+    commit, modified = git_state()
+    return commit + ("-dirty" if modified else "")
 
 
 def experiment_id(c, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:  # a store made before the kind was set
+            c.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     # Artifacts beside the store (not in the cwd-relative default), so the UI finds them.
-    return c.create_experiment(name, artifact_location=(Path.cwd() / "mlartifacts" / name).resolve().as_uri())
+    return c.create_experiment(name, artifact_location=(Path.cwd() / "mlartifacts" / name).resolve().as_uri(),
+                               tags=EXPERIMENT_KIND)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -76,8 +101,65 @@ def find_run(c, exp_id: str, run_hash: str):
     return runs[0] if runs else None
 
 
+def system_metrics_enabled() -> bool:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py): on unless
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false (MLflow's own switch, default off in MLflow)."""
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0")
+
+
+def split_digest(manifest: dict, split: str) -> str:
+    """A prepared split's digest: sha256 of its arrays' sha256s (x then y), as the manifest's
+    fingerprint is of every split's; 36 hex digits (MLflow's limit for a dataset digest)."""
+    s = manifest["splits"][split]
+    return hashlib.sha256((s["sha256_x"] + s["sha256_y"]).encode()).hexdigest()[:36]
+
+
+def dataset_inputs(arrays: dict, manifest: dict, source: Path, splits: dict[str, str]):
+    """MLflow dataset inputs for `splits` ({split: context}) of a prepared dataset: name
+    <dataset>-<split>, digest :func:`split_digest`, source the prepared folder, schema and profile
+    (shapes) from the arrays."""
+    from mlflow.data import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # MLflow registers its local source twice ("" and "file") and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        where = resolve_dataset_source(Path(source).resolve().as_uri())
+    out = []
+    for split, context in splits.items():
+        x, y = arrays[split]
+        ds = from_numpy(x, targets=y, source=where, name=f"{manifest['dataset']}-{split}",
+                        digest=split_digest(manifest, split))
+        out.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return out
+
+
+def log_once(c, run_id: str, metrics: dict[str, Any]) -> None:
+    """Summary metrics (one value per run: test accuracy, a claim's interval) with never two values at
+    one step: a key the run holds with the same value is not logged again; a changed value (a claim
+    re-checked with more seeds) goes to the step after the key's last one."""
+    from mlflow.entities import Metric
+
+    have = c.get_run(run_id).data.metrics
+    now, out = int(time.time() * 1000), []
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        v, old = float(v), have.get(k)
+        if old is not None and (old == v or (math.isnan(old) and math.isnan(v))):
+            continue
+        step = 0 if old is None else 1 + max(m.step for m in c.get_metric_history(run_id, k))
+        out.append(Metric(k, v, now, step))
+    if out:
+        c.log_batch(run_id, metrics=out)
+
+
 class RunTracker:
-    """Logs one training run; created (or found again) by the run's hash."""
+    """Logs one training run; created (or found again) by the run's hash. Its system metrics are
+    sampled while it trains (MLflow's monitor, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s,
+    default 10, and once at the end, so a short run has them too)."""
 
     def __init__(self, spec, profile: str, run_dir: Path, device: dict[str, str]):
         from mlflow.entities import Param, RunTag
@@ -91,12 +173,18 @@ class RunTracker:
             self.logged = {m.step for m in self.c.get_metric_history(self.run_id, STEP_WITNESS)}
             self.c.update_run(self.run_id, status="RUNNING")
             log.info("%s: continuing MLflow run %s (%d epochs logged)", spec.hash, self.run_id, len(self.logged))
+            self.monitor = self._start_monitor(resume=True)
             return
+        commit, modified = git_state()
         tags = {HASH_TAG: spec.hash, "l2l.profile": profile, "l2l.experiment": spec.experiment,
                 "l2l.method": spec.method, "l2l.model": spec.model, "l2l.dataset": spec.dataset,
                 "l2l.seed": str(spec.seed), "l2l.run_dir": str(run_dir), "l2l.device": device["device"],
                 "l2l.device_name": device["device_name"], "l2l.torch": device["torch"], "l2l.cuda": device["cuda"],
-                "mlflow.source.git.commit": git_commit(),
+                # the commit, and the code files changed from it (not params.yaml: the params digest says
+                # those), rather than a "-dirty" that every `dvc exp run` would set
+                "mlflow.source.git.commit": commit, "l2l.git.modified": ",".join(modified)[:5000] or "none",
+                "mlflow.source.name": "stages/train.py", "mlflow.source.type": "LOCAL",
+                "l2l.params_digest": spec.hash,  # the run hash: sha256 of its resolved spec (RunSpec.hash)
                 "l2l.metric": task_of(spec.data).metric}  # what the *_acc metrics hold (accuracy or mAP)
         for k, v in spec.options.items():  # method readings (e.g. the L2L reading, split point) as tags too
             tags[f"l2l.option.{k}"] = str(v)
@@ -108,7 +196,32 @@ class RunTracker:
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.c.log_batch(self.run_id, params=items[i:i + 100])
-        self.c.log_batch(self.run_id, tags=[RunTag("l2l.params_hash", spec.hash)])
+        self.monitor = self._start_monitor(resume=False)
+
+    def _start_monitor(self, resume: bool):
+        if not system_metrics_enabled():
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=tracking_uri())
+        monitor.start()
+        return monitor
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is None:
+            return
+        self.monitor.finish()
+        self.monitor.collect_metrics()  # the end state, so a run shorter than the interval has a sample too
+        self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+        self.monitor.mlflow_logger.flush()
+        self.monitor = None
+
+    def log_datasets(self, inputs: list) -> None:
+        """Dataset inputs (:func:`dataset_inputs`) the run does not have yet."""
+        have = {(d.dataset.name, d.dataset.digest) for d in self.c.get_run(self.run_id).inputs.dataset_inputs}
+        new = [d for d in inputs if (d.dataset.name, d.dataset.digest) not in have]
+        if new:
+            self.c.log_inputs(self.run_id, datasets=new)
 
     def backfill(self, history: list[dict]) -> None:
         """Log the epochs of `history` that the store does not have yet (after a resume)."""
@@ -130,6 +243,9 @@ class RunTracker:
         self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
                                                if v is not None])
 
+    def log_summary(self, metrics: dict[str, Any]) -> None:
+        log_once(self.c, self.run_id, metrics)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -141,6 +257,7 @@ class RunTracker:
             self.c.log_artifact(self.run_id, str(p))
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        self._stop_monitor()
         if error:
             self.c.set_tag(self.run_id, ERROR_TAG, error[:5000])
         elif ERROR_TAG in self.c.get_run(self.run_id).data.tags:
@@ -175,53 +292,88 @@ def mark_abandoned(profile: str, trained_now: Callable[[str], bool]) -> list[str
     return out
 
 
-def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[str, str] | None = None) -> None:
-    """Add metrics (e.g. test accuracy from the evaluate stage) to a finished run."""
-    from mlflow.entities import Metric, RunTag
+def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[str, str] | None = None,
+               datasets: list | None = None) -> None:
+    """Add metrics (e.g. test accuracy from the evaluate stage; each once, :func:`log_once`), tags
+    and dataset inputs (:func:`dataset_inputs`) to a finished run."""
+    from mlflow.entities import RunTag
 
     c = client()
     run = find_run(c, experiment_id(c, f"l2l-{profile}"), run_hash)
     if run is None:
         log.warning("%s: no MLflow run found to add evaluation metrics to", run_hash)
         return
-    now = int(time.time() * 1000)
-    c.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
-                tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+    log_once(c, run.info.run_id, metrics)
+    if tags:
+        c.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    have = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    new = [d for d in datasets or () if (d.dataset.name, d.dataset.digest) not in have]
+    if new:
+        c.log_inputs(run.info.run_id, datasets=new)
+
+
+CLAIM_METRICS = ("diff", "ci_low", "ci_high", "p_value", "mean_a", "mean_b", "n_a", "n_b", "effect_size",
+                 "seeds_needed", "mcnemar_p")
+SUMMARY_RUN = "claims summary"
+
+
+def _claim_run(c, exp_id: str, key: str, value: str, name: str, kind: str) -> str:
+    found = c.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    return c.create_run(exp_id, run_name=name, tags={key: value, "l2l.kind": kind}).info.run_id
 
 
 def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
-    """One MLflow run per claim (experiment l2l-<profile>-claims) holding its statistics and verdict; the training runs behind it
-    are tagged ``l2l.claim.<id> = <arm>`` so the UI answers "which runs produced this verdict".
-    Returns claim id -> MLflow run id."""
-    from mlflow.entities import Metric, RunTag
+    """Experiment l2l-<profile>-claims: one MLflow run per checked claim (its statistics and verdict;
+    the training runs behind it are tagged ``l2l.claim.<id> = <arm>``, so the UI answers "which runs
+    produced this verdict"), and one run "claims summary" holding the count per verdict and, in its
+    note, every claim not run, one line per reason; a claim not run gets no run of its own (a run it
+    had from an earlier check is tagged "not run"). Every run is tagged l2l.kind (claim | claims_summary).
+    Returns claim id -> MLflow run id (checked claims only)."""
+    from mlflow.entities import RunTag
 
     c = client()
     train_exp = experiment_id(c, f"l2l-{profile}")
     by_hash = {r.data.tags.get(HASH_TAG): r.info.run_id for r in c.search_runs([train_exp], max_results=50000)}
     exp_id = experiment_id(c, f"l2l-{profile}-claims")  # beside the training runs, not among them
-    out = {}
-    now = int(time.time() * 1000)
+    out, not_run = {}, {}
     for rec in records:
-        found = c.search_runs([exp_id], filter_string=f"tags.`l2l.claim_id` = '{rec['id']}'", max_results=1)
-        run_id = found[0].info.run_id if found else c.create_run(
-            exp_id, run_name=f"claim {rec['id']}", tags={"l2l.claim_id": rec["id"], "l2l.kind": "claim"}).info.run_id
+        if rec["verdict"] == "not run":
+            not_run.setdefault(str(rec.get("reason", "")), []).append(rec["id"])
+            old = c.search_runs([exp_id], filter_string=f"tags.`l2l.claim_id` = '{rec['id']}'", max_results=1)
+            if old:
+                c.set_tag(old[0].info.run_id, "l2l.verdict", "not run")
+            continue
+        run_id = _claim_run(c, exp_id, "l2l.claim_id", rec["id"], f"claim {rec['id']}", "claim")
         comp = rec.get("comparison") or {}
-        metrics = {k: comp.get(k) for k in ("diff", "ci_low", "ci_high", "p_value", "mean_a", "mean_b", "n_a", "n_b",
-                                             "effect_size", "seeds_needed", "mcnemar_p")}
-        metrics["p_holm"] = rec.get("p_holm")
+        log_once(c, run_id, {**{k: comp.get(k) for k in CLAIM_METRICS}, "p_holm": rec.get("p_holm")})
         hashes = {f"{arm}:{seed}": h for arm, a in rec["arms"].items() for seed, h in a["runs"].items()}
         tags = {"l2l.paper": rec["paper"], "l2l.claim": rec["claim"][:5000], "l2l.verdict": rec["verdict"],
-                "l2l.reason": str(rec.get("reason", ""))[:5000], "l2l.profile": profile,
+                "l2l.reason": str(rec.get("reason", ""))[:5000], "l2l.profile": profile, "l2l.kind": "claim",
                 "l2l.runs": ",".join(sorted(set(hashes.values()))) or "none",
                 "mlflow.note.content": f"{rec['claim']}\n\nVerdict: {rec['verdict']} ({rec.get('reason', '')})"}
-        c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
-                    tags=[RunTag(k, v) for k, v in tags.items()])
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         c.set_terminated(run_id, "FINISHED")
         for key, h in hashes.items():
             if h in by_hash:
                 c.set_tag(by_hash[h], f"l2l.claim.{rec['id']}", key.split(":")[0])
         out[rec["id"]] = run_id
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts[rec["verdict"]] = counts.get(rec["verdict"], 0) + 1
+    summary = _claim_run(c, exp_id, "l2l.kind", "claims_summary", SUMMARY_RUN, "claims_summary")
+    log_once(c, summary, {"claims": len(records), **{f"claims_{_metric_key(v)}": n for v, n in counts.items()}})
+    lines = [f"{len(records)} claims: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))]
+    lines += [f"- not run ({len(ids)}): {reason}: {', '.join(ids)}" for reason, ids in sorted(not_run.items())]
+    c.log_batch(summary, tags=[RunTag("l2l.profile", profile), RunTag("mlflow.note.content", "\n".join(lines)[:5000])])
+    c.set_terminated(summary, "FINISHED")
     return out
+
+
+def _metric_key(verdict: str) -> str:
+    """A verdict as a metric key: "inconclusive (smoke scale)" -> "inconclusive_smoke_scale"."""
+    return "_".join("".join(ch if ch.isalnum() else " " for ch in verdict).split())
 
 
 def log_figure(run_id: str, fig, name: str) -> None:

@@ -1,5 +1,6 @@
 """DVC stage `claims`: check every claim of claims.yaml against results/ (l2l.stats), write
-results/claims.json (+ per-claim estimate, interval and verdict for `dvc metrics show/diff`) and one MLflow run per claim."""
+results/claims.json (+ per-claim estimate, interval and verdict for `dvc metrics show/diff`) and, in MLflow,
+one run per checked claim and one summary run (l2l.tracking.log_claims)."""
 import pandas as pd
 
 from l2l import stage
@@ -36,7 +37,7 @@ def run() -> None:
     mlflow_ids = log_claims(profile, records)
     for rec in records:  # per-stage claims carry their architecture's per-stage figure
         fig = record_stage_figure(rec, phases)
-        if fig is not None:
+        if fig is not None and rec["id"] in mlflow_ids:  # a claim not run has no MLflow run (the summary lists it)
             log_figure(mlflow_ids[rec["id"]], fig, f"stages_{rec['id']}.png")
     for rec in records:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])

@@ -17,7 +17,7 @@ from l2l.engine import RunContext, load_checkpoint, pick_device
 from l2l.io import write_atomic, write_record
 from l2l.methods import METHODS
 from l2l.results import read_eval, read_result
-from l2l.tracking import log_to_run
+from l2l.tracking import dataset_inputs, log_to_run
 
 
 def run() -> None:
@@ -46,7 +46,9 @@ def run() -> None:
                 preds[f"{which}_{split}"] = ev["pred"]  # class ids, or per-class scores (multi-label)
         files = {"predictions.npz": write_atomic(out / "predictions.npz", lambda f: np.savez_compressed(f, **preds))}
         write_record(out / "eval.json", metrics, files)
-        log_to_run(spec.hash, config.profile.name, {k: v for k, v in metrics.items() if k != "final_sha256"})
+        log_to_run(spec.hash, config.profile.name, {k: v for k, v in metrics.items() if k != "final_sha256"},
+                   datasets=dataset_inputs(*cache.prepared(spec.dataset), config.data.prepared_dir(spec.dataset),
+                                           {"test": "evaluation"}))
         stage.log.info("%s: test acc final %.2f best-val %.2f", spec.hash, metrics["final_test_acc"],
                        metrics["best_test_acc"])
 

@@ -7,10 +7,12 @@ its last resume state. A run is trained under its folder's lock: a second train 
 that holds it. Where the runs execute (this process, worker processes per GPU, Ray, Slurm) is
 params.yaml's `executor` (l2l/executor.py). SIGTERM or Ctrl-C ends the stage and its workers,
 their runs marked KILLED in MLflow; runs a killed stage left RUNNING are marked FAILED here.
+Progress (l2l/progress.py): a bar for the stage (runs done, ETA from the cost model) and one per run.
 """
 from l2l import stage
 from l2l.claims import CLAIMS_FILE, load_claims
 from l2l.config import prepared_plan
+from l2l.cost import load_throughput, run_costs
 from l2l.engine import device_info, pick_device
 from l2l.executor import run_plan, stop_on_signals
 from l2l.io import is_locked
@@ -37,7 +39,11 @@ def run() -> None:
                           abandoned[0])
     stage.log.info("plan: %d runs, %d finished, %d to train on %s", len(specs), len(specs) - len(todo), len(todo),
                    where)
-    run_plan(todo, config)
+    estimates = {}
+    if todo:  # the stage's ETA: the cost model's per-run estimates (l2l plan's), scaled as runs finish
+        costs, _ = run_costs(config, load_throughput())
+        estimates = {c.spec.hash: None if c.hours is None else c.hours * 3600 for c in costs}
+    run_plan(todo, config, estimates=estimates)
 
 
 if __name__ == "__main__":

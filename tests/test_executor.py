@@ -146,14 +146,16 @@ def _fake_backend(monkeypatch, fail=()):
 
     calls = []
 
-    def runner(wave, config, worker):
+    def runner(wave, config, worker, progress):
         calls.append([s.hash for s in wave])
         for s in wave:
+            progress.started(s.hash, s.label)
             if s.hash in fail:
                 raise RuntimeError(f"run {s.hash} failed")
             run_dir = executor.Path(worker.root) / "runs" / s.hash
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "result.json").write_text("{}")
+            progress.finished(s.hash, s.label)
 
     monkeypatch.setitem(executor.RUNNERS, "local", runner)
     return calls
