@@ -40,10 +40,12 @@ def estimate(rec: dict) -> tuple[float, float, float]:
     """The forest plot's quantity with its 95% interval: arm a - arm b (the last minus the first arm of an
     ordering), or for a reported value ours - the paper's number; 0 = no difference / the paper's value."""
     c = rec["comparison"]
+    # no interval (one seed, or no spread to estimate): NaN bounds, which nothing draws or prints
+    lo, hi = (math.nan if c[k] is None else c[k] for k in ("ci_low", "ci_high"))
     if rec["kind"] == "reported_value":
         r = _paper_value(rec)
-        return c["mean_a"] - r, c["ci_low"] - r, c["ci_high"] - r
-    return c["diff"], c["ci_low"], c["ci_high"]
+        return c["mean_a"] - r, lo - r, hi - r
+    return c["diff"], lo, hi
 
 
 def _estimate_range(rec: dict) -> tuple[float, float]:
@@ -74,7 +76,7 @@ def ours(rec: dict) -> str:
         return "not run"
     n = _seeds(rec)
     if rec["kind"] == "reported_value":
-        d = decimals((c["ci_high"] - c["ci_low"]) / 2)
+        d = decimals((c["ci_high"] - c["ci_low"]) / 2 if c["ci_low"] is not None else None)
         return (f"{format_interval(c['mean_a'], c['ci_low'], c['ci_high'], n)}; "
                 f"{rounded(c['mean_a'] - _paper_value(rec), d, signed=True)} from the paper")
     est, lo, hi = estimate(rec)

@@ -118,7 +118,9 @@ def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> d
                                    progress=RunProgress(spec.label, bars=worker.progress_bars and bars_enabled()))
                 # Per run once; val/test accuracy of final.pt and best.pt come from the evaluate stage
                 # (logging them here too gave those keys two values at one step).
-                tracker.log_summary({"train_seconds": result["train_seconds"], "best_epoch": result["best"]["epoch"]})
+                # No best epoch without a validation split (split.val_size 0): nothing was selected.
+                tracker.log_summary({"train_seconds": result["train_seconds"],
+                                     **({"best_epoch": result["best"]["epoch"]} if "epoch" in result["best"] else {})})
                 tracker.set_tags(result["tags"])
                 tracker.log_artifacts(run_dir / "history.csv")
                 log_model(tracker.c, tracker.run_id, tracker.exp_id, spec, run_dir / "final.pt", num_classes,

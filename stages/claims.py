@@ -1,6 +1,8 @@
 """DVC stage `claims`: check every claim of claims.yaml against results/ (l2l.stats), write
 results/claims.json (+ per-claim estimate, interval and verdict for `dvc metrics show/diff`) and, in MLflow,
 one run per checked claim and one summary run (l2l.tracking.log_claims)."""
+import math
+
 import pandas as pd
 
 from l2l import stage
@@ -21,8 +23,8 @@ def claims_metrics(records: list[dict]) -> dict:
     for r in records:
         if r.get("comparison") is not None:
             est, lo, hi = estimate(r)
-            out[r["id"]] = {"estimate": round(est, 2), "ci_low": round(lo, 2), "ci_high": round(hi, 2),
-                            "verdict": r["verdict"]}
+            out[r["id"]] = {"estimate": round(est, 2), "verdict": r["verdict"],  # no NaN in JSON: no interval, no key
+                            **({"ci_low": round(lo, 2), "ci_high": round(hi, 2)} if math.isfinite(lo + hi) else {})}
     return out
 
 
