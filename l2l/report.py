@@ -219,6 +219,10 @@ def _source_paths(source: dict) -> str:
     return source.get("path") or ", ".join(a["path"] for a in source.get("archives", []))
 
 
+def images(n) -> str:
+    return "?" if n is None or pd.isna(n) else f"{int(n):,}"
+
+
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     def interval(metric: str) -> list[str]:
         cols = [f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high", "n"]
@@ -228,6 +232,10 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
         "experiment": summary["experiment"], "method": summary["method"], "model": summary["model"],
         "dataset": summary["dataset"], "n": summary["n"],
         "metric": summary["metric"] if "metric" in summary else TOP1,
+        # which images each group saw: split.val_size 0 joins the validation images to training
+        "train / val images": [f"{images(t)} / {images(v)}" for t, v in
+                               zip(summary.get("train_images", [math.nan] * len(summary)),
+                                   summary.get("val_images", [math.nan] * len(summary)))],
         "test, last epoch [95% CI]": interval("final_test_acc"),
         "test, best-val epoch [95% CI]": interval("best_test_acc"),
         "val, last epoch [95% CI]": interval("final_val_acc"),
