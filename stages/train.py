@@ -9,18 +9,18 @@ params.yaml's `executor` (l2l/executor.py). SIGTERM or Ctrl-C ends the stage and
 their runs marked KILLED in MLflow; runs a killed stage left RUNNING are marked FAILED here.
 """
 from l2l import stage
-from l2l.claims import CLAIMS_FILE, load_claims
 from l2l.config import prepared_plan
 from l2l.engine import device_info, pick_device
 from l2l.executor import run_plan, stop_on_signals
 from l2l.io import is_locked
+from l2l.selection import load_selection
 from l2l.tracking import mark_abandoned
 
 
 def run() -> None:
-    config, specs, _ = prepared_plan()
-    if CLAIMS_FILE.exists():  # a claim naming no run of params.yaml fails now, not after all training
-        load_claims(config)
+    # claims checked now (a claim naming no run of params.yaml fails before any training); the plan
+    # narrowed to run.yaml's papers
+    config, specs, _ = prepared_plan(load_selection()[0])
     backend = config.executor["backend"]
     profile = config.profile.name
     todo = [s for s in specs if not (stage.RUNS / s.hash / "result.json").exists()]

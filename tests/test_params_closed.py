@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from l2l.checks import ConfigError
-from tests.conftest import REPO, config_of, plan_of, smoke_params, write_npz
+from tests.conftest import REPO, config_of, plan_of, shipped_params, smoke_params, write_npz
 
 P = "profiles.paper"
 
 
 @pytest.fixture
 def params():
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return shipped_params()
 
 
 def _set(params: dict, path: tuple, value) -> None:

@@ -60,7 +60,8 @@ def test_per_claim_rows(workspace, capsys):
     out = _plan(capsys)
     claims = out[out.index("## Per claim"):]
     assert "| PX-C1 | conventional/cnn | cifar10 | 2 | 0 | 2 |" in claims
-    assert "| PX-C2 | conventional/cnn | cifar100 | 0 | 0 | 0 | not in profile smoke |" in claims
+    assert "| PX-C2 | conventional/cnn | cifar100 | 0 | 0 | 0 | not run: conventional/cnn not in profile smoke |" \
+        in claims
     # power: PX-C1 alone in its family in smoke (PX-C2 not trained), 2 seeds, planning sd 0.6, TOST +-1.0
     from l2l.stats import seeds_for_power, tost_power
 
@@ -79,9 +80,9 @@ def test_unknown_device_one_line_error(workspace, capsys):
 
 
 def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
-    n = len(plan(load_config(profile="paper")))
-    main(["plan", "--profile", "paper"])
+    monkeypatch.chdir(REPO)  # the shipped params.yaml; run.yaml's profile and papers overridden
+    n = len(plan(load_config(profile="paper", run=None)))
+    main(["plan", "--profile", "paper", "--papers", "all"])
     out = capsys.readouterr().out
     assert f"{n} runs," in out and "remaining hours" in out
     tp = load_throughput()
