@@ -11,10 +11,11 @@ from pathlib import Path
 from l2l.checks import ConfigError
 from l2l.claims import Claim, power_table
 from l2l.config import Config
-from l2l.cost import THROUGHPUT_FILE, RunCost, load_throughput, run_costs
+from l2l.cost import THROUGHPUT_FILE, RunCost, load_throughput, measured_against, pick_timing, run_costs
 from l2l.io import read_json
 from l2l.selection import load_selection
 from l2l.stats import MAX_SEEDS
+from l2l.timing import TIMING_FILE
 
 CLAIMS_RESULT = Path("results/claims.json")
 
@@ -36,15 +37,24 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def plan_report(config: Config, claims: list[Claim], throughput_path: Path, device: str | None, list_runs: bool,
-                claims_path: Path) -> str:
+                claims_path: Path, timing_path: Path = TIMING_FILE) -> str:
     profile = config.profile.name
     throughput = load_throughput(throughput_path, device)
-    costs, notes = run_costs(config, throughput)
+    timing = pick_timing(device, timing_path)
+    costs, notes = run_costs(config, throughput, timing=timing)
     done = sum(c.done for c in costs)
     papers = "" if config.papers is None else ", papers " + ", ".join(config.papers)
     out = [f"# l2l plan: profile {profile}{papers}", "",
            f"{len(costs)} runs, {done} done, {len(costs) - done} remaining."]
-    if throughput is None:
+    if timing is not None:
+        train_s = sum(timing.seconds(*c.features) for c in costs if not c.done)
+        out.append(f"Estimate calibrated per run on {timing.label} ({timing_path}): the train stage's remaining "
+                   f"runs {train_s:,.0f} s, plus the evaluate stage's passes in the hours below; one run at a time.")
+        m = measured_against(costs, timing)
+        out.append("No finished run in runs/ measured on that device to compare with." if m is None else
+                   f"Against the {m[0]} finished runs in runs/ measured on it: predicted {m[1]:,.0f} s, measured "
+                   f"{m[2]:,.0f} s (x{m[1] / m[2]:.2f}).")
+    elif throughput is None:
         out.append(f"No throughput measurement ({throughput_path} missing): no estimate. "
                    "Run benchmarks/gpu_check.py (or benchmarks/throughput.py --json) on the training device.")
     else:
@@ -125,12 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", help="use the throughput measured on this device (part of its name, e.g. H100); "
                                     "default: a GPU's if any")
     p.add_argument("--throughput", type=Path, default=THROUGHPUT_FILE)
+    p.add_argument("--timing", type=Path, default=TIMING_FILE,
+                   help="per-run calibrations (benchmarks/run_timing.py); the device's is used where there is one")
     p.add_argument("--claims", type=Path, default=Path("claims.yaml"))
     p.add_argument("--runs", action="store_true", help="list every run with its status")
     args = parser.parse_args(argv)
     try:
         config, claims = load_selection(claims_path=args.claims, profile=args.profile, papers=args.papers)
-        print(plan_report(config, claims, args.throughput, args.device, args.runs, args.claims))
+        print(plan_report(config, claims, args.throughput, args.device, args.runs, args.claims, args.timing))
     except ConfigError as e:
         print(f"l2l: error: {e}", file=sys.stderr)
         sys.exit(2)
