@@ -142,3 +142,25 @@ def test_calibrated_estimate_and_its_error_against_measured_runs(workspace, caps
     out = _plan(capsys, "--timing", "timing.json", "--device", "Test")
     assert (f"Against the 1 finished runs in runs/ measured on it: predicted {train_s:,.0f} s, measured "
             f"{2 * train_s:,.0f} s (x0.50).") in out
+
+
+def test_run_timing_benchmark_fits_the_measured_runs(workspace, capsys):
+    """benchmarks/run_timing.py: held-out error (even seeds fit, odd predicted) and the fit written per device."""
+    import importlib.util
+
+    from l2l.cost import run_costs
+    from l2l.timing import load_timing
+
+    spec = importlib.util.spec_from_file_location("run_timing", REPO / "benchmarks/run_timing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    costs, _ = run_costs(load_config(), None)
+    for c in costs:  # measured: 4 s per run + 0.01 s per image
+        (workspace / "runs" / c.spec.hash).mkdir(parents=True)
+        (workspace / "runs" / c.spec.hash / "result.json").write_text(json.dumps(
+            {"run_seconds": 4 + 0.01 * c.features[1], "device_name": "Test CPU"}))
+    module.main(["--write", "timing.json"])
+    out = capsys.readouterr().out
+    assert "Test CPU: held out (fit on 2 even-seed runs, predicting 2 odd-seed runs)" in out
+    t = load_timing("Test CPU", workspace / "timing.json")
+    assert t.runs == 4 and t.seconds(*costs[0].features) == pytest.approx(4 + 0.01 * costs[0].features[1], rel=1e-3)
