@@ -157,7 +157,7 @@ def test_a_claim_naming_no_experiment_stops_the_train_stage_before_training(tmp_
                                   "b": {"experiment": "conventional", "model": "cnn"}}}]
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(claims))
     monkeypatch.chdir(tmp_path)
-    run_stage("data")
-    with pytest.raises(ConfigError, match=r"claims.yaml: PX-C1.arms.a.experiment: unknown experiment 'nope'"):
-        run_stage("train")
+    for stage in ("data", "train"):  # both read the claims (run.yaml's papers select through them)
+        with pytest.raises(ConfigError, match=r"claims.yaml: PX-C1.arms.a.experiment: unknown experiment 'nope'"):
+            run_stage(stage)
     assert not (tmp_path / "runs").exists()
