@@ -79,10 +79,11 @@ def test_unknown_device_one_line_error(workspace, capsys):
     assert err == "l2l: error: throughput.json: no measurement for device 'H100' (measured: Test CPU)"
 
 
-def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch):
+def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # the shipped params.yaml; run.yaml's profile and papers overridden
     n = len(plan(load_config(profile="paper", run=None)))
-    main(["plan", "--profile", "paper", "--papers", "all"])
+    # the throughput path (no per-run calibration, whatever machine this runs on)
+    main(["plan", "--profile", "paper", "--papers", "all", "--timing", str(tmp_path / "none.json")])
     out = capsys.readouterr().out
     assert f"{n} runs," in out and "remaining hours" in out
     tp = load_throughput()
