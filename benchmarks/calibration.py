@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replicates", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    config = load_config(REPO / "params.yaml", args.profile)
+    config = load_config(REPO / "params.yaml", args.profile, run=None)  # the shipped configuration
     rows = calibrate(config, args.replicates, args.seed, load_claims(config, REPO / "claims.yaml"))
     st = config.stats
     doc = read_json(OUT) if OUT.exists() else {}

@@ -293,7 +293,7 @@ def profile_claims(prof: Profile, claims: list[Claim]) -> list[tuple[Claim, int,
     """The claims whose arms the profile trains, each with its planned seeds per arm (the fewest
     of its arms' experiments) and the number of tests in its family in this profile."""
     seeds = {e: len(exp.seeds) for e, exp in prof.experiments.items()}
-    trained = {(e, m, d) for e, exp in prof.experiments.items() for m in exp.models for d in exp.datasets}
+    trained = prof.trains()
     mine = [c for c in claims if all((a.experiment, a.model, c.dataset) in trained for a in c.arms)]
     sizes: dict[str, int] = {}
     for c in mine:

@@ -9,11 +9,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from l2l.checks import ConfigError
-from l2l.claims import load_claims, power_table
-from l2l.config import Config, load_config
-from l2l.cost import THROUGHPUT_FILE, RunCost, load_throughput, run_costs
+from l2l.claims import Claim, power_table
+from l2l.config import Config
+from l2l.cost import THROUGHPUT_FILE, RunCost, load_throughput, measured_against, pick_timing, run_costs
 from l2l.io import read_json
+from l2l.selection import load_selection
 from l2l.stats import MAX_SEEDS
+from l2l.timing import TIMING_FILE
 
 CLAIMS_RESULT = Path("results/claims.json")
 
@@ -34,15 +36,25 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
         ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
 
 
-def plan_report(config: Config, throughput_path: Path, device: str | None, list_runs: bool,
-                claims_path: Path) -> str:
+def plan_report(config: Config, claims: list[Claim], throughput_path: Path, device: str | None, list_runs: bool,
+                claims_path: Path, timing_path: Path = TIMING_FILE) -> str:
     profile = config.profile.name
     throughput = load_throughput(throughput_path, device)
-    costs, notes = run_costs(config, throughput)
+    timing = pick_timing(device, timing_path)
+    costs, notes = run_costs(config, throughput, timing=timing)
     done = sum(c.done for c in costs)
-    out = [f"# l2l plan: profile {profile}", "",
+    papers = "" if config.papers is None else ", papers " + ", ".join(config.papers)
+    out = [f"# l2l plan: profile {profile}{papers}", "",
            f"{len(costs)} runs, {done} done, {len(costs) - done} remaining."]
-    if throughput is None:
+    if timing is not None:
+        train_s = sum(timing.seconds(*c.features) for c in costs if not c.done)
+        out.append(f"Estimate calibrated per run on {timing.label} ({timing_path}): the train stage's remaining "
+                   f"runs {train_s:,.0f} s, plus the evaluate stage's passes in the hours below; one run at a time.")
+        m = measured_against(costs, timing)
+        out.append("No finished run in runs/ measured on that device to compare with." if m is None else
+                   f"Against the {m[0]} finished runs in runs/ measured on it: predicted {m[1]:,.0f} s, measured "
+                   f"{m[2]:,.0f} s (x{m[1] / m[2]:.2f}).")
+    elif throughput is None:
         out.append(f"No throughput measurement ({throughput_path} missing): no estimate. "
                    "Run benchmarks/gpu_check.py (or benchmarks/throughput.py --json) on the training device.")
     else:
@@ -62,7 +74,7 @@ def plan_report(config: Config, throughput_path: Path, device: str | None, list_
     rows.append(["**total**", "", "", "", len(costs), done, len(costs) - done, "", "", _hours(_sum(costs)), ""])
     out += _table([*GROUP, "runs", "done", "remaining", "epochs/run", "hours/run", "remaining hours", "throughput"],
                   rows)
-    out += ["", "## Per claim", ""] + _claims(config, costs, claims_path)
+    out += ["", "## Per claim", ""] + _claims(config, claims, costs, claims_path)
     if list_runs:
         out += ["", "## Runs", ""] + _table(["run", *GROUP, "seed", "status", "hours"], [
             [c.spec.hash, *(getattr(c.spec, k) for k in GROUP), c.spec.seed, "done" if c.done else "to do",
@@ -70,20 +82,20 @@ def plan_report(config: Config, throughput_path: Path, device: str | None, list_
     return "\n".join(out)
 
 
-def _claims(config: Config, costs: list[RunCost], path: Path) -> list[str]:
+def _claims(config: Config, claims: list[Claim], costs: list[RunCost], path: Path) -> list[str]:
     profile = config.profile.name
     if not path.exists():
         return [f"No {path}."]
-    claims = load_claims(config, path)
     if not claims:
         return [f"{path} holds no claims yet."]
-    rows = []
+    rows, trained = [], config.profile.trains()
     for cl in claims:
         arms = {(a.experiment, a.model) for a in cl.arms}
         mine = [c for c in costs if c.spec.dataset == cl.dataset and (c.spec.experiment, c.spec.model) in arms]
         label = ", ".join(a.label for a in cl.arms)
-        if not mine:
-            rows.append([cl.id, label, cl.dataset, 0, 0, 0, f"not in profile {profile}"])
+        absent = [a.label for a in cl.arms if (a.experiment, a.model, cl.dataset) not in trained]
+        if absent:  # as the report says: not run, whatever its other arms' runs
+            rows.append([cl.id, label, cl.dataset, 0, 0, 0, f"not run: {', '.join(absent)} not in profile {profile}"])
             continue
         n_done = sum(c.done for c in mine)
         rows.append([cl.id, label, cl.dataset, len(mine), n_done, len(mine) - n_done, _hours(_sum(mine))])
@@ -116,15 +128,21 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="runs of a profile per experiment and per claim, done/remaining, "
                                     "estimated device-hours")
-    p.add_argument("--profile", help="a profile of params.yaml (default: params.yaml's profile)")
+    p.add_argument("--profile", help="a profile of params.yaml (default: run.yaml's profile)")
+    p.add_argument("--papers", type=lambda v: v if v == "all" else v.split(","),
+                   help="all, or paper ids of claims.yaml, comma-separated (e.g. P3 or P3,P5): only the runs their "
+                        "claims need (default: run.yaml's papers)")
     p.add_argument("--device", help="use the throughput measured on this device (part of its name, e.g. H100); "
                                     "default: a GPU's if any")
     p.add_argument("--throughput", type=Path, default=THROUGHPUT_FILE)
+    p.add_argument("--timing", type=Path, default=TIMING_FILE,
+                   help="per-run calibrations (benchmarks/run_timing.py); the device's is used where there is one")
     p.add_argument("--claims", type=Path, default=Path("claims.yaml"))
     p.add_argument("--runs", action="store_true", help="list every run with its status")
     args = parser.parse_args(argv)
     try:
-        print(plan_report(load_config(profile=args.profile), args.throughput, args.device, args.runs, args.claims))
+        config, claims = load_selection(claims_path=args.claims, profile=args.profile, papers=args.papers)
+        print(plan_report(config, claims, args.throughput, args.device, args.runs, args.claims, args.timing))
     except ConfigError as e:
         print(f"l2l: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,12 @@ unknown or misspelled key anywhere is a one-line error naming its full path. Sta
 Everything that can be known before training is checked here: values, model arguments (each
 model is built once on the meta device), method options against the run (Method.check), and
 the runs a run requires.
+
+run.yaml, beside params.yaml, is the workspace's selection: `profile`, `papers` and `data` (this
+machine's data sources over params.yaml's `data`, key by key). It is the one file `dvc exp run -S
+run.yaml:profile=smoke` rewrites (DVC re-dumps a file it sets a value in), so params.yaml, the
+shipped configuration, stays as written. A workspace without run.yaml (a test's) may set profile and
+papers in params.yaml; with one, params.yaml may not (one home, and DVC tracks run.yaml's).
 """
 from __future__ import annotations
 
@@ -28,10 +34,12 @@ from l2l.io import read_json
 from l2l.models import ARCHS, build_model, with_defaults
 from l2l.spec import RunSpec, resolve_train
 
-__all__ = ["Config", "Experiment", "Profile", "load_config", "load_params",
-           "plan", "prepared_plan", "required_hashes", "resolve_config"]
+__all__ = ["Config", "Experiment", "Profile", "load_config", "load_params", "load_workspace",
+           "plan", "prepared_plan", "required_hashes", "resolve_config", "restrict"]
 
 PARAMS_FILE = Path("params.yaml")
+RUN_FILE = Path("run.yaml")
+RUN_KEYS = ("profile", "papers", "data")  # run.yaml's keys: the workspace's selection and data sources
 
 # --- the sections resolved here (the others live beside the code that uses them) ------------
 
@@ -78,7 +86,7 @@ STATS: dict[str, Key] = {  # how claims are checked (l2l/stats.py: the verdict r
     "tolerances": Key(_per_claim, {}, "claim id -> reported-value tolerance (points), overriding claims.yaml"),
 }
 
-TOP_LEVEL = ("profile", "data", "executor", "stats", "profiles")
+TOP_LEVEL = ("profile", "papers", "data", "executor", "stats", "profiles")
 PROFILE_KEYS = ("extends", "seeds", "datasets", "split", "models", "train", "experiments")
 EXPERIMENT_KEYS = ("method", "models", "datasets", "seeds", "split", "train", "options")
 
@@ -103,6 +111,13 @@ class Profile:
     models: dict[str, dict]  # name -> resolved model config {arch, every argument}
     train: dict  # resolved
     experiments: dict[str, Experiment]
+    # the (experiment, model, dataset) combinations the plan keeps; None: all (l2l.selection narrows it)
+    only: frozenset[tuple[str, str, str]] | None = None
+
+    def trains(self) -> set[tuple[str, str, str]]:
+        """Every (experiment, model, dataset) this profile trains."""
+        return {(e, m, d) for e, exp in self.experiments.items() for m in exp.models for d in exp.datasets
+                if self.only is None or (e, m, d) in self.only}
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,7 @@ class Config:
     data: DataSettings
     executor: dict
     stats: dict
+    papers: list[str] | None = None  # the selected papers (run.yaml `papers`); None: all
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> dict:
@@ -129,8 +145,37 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict:
     return params
 
 
-def load_config(path: Path | str = PARAMS_FILE, profile: str | None = None) -> Config:
-    return resolve_config(load_params(path), profile)
+def load_workspace(path: Path | str = PARAMS_FILE, run: Path | str | None = RUN_FILE) -> dict:
+    """params.yaml with the workspace's run.yaml over it (profile, papers; data key by key)."""
+    params = load_params(path)
+    if run is None or not Path(run).exists():
+        return params
+    sel = load_params(run)
+    for k in sel:
+        if k not in RUN_KEYS:
+            raise config_error(k, "one of " + ", ".join(RUN_KEYS), problem="unknown key", source=str(run))
+    for k in ("profile", "papers"):
+        if k in params:
+            raise config_error(k, problem=f"set in {run} (the workspace's selection), not here", source=str(path))
+    profiles = params.get("profiles")
+    if isinstance(profiles, dict) and profiles and sel.get("profile") not in profiles:
+        raise config_error("profile", "one of " + ", ".join(profiles), sel.get("profile"), source=str(run))
+    papers = sel.get("papers", "all")
+    if papers != "all" and not (isinstance(papers, list) and papers and all(isinstance(x, str) for x in papers)):
+        raise config_error("papers", "all or a non-empty list of paper ids (claims.yaml papers:)", papers,
+                           source=str(run))
+    out = {**params, **{k: sel[k] for k in ("profile", "papers") if k in sel}}
+    if sel.get("data") is not None:
+        if not isinstance(sel["data"], dict):
+            raise config_error("data", "a mapping of params.yaml data keys", sel["data"], source=str(run))
+        out["data"] = deep_merge(params.get("data") or {}, sel["data"])
+    return out
+
+
+def load_config(path: Path | str = PARAMS_FILE, profile: str | None = None,
+                run: Path | str | None = RUN_FILE) -> Config:
+    """The workspace's configuration (params.yaml + run.yaml); `profile` overrides the selected one."""
+    return resolve_config(load_workspace(path, run), profile)
 
 
 def resolve_config(params: dict, profile: str | None = None) -> Config:
@@ -143,9 +188,20 @@ def resolve_config(params: dict, profile: str | None = None) -> Config:
         raise config_error("profiles", "at least one profile", profiles)
     name = profile if profile is not None else params.get("profile")
     choice(name, "profile", list(profiles))
+    papers = params.get("papers", "all")
+    if papers != "all":
+        papers = name_list(papers, "papers")  # validated against claims.yaml's papers by l2l.selection
     resolved = {p: _resolve_profile(profiles, p, data) for p in profiles}
     return Config(resolved[name], resolved, data, resolve(EXECUTOR, params.get("executor"), "executor"),
-                  resolve(STATS, params.get("stats"), "stats"))
+                  resolve(STATS, params.get("stats"), "stats"), None if papers == "all" else papers)
+
+
+def restrict(config: Config, keep: set[tuple[str, str, str]]) -> Config:
+    """The config whose active profile trains only `keep` ((experiment, model, dataset)), on the
+    datasets those need; the runs kept are the same runs (same hashes) as in the whole profile."""
+    prof = config.profile
+    datasets = [d for d in prof.datasets if any(k[2] == d for k in keep)]
+    return replace(config, profile=replace(prof, datasets=datasets, only=frozenset(keep)))
 
 
 # --- profiles ---------------------------------------------------------------------------
@@ -267,6 +323,8 @@ def _specs(prof: Profile, data: DataSettings, fingerprints: dict[str, str]) -> l
     for exp, e in prof.experiments.items():
         for model in e.models:
             for dataset in e.datasets:
+                if prof.only is not None and (exp, model, dataset) not in prof.only:
+                    continue
                 run_data = {**data.run_data(prof.split, dataset, e.split), "fingerprint": fingerprints.get(dataset)}
                 for seed in e.seeds:
                     specs.append(RunSpec(exp, e.method, model, dataset, seed, prof.models[model], e.train, e.options,

@@ -35,12 +35,13 @@ from l2l.checks import ConfigError
 from l2l.config import Config, plan
 from l2l.datasets import DATASETS, MULTI_LABEL, val_joins_train
 from l2l.device_data import DeviceData
-from l2l.engine import RunContext
+from l2l.engine import RunContext, device_info, pick_device
 from l2l.io import read_json
 from l2l.methods import METHODS
 from l2l.models import build_model, with_defaults
 from l2l.profiling import flop_counter
 from l2l.spec import RunSpec
+from l2l.timing import TIMING_FILE, Timing, load_timing
 
 THROUGHPUT_FILE = Path("benchmarks/throughput.json")
 # A forward pass is about a third of a training step's FLOPs (the backward pass costs about twice
@@ -126,8 +127,11 @@ class RunCost:
     spec: RunSpec
     done: bool
     epochs: int
-    hours: float | None  # None without a throughput measurement
+    hours: float | None  # None without a throughput measurement or calibration
     basis: str
+    features: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (epochs, images, GFLOPs) in the train stage
+    measured_s: float | None = None  # a finished run's result.json run_seconds
+    device_name: str | None = None  # where it was measured
 
 
 def _prepared(config: Config) -> tuple[dict, dict, list[str]]:
@@ -187,7 +191,9 @@ def phase_costs(spec: RunSpec) -> list[PhaseCost]:
     meta device (shapes only) over a few random CPU images; each phase's step is run on one
     meta batch under the FLOP counter at a few epochs (after the phase's epoch hook, e.g. l2l's
     split move, where the hook can run without data or other runs' checkpoints)."""
-    key = json.dumps([spec.method, spec.model_cfg, spec.train, spec.options, spec.dataset,
+    # a required run enters by its model only (its hash differs per seed; its FLOPs do not)
+    options = {k: v["model_cfg"] if k.endswith("_run") and isinstance(v, dict) else v for k, v in spec.options.items()}
+    key = json.dumps([spec.method, spec.model_cfg, spec.train, options, spec.dataset,
                       spec.data.get("image_size", 32)], sort_keys=True)
     if key in _PHASES:
         return _PHASES[key]
@@ -251,11 +257,7 @@ def planned_epochs(spec: RunSpec) -> int:
 def step_factor(spec: RunSpec, flops: dict) -> tuple[float, str]:
     """(training cost of the run's phases in conventional-step epochs / its epochs, a note): 1 for
     conventional training, ~2x for l2l, < 1 for layerwise stages, > 1 with a teacher's forward."""
-    key = json.dumps([spec.model_cfg, spec.data.get("image_size", 32), _classes(spec)], sort_keys=True)
-    if key not in flops:
-        flops[key] = train_flops_per_image(spec.model_cfg, _classes(spec), spec.train["batch_size"],
-                                           spec.data.get("image_size", 32))
-    conventional = flops[key]
+    conventional = _conventional(spec, flops)
     phases = phase_costs(spec)
     notes = sorted({p.note for p in phases if p.note} |
                    ({"a phase priced as a conventional step"} if any(p.step_flops is None for p in phases) else set()))
@@ -267,8 +269,43 @@ def _classes(spec: RunSpec) -> int:
     return DATASETS[spec.dataset].num_classes
 
 
-def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Path("runs")
-              ) -> tuple[list[RunCost], list[str]]:
+def _conventional(spec: RunSpec, flops: dict) -> float:
+    """FLOPs per image of the run's model's conventional training step."""
+    key = json.dumps([spec.model_cfg, spec.data.get("image_size", 32), _classes(spec)], sort_keys=True)
+    if key not in flops:
+        flops[key] = train_flops_per_image(spec.model_cfg, _classes(spec), spec.train["batch_size"],
+                                           spec.data.get("image_size", 32))
+    return flops[key]
+
+
+def run_features(spec: RunSpec, n: dict[str, int], flops: dict) -> tuple[float, float, float]:
+    """(epochs, images, GFLOPs) of a run in the train stage, what l2l.timing prices: every phase's
+    training images at its step's FLOPs, and each epoch's validation pass (a forward pass:
+    1/EVAL_SPEEDUP of a training image)."""
+    conventional = _conventional(spec, flops)
+    phases = phase_costs(spec)
+    epochs = sum(p.epochs for p in phases)
+    train = sum(p.epochs * (p.step_flops if p.step_flops is not None else conventional) for p in phases)
+    return (float(epochs), epochs * (n["train"] + n["val"] / EVAL_SPEEDUP),
+            (train * n["train"] + epochs * n["val"] * conventional / EVAL_SPEEDUP) / 1e9)
+
+
+def pick_timing(device: str | None = None, path: Path = TIMING_FILE) -> Timing | None:
+    """The committed calibration of `device` (a part of its name), else of the machine this runs on."""
+    if not Path(path).exists():
+        return None
+    names = list(read_json(path))
+    if device is None:
+        local = device_info(pick_device())["device_name"]
+        return load_timing(local, path) if local in names else None
+    match = [n for n in names if device.lower() in n.lower()]
+    return load_timing(match[0], path) if match else None
+
+
+def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Path("runs"),
+              timing: Timing | None = None) -> tuple[list[RunCost], list[str]]:
+    """Every run of the plan: done or not, and its device-hours: calibrated per run where `timing`
+    is given (train stage + the evaluate stage's passes), else from the throughput measurement."""
     split, manifests, notes = _prepared(config)
     specs = plan(config, {ds: m["fingerprint"] for ds, m in manifests.items()})
     flops: dict = {}
@@ -278,13 +315,30 @@ def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Pa
         if val_joins_train(s.data):  # its experiment's split.val_size 0: the validation images train too
             n = {**n, "train": n["train"] + n["val"], "val": 0}
         epochs = planned_epochs(s)
+        features = run_features(s, n, flops)
         hours, basis = None, "no throughput measurement"
-        if throughput is not None:
+        if timing is not None:
+            conventional = _conventional(s, flops) / 1e9
+            evals = 2 * (n["val"] + n["test"]) / EVAL_SPEEDUP  # two checkpoints, forward passes
+            seconds = timing.seconds(*features) + evals * (timing.image_s + timing.gflop_s * conventional)
+            hours, basis = seconds / 3600, f"calibrated per run ({timing.device_name})"
+        elif throughput is not None:
             rate, basis = throughput.rate(s.model_cfg, flops, s.data.get("image_size", 32))
             factor, note = step_factor(s, flops)
             basis += f"; step x{factor:.2f} of conventional" + (f" ({note})" if note else "")
             images = epochs * n["train"] * factor + (epochs * n["val"] + 2 * (n["val"] + n["test"])) / EVAL_SPEEDUP
             hours = images / rate / 3600
         done = s.dataset in manifests and (runs_dir / s.hash / "result.json").exists()
-        out.append(RunCost(s, done, epochs, hours, basis))
+        result = read_json(runs_dir / s.hash / "result.json") if done else {}
+        out.append(RunCost(s, done, epochs, hours, basis, features, result.get("run_seconds"),
+                           result.get("device_name")))
     return out, notes
+
+
+def measured_against(costs: list[RunCost], timing: Timing) -> tuple[int, float, float] | None:
+    """(runs, predicted s, measured s) over the finished runs measured on the calibration's device."""
+    pairs = [(timing.seconds(*c.features), c.measured_s) for c in costs
+             if c.measured_s is not None and c.device_name == timing.device_name]
+    if not pairs:
+        return None
+    return len(pairs), sum(p for p, _ in pairs), sum(m for _, m in pairs)

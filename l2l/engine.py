@@ -328,6 +328,7 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
                   progress) -> dict:
     if (run_dir / "result.json").exists():  # finished by another trainer while this one waited: not twice
         return read_record(run_dir / "result.json", check=())
+    started = time.perf_counter()
     resume = load_resume(run_dir)
     history: list[dict] = resume["history"] if resume else []
     best = resume["best"] if resume else {"phase": -1, "val_acc": -1.0 if ctx.images["val"] else float("nan")}
@@ -393,7 +394,10 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
               "images": ctx.images, "epochs": len(history), "updates": updates,
               "train_seconds": float(sum(r["epoch_seconds"] for r in history)),
               "images_per_s": float(np.median([r["images_per_s"] for r in history])),
-              "phase_metrics": phase_metrics, **ctx.speed_record()}
+              "phase_metrics": phase_metrics, **ctx.speed_record(),
+              # the run's wall time in this process (building, every epoch, validation, checkpoints, a method's
+              # own measurements): what l2l plan's calibration fits; None for a resumed run (part of it is elsewhere)
+              "run_seconds": None if resume else time.perf_counter() - started}
     result["tags"] = {**tags, "train.compile": str(ctx.compile).lower(),
                       "train.deterministic": str(ctx.deterministic).lower()}
     if ctx.compiler is not None:

@@ -6,11 +6,11 @@ import math
 import pandas as pd
 
 from l2l import stage
-from l2l.claims import check, load_claims, load_predictions
-from l2l.config import load_config
+from l2l.claims import check, load_predictions
 from l2l.io import write_json
 from l2l.layerwise_analysis import record_stage_figure
 from l2l.claims_report import estimate
+from l2l.selection import load_selection
 from l2l.stats import VERDICT_RULE
 from l2l.tracking import log_claims, log_figure
 
@@ -29,9 +29,8 @@ def claims_metrics(records: list[dict]) -> dict:
 
 
 def run() -> None:
-    config = load_config()
+    config, claims = load_selection()  # run.yaml's papers' claims only
     settings, profile = config.stats, config.profile.name
-    claims = load_claims(config)
     runs = pd.read_csv(stage.RESULTS / "runs.csv")
     phases = pd.read_csv(stage.RESULTS / "phases.csv")
     records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), profile,
@@ -43,8 +42,8 @@ def run() -> None:
             log_figure(mlflow_ids[rec["id"]], fig, f"stages_{rec['id']}.png")
     for rec in records:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])
-    write_json(stage.RESULTS / "claims.json", {"profile": profile, "settings": settings,
-                                               "verdict_rule": VERDICT_RULE, "claims": records})
+    write_json(stage.RESULTS / "claims.json", {"profile": profile, "papers": config.papers or "all",
+                                               "settings": settings, "verdict_rule": VERDICT_RULE, "claims": records})
     write_json(stage.RESULTS / "claims_metrics.json", claims_metrics(records))
     counts = pd.Series([r["verdict"] for r in records]).value_counts().to_dict()
     stage.log.info("claims: %d checked: %s", len(records), counts)

@@ -1,12 +1,12 @@
 """DVC stage `data`: fetch and verify each dataset of the profile, carve the splits, write
 data/prepared/<dataset>/ (uint8 arrays + manifest.json)."""
 from l2l import stage
-from l2l.config import load_config
 from l2l.data import prepare_dataset
+from l2l.selection import load_selection
 
 
 def run() -> None:
-    config = load_config()
+    config, _ = load_selection()  # the selected papers' datasets only
     for dataset in config.profile.datasets:
         manifest = prepare_dataset(config.data, config.profile.split, dataset)
         counts = {k: v["count"] for k, v in manifest["splits"].items()}

@@ -17,11 +17,12 @@ from l2l.engine import RunContext, load_checkpoint, pick_device
 from l2l.io import write_atomic, write_record
 from l2l.methods import METHODS
 from l2l.results import read_eval, read_result
+from l2l.selection import load_selection
 from l2l.tracking import dataset_inputs, log_to_run
 
 
 def run() -> None:
-    config, specs, _ = prepared_plan()
+    config, specs, _ = prepared_plan(load_selection()[0])
     device = pick_device()
     cache = DeviceDataCache(config.data, device)
     for spec in specs:

@@ -10,19 +10,19 @@ their runs marked KILLED in MLflow; runs a killed stage left RUNNING are marked 
 Progress (l2l/progress.py): a bar for the stage (runs done, ETA from the cost model) and one per run.
 """
 from l2l import stage
-from l2l.claims import CLAIMS_FILE, load_claims
 from l2l.config import prepared_plan
-from l2l.cost import load_throughput, run_costs
+from l2l.cost import load_throughput, pick_timing, run_costs
 from l2l.engine import device_info, pick_device
 from l2l.executor import run_plan, stop_on_signals
 from l2l.io import is_locked
+from l2l.selection import load_selection
 from l2l.tracking import mark_abandoned
 
 
 def run() -> None:
-    config, specs, _ = prepared_plan()
-    if CLAIMS_FILE.exists():  # a claim naming no run of params.yaml fails now, not after all training
-        load_claims(config)
+    # claims checked now (a claim naming no run of params.yaml fails before any training); the plan
+    # narrowed to run.yaml's papers
+    config, specs, _ = prepared_plan(load_selection()[0])
     backend = config.executor["backend"]
     profile = config.profile.name
     todo = [s for s in specs if not (stage.RUNS / s.hash / "result.json").exists()]
@@ -41,7 +41,7 @@ def run() -> None:
                    where)
     estimates = {}
     if todo:  # the stage's ETA: the cost model's per-run estimates (l2l plan's), scaled as runs finish
-        costs, _ = run_costs(config, load_throughput())
+        costs, _ = run_costs(config, load_throughput(), timing=pick_timing())  # l2l plan's estimate
         estimates = {c.spec.hash: None if c.hours is None else c.hours * 3600 for c in costs}
     run_plan(todo, config, estimates=estimates)
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from l2l.config import Config, plan, resolve_config
+from l2l.config import Config, load_params, plan, resolve_config
 from l2l.spec import RunSpec, resolve_train
 from l2l.device_data import DeviceData
 
@@ -19,6 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = resolve_train({"epochs": 2, "batch_size": 32, "eval_batch_size": 64,
                        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
                        "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}, "test.train")
+
+
+def shipped_params(profile: str = "paper") -> dict:
+    """The shipped configuration: the repository's params.yaml with `profile` given here. Tests
+    never read the workspace's run.yaml (what `dvc exp run -S run.yaml:...` rewrites), so they pass
+    whatever profile, papers or data sources a user's experiment left selected."""
+    return {**load_params(REPO / "params.yaml"), "profile": profile}
 
 
 def plan_of(params: dict, profile: str | None = None, fingerprints: dict | None = None) -> list[RunSpec]:
@@ -61,9 +67,8 @@ def write_npz(path: Path, n=600, num_classes=10, seed=0) -> Path:
 
 
 def smoke_params(npz: Path, seeds=(0, 1), experiments=None) -> dict:
-    """params.yaml for a pipeline that trains in seconds."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "smoke"
+    """params.yaml for a pipeline that trains in seconds (a workspace without run.yaml)."""
+    params = shipped_params("smoke")
     params["data"]["npz"] = {"cifar10": str(npz)}
     smoke = params["profiles"]["smoke"]
     smoke["seeds"] = list(seeds)

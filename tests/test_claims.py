@@ -8,12 +8,12 @@ import yaml
 
 from l2l.claims import check, claim_power, load_claims
 from l2l.checks import ConfigError
-from tests.conftest import REPO, config_of
+from tests.conftest import REPO, config_of, shipped_params
 
 
 @pytest.fixture
 def params():
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p = shipped_params()
     p["profiles"]["paper"]["experiments"] = {"base": {"method": "conventional"},
                                              "better": {"method": "conventional"}}
     p["profiles"]["smoke"].pop("experiments", None)
@@ -208,10 +208,7 @@ def test_planted_paper_tables():
     """The issue's planted-table check through the real registry (profile paper): a paper number outside
     the tolerance is never supported, a zero effect below min_effect is contradicted, +1 point at
     sd(diff) 0.3 with 5 seeds is supported in its per-paper family."""
-    from l2l.config import load_params
-    from tests.conftest import REPO
-
-    params = load_params(REPO / "params.yaml")
+    params = shipped_params()
     claims = {c.id: c for c in load_claims(config_of(params), REPO / "claims.yaml")}
     rng = np.random.default_rng(11)
     rows = []
@@ -242,8 +239,6 @@ def test_planted_paper_tables():
 def _calibration_module():
     import importlib.util
 
-    from tests.conftest import REPO
-
     spec = importlib.util.spec_from_file_location("calibration", REPO / "benchmarks/calibration.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -252,11 +247,8 @@ def _calibration_module():
 
 def test_calibration_benchmark_through_the_real_rule():
     """P5's family (2 equivalence claims, 10 seeds) at a small Monte Carlo size: the issue's bounds."""
-    from l2l.config import load_params
-    from tests.conftest import REPO
-
     cal = _calibration_module()
-    params = load_params(REPO / "params.yaml")
+    params = shipped_params()
     p5 = [c for c in load_claims(config_of(params), REPO / "claims.yaml") if c.family_key == "P5"]
     (row,) = cal.calibrate(config_of(params, "paper"), 150, seed=1, claims=p5)
     assert (row["family"], row["family_tests"], row["kind"], row["seeds"]) == ("P5", 2, "equivalence", 10)

@@ -1,16 +1,15 @@
 import copy
 
 import pytest
-import yaml
 
 from l2l.checks import ConfigError
 from l2l.config import load_params
-from tests.conftest import REPO, config_of, plan_of
+from tests.conftest import config_of, plan_of, shipped_params
 
 
 @pytest.fixture
 def params():
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return shipped_params()
 
 
 def test_repo_params_valid_for_every_profile(params):

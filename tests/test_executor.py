@@ -7,7 +7,7 @@ import yaml
 
 from l2l.checks import ConfigError, resolve
 from l2l.config import EXECUTOR
-from tests.conftest import REPO, config_of, smoke_params, write_npz
+from tests.conftest import REPO, config_of, shipped_params, smoke_params, write_npz
 from tests.test_pipeline import mlflow_runs, run_stage
 
 # Timings and the machine differ between backends; everything the runs computed must not.
@@ -89,7 +89,7 @@ def test_bad_executor_params_one_line(executor, message):
 
 
 def test_defaults_local_one_run_per_gpu():
-    cfg = config_of(yaml.safe_load((REPO / "params.yaml").read_text())).executor
+    cfg = config_of(shipped_params()).executor
     assert cfg["backend"] == "local" and cfg["runs_per_gpu"] == 1 and cfg["ray"]["address"] is None
 
 
@@ -136,7 +136,7 @@ def _teacher_and_students(seeds=(0, 1)):
 
 
 def _config():
-    return config_of(yaml.safe_load((REPO / "params.yaml").read_text()))
+    return config_of(shipped_params())
 
 
 def _fake_backend(monkeypatch, fail=()):

@@ -12,13 +12,12 @@ import torchvision
 
 from l2l.spec import resolve_train
 from l2l.checks import ConfigError
-from l2l.config import load_params
 from l2l.spec import RunSpec
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.methods import conventional, l2l
 from l2l.models import block_names, build_model
-from tests.conftest import config_of
+from tests.conftest import config_of, shipped_params
 
 TINY = {
     "cnn": {"arch": "cnn", "width": 4},
@@ -233,7 +232,7 @@ def test_claims_records_name_experiments_and_models_of_the_profiles():
 
     root = Path(__file__).resolve().parents[1]
     records = yaml.safe_load((root / "claims" / "l2l.yaml").read_text())
-    params = load_params(root / "params.yaml")
+    params = shipped_params()
     paper, smoke = config_of(params, "paper").profile, config_of(params, "smoke").profile
     assert len({r["id"] for r in records}) == len(records) == 4 * 2 * 3 * 2
     in_smoke = set()

@@ -13,10 +13,9 @@ import torch.nn as nn
 
 from l2l.spec import resolve_train
 from l2l.checks import ConfigError
-from l2l.config import load_params
 from l2l.methods import METHODS
 from l2l.spec import RunSpec
-from tests.conftest import config_of, plan_of
+from tests.conftest import config_of, plan_of, shipped_params
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, train_run
 from l2l.layerwise_analysis import (critical_stage, early_overfit, record_stage_figure, report_section, saturation,
@@ -447,7 +446,7 @@ def test_stage_figure():
 
 @pytest.mark.parametrize("profile", ["paper", "smoke"])
 def test_profiles_plan_and_build(profile):
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = shipped_params()
     specs = [s for s in plan_of(params, profile) if s.method == "layerwise" or s.options.get("probe_epochs")]
     assert {s.experiment for s in specs} >= {"layerwise", "layerwise_e2e", "compress_layerwise"}
     for s in {(s.method, s.model): s for s in specs}.values():
@@ -470,7 +469,7 @@ def test_claims_records_load_and_check(tmp_path):
     doc = {"papers": yaml.safe_load((repo / "claims.yaml").read_text())["papers"],
            "claims": yaml.safe_load((repo / "claims" / "layerwise.yaml").read_text())}
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(doc))
-    claims = {c.id: c for c in load_claims(config_of(load_params(repo / "params.yaml")), tmp_path / "claims.yaml")}
+    claims = {c.id: c for c in load_claims(config_of(shipped_params()), tmp_path / "claims.yaml")}
     assert {"P3-C1", "P3-C2", "P3-C3", "P3-C4", "P3-C5", "P2-C1-vgg16", "P2-C2-resnet20"} <= set(claims)
     assert claims["P3-C5"].margin == 1.0 and claims["P2-C1-p3cnn"].extra["threshold"] == 0.5
 

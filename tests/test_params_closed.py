@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from l2l.checks import ConfigError
-from tests.conftest import REPO, config_of, plan_of, smoke_params, write_npz
+from tests.conftest import REPO, config_of, plan_of, shipped_params, smoke_params, write_npz
 
 P = "profiles.paper"
 
 
 @pytest.fixture
 def params():
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return shipped_params()
 
 
 def _set(params: dict, path: tuple, value) -> None:
@@ -159,7 +159,7 @@ def test_a_claim_naming_no_experiment_stops_the_train_stage_before_training(tmp_
                                   "b": {"experiment": "conventional", "model": "cnn"}}}]
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(claims))
     monkeypatch.chdir(tmp_path)
-    run_stage("data")
-    with pytest.raises(ConfigError, match=r"claims.yaml: PX-C1.arms.a.experiment: unknown experiment 'nope'"):
-        run_stage("train")
+    for stage in ("data", "train"):  # both read the claims (run.yaml's papers select through them)
+        with pytest.raises(ConfigError, match=r"claims.yaml: PX-C1.arms.a.experiment: unknown experiment 'nope'"):
+            run_stage(stage)
     assert not (tmp_path / "runs").exists()

@@ -60,7 +60,8 @@ def test_per_claim_rows(workspace, capsys):
     out = _plan(capsys)
     claims = out[out.index("## Per claim"):]
     assert "| PX-C1 | conventional/cnn | cifar10 | 2 | 0 | 2 |" in claims
-    assert "| PX-C2 | conventional/cnn | cifar100 | 0 | 0 | 0 | not in profile smoke |" in claims
+    assert "| PX-C2 | conventional/cnn | cifar100 | 0 | 0 | 0 | not run: conventional/cnn not in profile smoke |" \
+        in claims
     # power: PX-C1 alone in its family in smoke (PX-C2 not trained), 2 seeds, planning sd 0.6, TOST +-1.0
     from l2l.stats import seeds_for_power, tost_power
 
@@ -78,10 +79,11 @@ def test_unknown_device_one_line_error(workspace, capsys):
     assert err == "l2l: error: throughput.json: no measurement for device 'H100' (measured: Test CPU)"
 
 
-def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
-    n = len(plan(load_config(profile="paper")))
-    main(["plan", "--profile", "paper"])
+def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)  # the shipped params.yaml; run.yaml's profile and papers overridden
+    n = len(plan(load_config(profile="paper", run=None)))
+    # the throughput path (no per-run calibration, whatever machine this runs on)
+    main(["plan", "--profile", "paper", "--papers", "all", "--timing", str(tmp_path / "none.json")])
     out = capsys.readouterr().out
     assert f"{n} runs," in out and "remaining hours" in out
     tp = load_throughput()
@@ -107,3 +109,59 @@ def test_epochs_summed_over_the_methods_phases(monkeypatch):
     monkeypatch.setitem(methods.METHODS, "three_blocks", SimpleNamespace(phases=phases))
     assert planned_epochs(make_spec(method="three_blocks")) == 2 + 3 + 4
     assert planned_epochs(make_spec()) == make_spec().train["epochs"]
+
+
+def test_timing_fit_recovers_a_known_cost_model():
+    """Runs priced 3 s + 0.5 s/epoch + 1 ms/image + 0.2 s/GFLOP are fitted back (non-negative terms)."""
+    from l2l.timing import fit_timing
+
+    feats = [(e, e * n, e * n * g) for e in (1, 2, 4) for n in (200, 2000) for g in (0.001, 0.05)]
+    secs = [3 + 0.5 * e + 1e-3 * i + 0.2 * f for e, i, f in feats]
+    t = fit_timing(feats, secs, "Test CPU", "synthetic")
+    assert (t.run_s, t.epoch_s, t.image_s, t.gflop_s) == pytest.approx((3, 0.5, 1e-3, 0.2), rel=1e-6)
+    assert t.seconds(3, 600, 1.5) == pytest.approx(3 + 1.5 + 0.6 + 0.3)
+
+
+def test_calibrated_estimate_and_its_error_against_measured_runs(workspace, capsys):
+    from l2l.cost import run_costs
+    from l2l.timing import Timing, save_timing
+
+    timing = Timing("Test CPU", 2.0, 0.5, 1e-3, 0.1, runs=30, source="test")
+    save_timing(timing, workspace / "timing.json")
+    out = _plan(capsys, "--timing", "timing.json", "--device", "Test")
+    assert "calibrated per run (Test CPU)" in out and "No finished run in runs/ measured on that device" in out
+    config = load_config()
+    costs, _ = run_costs(config, None)
+    cnn = next(c for c in costs if c.spec.model == "cnn")
+    train_s = timing.seconds(*cnn.features)  # 1 epoch, 200 train + 50 val images
+    assert cnn.features[:2] == (1.0, 200 + 50 / EVAL_SPEEDUP)
+    assert f"the train stage's remaining runs {sum(timing.seconds(*c.features) for c in costs):,.0f} s" in out
+
+    (workspace / "runs" / cnn.spec.hash).mkdir(parents=True)
+    (workspace / "runs" / cnn.spec.hash / "result.json").write_text(json.dumps(
+        {"run_seconds": 2 * train_s, "device_name": "Test CPU"}))
+    out = _plan(capsys, "--timing", "timing.json", "--device", "Test")
+    assert (f"Against the 1 finished runs in runs/ measured on it: predicted {train_s:,.0f} s, measured "
+            f"{2 * train_s:,.0f} s (x0.50).") in out
+
+
+def test_run_timing_benchmark_fits_the_measured_runs(workspace, capsys):
+    """benchmarks/run_timing.py: held-out error (even seeds fit, odd predicted) and the fit written per device."""
+    import importlib.util
+
+    from l2l.cost import run_costs
+    from l2l.timing import load_timing
+
+    spec = importlib.util.spec_from_file_location("run_timing", REPO / "benchmarks/run_timing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    costs, _ = run_costs(load_config(), None)
+    for c in costs:  # measured: 4 s per run + 0.01 s per image
+        (workspace / "runs" / c.spec.hash).mkdir(parents=True)
+        (workspace / "runs" / c.spec.hash / "result.json").write_text(json.dumps(
+            {"run_seconds": 4 + 0.01 * c.features[1], "device_name": "Test CPU"}))
+    module.main(["--write", "timing.json"])
+    out = capsys.readouterr().out
+    assert "Test CPU: held out (fit on 2 even-seed runs, predicting 2 odd-seed runs)" in out
+    t = load_timing("Test CPU", workspace / "timing.json")
+    assert t.runs == 4 and t.seconds(*costs[0].features) == pytest.approx(4 + 0.01 * costs[0].features[1], rel=1e-3)

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, make_spec, plan_of
+from conftest import make_spec, plan_of, shipped_params
 from l2l.spec import resolve_train
 from l2l.checks import ConfigError
 from l2l.device_data import DeviceData
@@ -137,7 +136,7 @@ def test_distill_run_on_multilabel_measures_map_and_costs(tmp_path):
 
 
 def _voc_params(experiments: dict) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = shipped_params()
     paper = params["profiles"]["paper"]
     paper["experiments"] = experiments
     paper["datasets"] = ["cifar10", "voc2007"]
