@@ -19,7 +19,7 @@ from l2l.device_data import DeviceData
 from l2l.engine import RunContext, train_run
 from l2l.methods import conventional, layerwise
 from l2l.spec import RunSpec
-from tests.conftest import REPO, TRAIN, config_of, plan_of, random_arrays, smoke_params, write_npz
+from tests.conftest import REPO, TRAIN, config_of, plan_of, random_arrays, shipped_params, smoke_params, write_npz
 
 CPU = torch.device("cpu")
 P3_EXPERIMENTS = ("layerwise", "layerwise_paper_text", "layerwise_e2e", "compress_layerwise", "compress_e2e")
@@ -27,7 +27,7 @@ P3_EXPERIMENTS = ("layerwise", "layerwise_paper_text", "layerwise_e2e", "compres
 
 @pytest.fixture
 def params():
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return shipped_params()
 
 
 def test_p3_experiments_train_on_every_training_image_the_others_keep_their_validation(params):
