@@ -605,7 +605,9 @@ def _verdict(c: Comparison, alpha: float, p: float | None, pc: float | None, min
             f"effect shown below what matters (min_effect {_fmt(c.min_effect)}, the contradicting test)"
         return "contradicted", f"{why}: {stat}"
     if sup:
-        return "supported", f"A > B: {stat}"
+        what = "rises (peak > start), then the gain after the peak is shown below the threshold" \
+            if c.kind == "rise_then_plateau" else "A > B"
+        return "supported", f"{what}: {stat}"
     return "inconclusive", f"{stat}{_tail(c)}"
 
 
