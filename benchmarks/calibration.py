@@ -2,14 +2,18 @@
 
 Simulates every family of a profile's claims (the claims it trains, with their planned seeds per
 arm and family sizes) through the REAL rule: the comparison functions the claims stage uses
-(l2l.claims.compare_values; l2l.stats.compare_saturation / compare_superiority for P2's kinds) and
+(l2l.claims.compare_values; l2l.stats.compare_saturation / compare_superiority for P2's kinds,
+compare_rise_then_plateau and compare_cost_equivalence for P4's and P5's) and
 l2l.claims.decide (Holm within each family, l2l.stats.verdict). Per-seed values are normal with
 the between-seed sd stats.planning_sd per run. Each replicate draws the whole family under one
 scenario, applied to every claim of it:
 
 - null: each claim false at its boundary: superiority/early_overfit/ordering steps diff 0,
   equivalence diff = margin, reported value offset = tolerance, saturation gap = min_effect with
-  the last-stage gain = threshold -> rate of "supported" (false supported);
+  the last-stage gain = threshold (rise_then_plateau alike: rise = min_effect, gain after it =
+  threshold), cost_equivalence diff = margin with its cost ratios clearly below their maxima
+  (tests/test_teacher_claims.py measures the ratio-at-its-maximum boundary) -> rate of "supported"
+  (false supported);
 - true: each claim true at the edge of what its contradicting test rejects: superiority/ordering
   steps diff = min_effect (or the effect of interest), equivalence diff = margin, reported value
   offset 0, saturation gap = min_effect with gain = threshold -> rate of "contradicted";
@@ -48,11 +52,11 @@ def _truth(claim: Claim, scenario: str) -> dict:
     """The simulated truth of a claim: diff (per step for an ordering) and, for saturation, the gain."""
     eoi = effect_of_interest(claim)
     edge = claim.min_effect if claim.min_effect is not None else eoi
-    if claim.kind == "equivalence":
+    if claim.kind in ("equivalence", "cost_equivalence"):
         return {"diff": 0.0 if scenario == "effect" else claim.margin}
     if claim.kind == "reported_value":
         return {"diff": claim.tolerance if scenario == "null" else 0.0}
-    if claim.kind == "saturation":
+    if claim.kind in ("saturation", "rise_then_plateau"):
         return {"diff": claim.min_effect, "gain": 0.0 if scenario == "effect" else claim.extra["threshold"]}
     return {"diff": 0.0 if scenario == "null" else edge if scenario == "true" else eoi}
 
@@ -71,6 +75,17 @@ def _simulate(claim: Claim, n: int, sd: float, truth: dict, alpha: float,
                                         threshold=float(claim.extra["threshold"]), min_effect=claim.min_effect,
                                         alpha=alpha)
         return comp, d
+    if claim.kind == "rise_then_plateau":  # start 0, peak d, end = peak + gain
+        start = arm(0.0, sd / math.sqrt(2))
+        peak = {s: v + d + rng.normal(0, sd) for s, v in start.items()}
+        end = {s: v + truth["gain"] + rng.normal(0, sd) for s, v in peak.items()}
+        return stats.compare_rise_then_plateau(start, peak, end, threshold=float(claim.extra["threshold"]),
+                                               min_effect=claim.min_effect, alpha=alpha), d
+    if claim.kind == "cost_equivalence":  # FLOPs ratio equal on every seed, latency ratios noisy, both at half their max
+        ratios = {"flops_ratio": dict.fromkeys(seeds, claim.extra["flops_ratio_max"] / 2),
+                  "latency_ratio_b1": arm(claim.extra["latency_ratio_max"] / 2, 0.05)}
+        maxima = {"flops_ratio": claim.extra["flops_ratio_max"], "latency_ratio_b1": claim.extra["latency_ratio_max"]}
+        return stats.compare_cost_equivalence(arm(d), arm(0.0), ratios, maxima, margin=claim.margin, alpha=alpha), d
     if claim.kind == "early_overfit":  # what layerwise_analysis.early_overfit_check compares
         return stats.compare_superiority(arm(d), arm(0.0), alpha=alpha, min_effect=claim.min_effect), d
     if claim.kind == "reported_value":

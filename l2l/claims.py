@@ -21,12 +21,19 @@ from l2l import stats
 from l2l.checks import ConfigError
 from l2l.config import Config, Profile
 from l2l.layerwise_analysis import early_overfit_check, saturation_check
+from l2l.results import mean_interval
 
 CLAIMS_FILE = Path("claims.yaml")
 TWO_ARM_KINDS = ("superiority", "equivalence")
 BUILTIN_KINDS = ("superiority", "equivalence", "ordering", "reported_value")
 REQUIRED = ("id", "paper", "claim", "kind", "metric", "dataset", "arms", "reported", "protocol")
-OPTIONAL = ("margin", "min_effect", "tolerance", "family", "role", "role_reason", "stated_in", "harness_choices")
+OPTIONAL = ("margin", "min_effect", "tolerance", "family", "role", "role_reason", "stated_in", "harness_choices",
+            "stand_in")
+# Kinds whose power is at a true difference 0 against a bound (margin or tolerance), not at an effect.
+BOUND_KINDS = ("equivalence", "reported_value", "cost_equivalence")
+# The custom kinds of this module: their arms and the positive numbers their records must give.
+KIND_ARMS = {"rise_then_plateau": {"start", "peak", "end"}, "cost_equivalence": {"a", "b"}}
+KIND_NUMBERS = {"rise_then_plateau": ("threshold",), "cost_equivalence": ("flops_ratio_max", "latency_ratio_max")}
 ROLES = ("primary", "sensitivity")
 # Where the paper states the claim (the first word of `stated_in`; the rest may say more, e.g. "table 2"):
 # the harness tests sentences it can point to, and says so where it cannot ("unconfirmed").
@@ -67,6 +74,7 @@ class Claim:
     role_reason: str = ""
     stated_in: str = "unconfirmed"  # where the paper states it (STATED_IN)
     harness_choices: dict = field(default_factory=dict)  # what the harness chose, not the paper: dataset, budget, ...
+    stand_in_for: str = ""  # the claim's own dataset when the active profile checks it on a stand-in (`stand_in`)
 
     @property
     def family_key(self) -> str:
@@ -102,6 +110,54 @@ CUSTOM_KINDS: dict[str, CustomKind] = {}
 
 # P2's per-stage claims (measures in l2l/layerwise_analysis.py, read from results/phases.csv).
 CUSTOM_KINDS.update(saturation=saturation_check, early_overfit=early_overfit_check)
+
+
+def rise_then_plateau_check(claim: Claim, ctx: Context) -> tuple[stats.Comparison, dict]:
+    """The ``rise_then_plateau`` kind (P4's strict line over generations): arms start, peak, end
+    (usually phases gen0, gen1, genG of one run); l2l.stats.compare_rise_then_plateau with the
+    record's threshold and min_effect. extra: the per-seed gain end - peak and the mean curve."""
+    vals = {a.name: arm_values(ctx.runs, claim, a, ctx.phases) for a in claim.arms}
+    comp = stats.compare_rise_then_plateau(vals["start"], vals["peak"], vals["end"],
+                                           threshold=float(claim.extra["threshold"]), min_effect=claim.min_effect,
+                                           alpha=ctx.alpha)
+    gains = {s: vals["end"][s] - vals["peak"][s] for s in sorted(set(vals["peak"]) & set(vals["end"]))}
+    mean = {n: float(np.mean(list(v.values()))) if v else None for n, v in vals.items()}
+    return comp, {"plateau_gain": gains, "mean_curve": mean}
+
+
+COST_METRICS = ("flops_ratio", "latency_ratio_b")  # A / B cost ratios in phases.csv (l2l.methods.distill)
+
+
+def cost_equivalence_check(claim: Claim, ctx: Context) -> tuple[stats.Comparison, dict]:
+    """The ``cost_equivalence`` kind (P5): arms a (student), b (teacher); accuracy TOST within the
+    margin AND the student run's measured cost ratios (phase ``cost_phase`` of arm a in phases.csv:
+    flops_ratio against flops_ratio_max, every latency_ratio_b<N> against latency_ratio_max) below
+    their maxima (l2l.stats.compare_cost_equivalence). extra: ``cost``, per ratio its per-seed
+    values, mean, 95% interval and maximum; params_ratio (descriptive)."""
+    vals = {a.name: arm_values(ctx.runs, claim, a, ctx.phases) for a in claim.arms}
+    a = claim.arm("a")
+    p = ctx.phases
+    rows = p[(p["experiment"] == a.experiment) & (p["model"] == a.model) & (p["dataset"] == claim.dataset)
+             & (p["phase"] == claim.extra.get("cost_phase", "student"))]
+    ratios: dict[str, dict[int, float]] = {}
+    for metric, g in rows.groupby("metric"):
+        if metric == "flops_ratio" or str(metric).startswith("latency_ratio_b") or metric == "params_ratio":
+            ratios[str(metric)] = {int(s): float(v) for s, v in zip(g["seed"], g["value"])}
+    params_ratio = ratios.pop("params_ratio", {})
+    maxima = {m: float(claim.extra["flops_ratio_max"] if m == "flops_ratio" else claim.extra["latency_ratio_max"])
+              for m in ratios}
+    if "flops_ratio" not in ratios or len(ratios) < 2:  # both sides of the cost must be measured
+        ratios = {}
+    comp = stats.compare_cost_equivalence(vals["a"], vals["b"], ratios, maxima, margin=float(claim.margin),
+                                          alpha=ctx.alpha)
+    cost = {}
+    for m, v in ratios.items():
+        mean, _, lo, hi = mean_interval(pd.Series(list(v.values()), dtype=float))
+        cost[m] = {"values": v, "mean": mean, "ci_low": lo, "ci_high": hi, "max": maxima[m]}
+    return comp, {"cost": cost, "params_ratio": params_ratio}
+
+
+CUSTOM_KINDS.update(rise_then_plateau=rise_then_plateau_check, cost_equivalence=cost_equivalence_check)
 
 
 def _err(cid: str, key: str, msg: str) -> ConfigError:
@@ -150,7 +206,10 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
         arms = _arms(cid, rec, experiments)
         st = config.stats
         margin = st["margins"].get(cid, rec.get("margin"))
-        if rec["kind"] == "equivalence" and (not isinstance(margin, (int, float)) or margin <= 0):
+        for key in KIND_NUMBERS.get(rec["kind"], ()):
+            if not (isinstance(rec.get(key), (int, float)) and not isinstance(rec.get(key), bool) and rec[key] > 0):
+                raise _err(cid, key, f"expected a positive number for a {rec['kind']} claim, got {rec.get(key)!r}")
+        if rec["kind"] in ("equivalence", "cost_equivalence") and (not isinstance(margin, (int, float)) or margin <= 0):
             raise _err(cid, "margin", f"expected a positive number for an equivalence claim, got {margin!r}")
         tolerance = st["tolerances"].get(cid, rec.get("tolerance"))
         if rec["kind"] == "reported_value" and (not isinstance(tolerance, (int, float)) or tolerance <= 0):
@@ -179,11 +238,18 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
                                                   for k, v in choices.items())):
             raise _err(cid, "harness_choices", f"expected a mapping of aspect -> the harness's choice (strings), "
                                                f"got {choices!r}")
+        stand_in = rec.get("stand_in", {})
+        if not (isinstance(stand_in, dict) and all(isinstance(k, str) and isinstance(v, str) and k in config.profiles
+                                                   for k, v in stand_in.items())):
+            raise _err(cid, "stand_in", "expected a mapping profile -> the dataset that profile checks the claim on, "
+                                        f"profiles {', '.join(config.profiles)}; got {stand_in!r}")
+        dataset = stand_in.get(config.profile.name, rec["dataset"])
         known = set(REQUIRED) | set(OPTIONAL)
         out.append(Claim(cid, rec["paper"], doc["papers"][rec["paper"]], rec["claim"], rec["kind"], rec["metric"],
-                         rec["dataset"], arms, reported, rec["protocol"], margin, rec.get("min_effect"),
+                         dataset, arms, reported, rec["protocol"], margin, rec.get("min_effect"),
                          {k: v for k, v in rec.items() if k not in known}, tolerance, family, role,
-                         rec.get("role_reason", ""), stated_in, choices))
+                         rec.get("role_reason", ""), stated_in, choices,
+                         rec["dataset"] if dataset != rec["dataset"] else ""))
     return out
 
 
@@ -196,7 +262,8 @@ def _arms(cid: str, rec: dict, experiments: dict[str, set]) -> list[Arm]:
     else:
         if not isinstance(raw, dict):
             raise _err(cid, "arms", "expected a mapping of arm name -> {experiment, model}")
-        need = {"a", "b"} if rec["kind"] in TWO_ARM_KINDS else {"a"} if rec["kind"] == "reported_value" else set()
+        need = {"a", "b"} if rec["kind"] in TWO_ARM_KINDS else {"a"} if rec["kind"] == "reported_value" else \
+            KIND_ARMS.get(rec["kind"], set())
         if not need <= set(raw):
             raise _err(cid, "arms", f"expected arms {', '.join(sorted(need))}")
         items = list(raw.items())
@@ -252,7 +319,7 @@ def _mcnemar(claim: Claim, runs: pd.DataFrame, preds: Any) -> float | None:
 def effect_of_interest(claim: Claim) -> float | None:
     """The effect the rule's power is computed at: the paper's reported difference, else min_effect
     (0 for equivalence and reported values: power to show agreement when there is agreement)."""
-    if claim.kind in ("equivalence", "reported_value"):
+    if claim.kind in BOUND_KINDS:
         return 0.0
     r = claim.reported
     if claim.kind == "superiority" and isinstance(r, dict) and "a" in r and "b" in r:
@@ -265,11 +332,11 @@ def effect_of_interest(claim: Claim) -> float | None:
 
 def power_bound(claim: Claim) -> float | None:
     """The bound a claim's second test is against: margin, tolerance or saturation threshold."""
-    if claim.kind == "equivalence":
+    if claim.kind in ("equivalence", "cost_equivalence"):
         return claim.margin
     if claim.kind == "reported_value":
         return claim.tolerance
-    return claim.extra.get("threshold") if claim.kind == "saturation" else None
+    return claim.extra.get("threshold") if claim.kind in ("saturation", "rise_then_plateau") else None
 
 
 def claim_power(claim: Claim, n: int, sd: float, alpha: float, m: int) -> tuple[float | None, str]:
@@ -313,7 +380,7 @@ def power_table(config: Config, claims: list[Claim], measured: dict[str, float] 
         power, how = claim_power(c, n, sd, st["alpha"], m)
         rows.append({"claim": c.id, "kind": c.kind, "family": c.family_key, "family_tests": m, "seeds": n,
                      "sd_source": "measured" if (measured or {}).get(c.id) else "planning_sd",
-                     "effect": effect_of_interest(c) if c.kind not in ("equivalence", "reported_value")
+                     "effect": effect_of_interest(c) if c.kind not in BOUND_KINDS
                      else power_bound(c), "sd": sd, "power": power, "power_how": how,
                      "seeds_for_80": seeds_needed(c, sd, st["alpha"], m, start=st["min_seeds"])})
     return rows
@@ -383,7 +450,7 @@ def check(claims: list[Claim], runs: pd.DataFrame, phases: pd.DataFrame, preds: 
                "reported": claim.reported, "reported_text": claim.reported_text, "margin": claim.margin,
                "tolerance": claim.tolerance, "min_effect": claim.min_effect, "family": claim.family_key,
                "role": claim.role, "role_reason": claim.role_reason, "stated_in": claim.stated_in,
-               "harness_choices": claim.harness_choices,
+               "harness_choices": claim.harness_choices, "stand_in_for": claim.stand_in_for,
                "arms": {a.name: {"experiment": a.experiment, "model": a.model, "phase": a.phase,
                                  "values": arm_values(runs, claim, a, phases), "runs": arm_runs(runs, claim, a)}
                         for a in claim.arms}, **claim.extra}

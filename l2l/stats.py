@@ -41,6 +41,8 @@ Ordering A1 < A2 < ...: every step a superiority test at the same adjusted level
 Equivalence |A - B| < margin: supported if the TOST p (both one-sided tests against -+margin) has Holm p < alpha; contradicted if the difference is shown outside the margin (p = twice the smaller one-sided p of diff > margin, diff < -margin), i.e. each side at alpha/2.
 Reported value (the paper's number r, tolerance tol): supported if TOST shows |mean - r| < tol (Holm p < alpha); contradicted if the two-sided one-sample t-test of mean = r has Holm p < alpha and TOST does not support; otherwise inconclusive. Not excluded is never supported.
 Saturation (P2): supported if end-to-end beats layerwise at full depth (superiority, min_effect) AND the paired one-sided test shows the layerwise last stage's gain below the threshold (p = the larger p); contradicted if either part is contradicted, a gain shown >= threshold included (p = twice the smaller p).
+Rise then plateau (P4's strict line): supported if generation `peak` beats generation `start` (superiority, min_effect) AND the paired one-sided test shows the gain from `peak` to `end` below the threshold (a plateau or a decline; p = the larger p); contradicted if either part is contradicted: no rise worth min_effect, or a gain shown >= threshold (still rising; p = twice the smaller p).
+Cost equivalence (P5): supported if the accuracy TOST (|A - B| < margin) AND every measured cost ratio of A to B (FLOPs, latency per batch size) shows its per-seed mean below its maximum (one-sided t-test; a ratio equal on every seed, as FLOPs are, decided exactly with >= 3 seeds) are supported (p = the largest p); contradicted if the difference is shown outside the margin or any ratio is shown above its maximum (p = the smallest p times the number of parts); no cost ratio measured: inconclusive.
 Zero variance (every seed gives the same difference) with at least 3 seeds: the exact difference decides (it must clear 0 and min_effect, lie inside the margin or tolerance); with fewer: inconclusive.
 Inconclusive reasons give the seeds per arm the full rule needs for 80% power at the effect of interest at the family's first Holm level alpha/m (analytic: statsmodels TTestPower; TOST by the exact integral over the sample sd)."""
 
@@ -253,7 +255,7 @@ def _rank_p(t: _Two, alternative: str) -> float | None:
 
 
 def compare_superiority(a: Arm | None, b: Arm | None, *, alpha: float = 0.05, min_effect: float | None = None,
-                        effect_of_interest: float | None = None) -> Comparison:
+                        effect_of_interest: float | None = None, rank_test: bool = True) -> Comparison:
     """H1: A > B (one-sided). Contradicting test: diff < min_effect (diff < 0 without one)."""
     t = _prepare(a, b)
     c, testable = _base("superiority", t, alpha)
@@ -262,7 +264,7 @@ def compare_superiority(a: Arm | None, b: Arm | None, *, alpha: float = 0.05, mi
     c.effect_of_interest = abs(eoi) if eoi is not None else None
     bound = min_effect if min_effect is not None else 0.0
     c.contra_test = f"diff < {bound:g}"
-    if c.n_a >= 2 and c.n_b >= 2:
+    if rank_test and c.n_a >= 2 and c.n_b >= 2:  # descriptive; scipy's exact Wilcoxon against a constant is slow
         c.p_nonparam = _rank_p(t, "greater")
     if testable:
         c.p_value = _t(c, 0.0, "greater")
@@ -357,7 +359,7 @@ def gain_below(gains: Arm, threshold: float, *, alpha: float = 0.05) -> Comparis
     mean gain < threshold (one-sided), contradicting test mean gain > threshold."""
     dropped: list[str] = []
     g = _clean(gains, "gain", dropped)
-    c = compare_superiority({s: threshold for s in g}, g, alpha=alpha)
+    c = compare_superiority({s: threshold for s in g}, g, alpha=alpha, rank_test=False)  # a part: never shown
     c.kind, c.dropped = "gain_below", dropped
     c.contra_test = f"gain > {threshold:g}"
     c.notes.append(f"mean gain {_fmt(-c.diff + threshold, '+.3g')} vs threshold {threshold:g}")
@@ -369,11 +371,41 @@ def compare_saturation(end_to_end_full: Arm, layerwise_full: Arm, last_gain: Arm
     """P2's saturation claim: end-to-end beats layerwise at full depth (superiority, min_effect)
     AND the layerwise curve's last-stage gain (per seed) is below `threshold` (:func:`gain_below`),
     combined by :func:`intersection_union`; the numbers shown are the full-depth comparison's."""
-    gap = compare_superiority(end_to_end_full, layerwise_full, alpha=alpha, min_effect=min_effect)
+    gap = compare_superiority(end_to_end_full, layerwise_full, alpha=alpha, min_effect=min_effect, rank_test=False)
     gain = gain_below(last_gain, threshold, alpha=alpha)
     shown = compare_superiority(end_to_end_full, layerwise_full, alpha=alpha, min_effect=min_effect)
     c = intersection_union("saturation", [gap, gain], shown)
     c.min_effect, c.effect_of_interest = min_effect, min_effect
+    return c
+
+
+def compare_rise_then_plateau(start: Arm, peak: Arm, end: Arm, *, threshold: float, min_effect: float | None,
+                              alpha: float = 0.05) -> Comparison:
+    """A curve over generations that rises, then saturates or declines: `peak` beats `start`
+    (superiority, min_effect) AND the per-seed gain end - peak is below `threshold` (:func:`gain_below`),
+    combined as :func:`compare_saturation` combines its two parts; the numbers shown are peak vs start."""
+    gains = {s: float(end[s]) - float(peak[s]) for s in set(peak) & set(end)}
+    c = compare_saturation(peak, start, gains, threshold=threshold, min_effect=min_effect, alpha=alpha)
+    c.kind = "rise_then_plateau"
+    return c
+
+
+def compare_cost_equivalence(a: Arm, b: Arm, ratios: Mapping[str, Arm], ratio_max: Mapping[str, float], *,
+                             margin: float, alpha: float = 0.05) -> Comparison:
+    """About the same accuracy (TOST within +-margin) AND each cost ratio of A to B (name -> per-seed
+    values, e.g. flops_ratio, latency_ratio_b1) below its maximum (ratio_max[name], :func:`gain_below`
+    on the ratio), combined by :func:`intersection_union`; the numbers shown are the accuracy TOST's.
+    No ratio at all: the cost side is unmeasured, and an empty part keeps the claim inconclusive."""
+    parts = [compare_equivalence(a, b, margin=margin, alpha=alpha)]
+    for name, values in (ratios.items() if ratios else [("cost ratios", {})]):
+        bound = float(ratio_max.get(name, float("nan")))
+        part = gain_below(values, bound, alpha=alpha)
+        part.contra_test = f"{name} > {bound:g}"
+        part.notes = [f"{name}: mean {_fmt(-part.diff + bound, '.3g')} vs max {bound:g}"] if values else \
+            [f"{name}: not measured"]
+        parts.append(part)
+    c = intersection_union("cost_equivalence", parts, compare_equivalence(a, b, margin=margin, alpha=alpha))
+    c.margin, c.effect_of_interest = float(margin), 0.0
     return c
 
 
@@ -458,18 +490,21 @@ def rule_power(kind: str, n: int, sd: float, alpha_step: float, *, effect: float
     level alpha/m: Holm rejects at least as often). -> (power, how: "exact" | "lower bound").
 
     superiority / early_overfit: one-sided t-test at true diff `effect` (exact, TTestPower).
-    ordering (`parts` steps) and saturation (2 parts): every part must reject: Bonferroni lower
-    bound 1 - sum(1 - power of a part). equivalence / reported_value: exact TOST power at true
-    diff 0 against `bound` (margin / tolerance).
+    ordering (`parts` steps), saturation and rise_then_plateau (2 parts): every part must reject:
+    Bonferroni lower bound 1 - sum(1 - power of a part). equivalence / reported_value: exact TOST
+    power at true diff 0 against `bound` (margin / tolerance); cost_equivalence: the same, an upper
+    bound (its cost parts must hold too).
     """
     if n < 2 or not sd > 0:
         return None, ""
     if kind in ("equivalence", "reported_value"):
         return tost_power(0.0, float(bound), sd, n, alpha_step), "exact"  # type: ignore[arg-type]
+    if kind == "cost_equivalence":  # the accuracy part's; the cost parts can only lower it
+        return tost_power(0.0, float(bound), sd, n, alpha_step), "upper bound (accuracy part)"  # type: ignore[arg-type]
     if effect is None or not effect > 0:
         return None, ""
     p = _sup_power(effect, sd, n, alpha_step)
-    if kind == "saturation":  # part 2: gain below threshold at a true gain of 0
+    if kind in ("saturation", "rise_then_plateau"):  # part 2: gain below threshold at a true gain of 0
         p2 = _sup_power(float(bound), sd, n, alpha_step) if bound else 0.0
         return max(0.0, p + p2 - 1), "lower bound"
     if parts > 1:
@@ -549,6 +584,15 @@ def _verdict(c: Comparison, alpha: float, p: float | None, pc: float | None, min
             return "contradicted", f"the paper's number is rejected: {stat}"
         return "inconclusive", f"neither within tolerance nor rejected: {stat}{_tail(c)}"
     stat = f"diff {_fmt(c.diff, '+.3g')}, 95% CI {ci} {adj}, {ps}, {size}"
+    if c.kind == "cost_equivalence":
+        cost = "; ".join(n for n in c.notes if " vs max " in n or n.endswith("not measured"))
+        if sup:
+            return "supported", f"equivalent within +-{_fmt(c.margin)} (TOST) and every cost ratio below its " \
+                                f"maximum ({cost}): {stat}"
+        if con:
+            return "contradicted", f"difference shown outside +-{_fmt(c.margin)} or a cost ratio shown above " \
+                                   f"its maximum ({cost}): {stat}"
+        return "inconclusive", f"accuracy TOST or a cost ratio not shown ({cost}): {stat}{_tail(c)}"
     if c.kind == "equivalence":
         if sup:
             return "supported", f"equivalent within +-{_fmt(c.margin)} (TOST): {stat}"
@@ -561,7 +605,9 @@ def _verdict(c: Comparison, alpha: float, p: float | None, pc: float | None, min
             f"effect shown below what matters (min_effect {_fmt(c.min_effect)}, the contradicting test)"
         return "contradicted", f"{why}: {stat}"
     if sup:
-        return "supported", f"A > B: {stat}"
+        what = "rises (peak > start), then the gain after the peak is shown below the threshold" \
+            if c.kind == "rise_then_plateau" else "A > B"
+        return "supported", f"{what}: {stat}"
     return "inconclusive", f"{stat}{_tail(c)}"
 
 

@@ -41,7 +41,8 @@ def _wide(phases_df: pd.DataFrame, method: str) -> pd.DataFrame:
 
 def generation_table(phases_df: pd.DataFrame) -> pd.DataFrame:
     """Per experiment, model, dataset and generation: n seeds, test accuracy (mean and 95% CI),
-    ensemble accuracy, the generation's mean top-1 confidence and entropy (means)."""
+    ensemble accuracy, the KD weight it learnt with (none for the patriarch), the generation's mean
+    top-1 confidence and entropy (means)."""
     w = _wide(phases_df, "generations")
     if w.empty:
         return pd.DataFrame()
@@ -52,7 +53,9 @@ def generation_table(phases_df: pd.DataFrame) -> pd.DataFrame:
         ens, _, elo, ehi = mean_interval(grp["ensemble_final_test_acc"])
         rows.append({"experiment": exp, "model": model, "dataset": ds, "generation": g, "n": len(grp),
                      "test_acc": acc, "test_acc_low": lo, "test_acc_high": hi, "ensemble_test_acc": ens,
-                     "ensemble_low": elo, "ensemble_high": ehi, "confidence": grp["confidence"].mean(),
+                     "ensemble_low": elo, "ensemble_high": ehi,
+                     "kd_weight": grp["kd_weight"].mean() if "kd_weight" in grp else float("nan"),
+                     "confidence": grp["confidence"].mean(),
                      "entropy": grp["entropy"].mean()})
     return pd.DataFrame(rows)
 
@@ -175,7 +178,8 @@ def teacher_student_section(doc: Doc, results: Path) -> None:
               "ensemble (mean softmax) of generations 0..m, and how tolerant the generation is as the next "
               "one's teacher: its mean top-1 softmax probability and mean entropy on the training images.")
         doc.table(_fmt_table(gens, ["experiment", "model", "dataset", "generation", "n"],
-                             {"ensemble_test_acc": "ensemble acc (mean)", "confidence": "top-1 confidence",
+                             {"ensemble_test_acc": "ensemble acc (mean)", "kd_weight": "KD weight",
+                              "confidence": "top-1 confidence",
                               "entropy": "entropy (nats)"}))
         doc.figure("p4_generations", generation_figure(phases_df),
                    "P4: accuracy, confidence and entropy per generation (mean over seeds; band: 95% t-interval)")

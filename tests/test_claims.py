@@ -246,12 +246,12 @@ def _calibration_module():
 
 
 def test_calibration_benchmark_through_the_real_rule():
-    """P5's family (2 equivalence claims, 10 seeds) at a small Monte Carlo size: the issue's bounds."""
+    """P5's family (2 cost_equivalence claims, 10 seeds) at a small Monte Carlo size: the issue's bounds."""
     cal = _calibration_module()
     params = shipped_params()
     p5 = [c for c in load_claims(config_of(params), REPO / "claims.yaml") if c.family_key == "P5"]
     (row,) = cal.calibrate(config_of(params, "paper"), 150, seed=1, claims=p5)
-    assert (row["family"], row["family_tests"], row["kind"], row["seeds"]) == ("P5", 2, "equivalence", 10)
+    assert (row["family"], row["family_tests"], row["kind"], row["seeds"]) == ("P5", 2, "cost_equivalence", 10)
     assert row["false_supported"] <= 0.05 + 3 * max(row["false_supported_se"], 0.01)
     assert row["false_contradicted"] <= 0.025 + 3 * max(row["false_contradicted_se"], 0.01)
     assert abs(row["coverage"] - 0.95) <= 3 * math.sqrt(0.95 * 0.05 / (2 * 150))

@@ -448,3 +448,51 @@ def test_tsd_k_larger_than_the_classes():
     spec, ctx = make(generations, {"tsd_k": 11})
     with pytest.raises(ConfigError, match="tsd_k: expected at most the 10 classes"):
         next(generations.phases(spec, ctx))
+
+
+# ---------------------------------------------------------------- the generation schedule (P4)
+
+def test_kd_weight_schedules():
+    o = generations.validate_options({"generations": 4}, "x")  # the default: linear from 0.9, step 0.1
+    assert generations.kd_weights(o) == [0.9, 0.8, 0.7, 0.6]
+    o = generations.validate_options({"generations": 3, "kd_schedule": "constant"}, "x")
+    assert generations.kd_weights(o) == [0.9, 0.9, 0.9]
+    o = generations.validate_options({"generations": 2, "kd_schedule": "explicit", "kd_weights": [0.5, 0.25]}, "x")
+    assert generations.kd_weights(o) == [0.5, 0.25]
+    assert generations.kd_weights(generations.validate_options({"generations": 0}, "x")) == []
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"kd_schedule": "cosine"}, "kd_schedule"),
+    ({"generations": 3, "kd_schedule": "explicit", "kd_weights": [0.9, 0.8]}, "kd_weights"),  # one per generation
+    ({"generations": 2, "kd_schedule": "explicit", "kd_weights": [0.9, 1.5]}, "kd_weights"),
+    ({"kd_weights": [0.9, 0.8]}, "kd_weights"),  # given but not read (kd_schedule linear)
+    ({"generations": 11}, "kd_weight_step"),  # 0.9 - 10 * 0.1 < 0
+    ({"kd_weight_step": -0.1}, "kd_weight_step"),
+])
+def test_bad_schedules_name_the_key(options, key):
+    with pytest.raises(ConfigError, match=rf"x\.{key}"):
+        generations.validate_options(options, "x")
+
+
+def test_each_generation_learns_with_its_scheduled_weight(tmp_path, monkeypatch):
+    """Generation m's step gets w_m; the schedules agree on generation 1, so only later ones differ."""
+    seen = []
+    real = generations.kd_step
+
+    def spy(ctx, model, opt, teacher, label_loss, temperature, kd_weight):
+        seen.append(kd_weight)
+        return real(ctx, model, opt, teacher, label_loss, temperature, kd_weight)
+    monkeypatch.setattr(generations, "kd_step", spy)
+    finals = {}
+    for schedule in ("linear", "constant"):
+        spec, ctx = make(generations, {"generations": 2, "kd_schedule": schedule, "kd_weight_step": 0.4})
+        spy_method = Spy(generations)
+        result = train_run(spec, spy_method, ctx, tmp_path / schedule)
+        finals[schedule] = spy_method.finished
+        assert [m.get("kd_weight") for m in result["phase_metrics"].values()] == \
+            ([None, 0.9, 0.5] if schedule == "linear" else [None, 0.9, 0.9])
+    assert seen == [0.9, 0.5, 0.9, 0.9]
+    assert_same_state(finals["linear"][1]["model"], finals["constant"][1]["model"])  # generation 1: same weight
+    g2 = [finals[s][2]["model"] for s in ("linear", "constant")]
+    assert any(not torch.equal(g2[0][k], g2[1][k]) for k in g2[0])  # generation 2: another weight, another net

@@ -10,7 +10,8 @@ the exact teacher from the checkpoint, and the ensemble of generations can be me
 
 Options (params.yaml experiments.<name>.options; the paper does not publish its values, so all
 of these are the harness's documented choices):
-- generations (2): the number of generations after the patriarch (2 = gen0, gen1, gen2).
+- generations (2): the number of generations after the patriarch (2 = gen0, gen1, gen2); params.yaml
+  runs the strict and tolerant lines with 4, enough for the strict line's rise, then plateau or decline.
 - teacher_loss (tolerant): the patriarch's loss. strict: cross-entropy. tolerant: CE + eta * TSD
   (l2l.losses.tsd). label_smoothing: CE against smoothed labels (epsilon). confidence_penalty:
   CE - beta * entropy of the output.
@@ -22,7 +23,14 @@ of these are the harness's documented choices):
 - epsilon (0.1): label-smoothing weight (Szegedy et al.'s value).
 - beta (0.1): confidence-penalty weight.
 - temperature (4.0), kd_weight (0.9): student loss (1 - w) * label loss + w * T^2 KL at
-  temperature T (the common CIFAR-100 KD setting, e.g. Tian et al. 2020's benchmark).
+  temperature T; kd_weight is generation 1's w (the common CIFAR-100 KD setting, e.g. Tian et al.
+  2020's benchmark).
+- kd_schedule ("linear"), kd_weight_step (0.1), kd_weights ([]): w of generation m = 1..G.
+  linear: kd_weight - (m - 1) * kd_weight_step (0.9, 0.8, 0.7, ...: each generation fits the labels
+  a little more, as the abstract of arXiv 1805.05551v2 says the students are "gradually fine-tuned to
+  fit one-hot distributions"; the step is the harness's choice, the paper's weights are not public).
+  constant: kd_weight in every generation (the harness's schedule before, Tian et al.'s constant
+  weight). explicit: kd_weights, one weight per generation (exactly `generations` of them).
 - tolerant_in_students (false): whether generations >= 1 keep the patriarch's extra term
   (their label loss becomes the teacher loss instead of plain CE). Default false: the
   abstract of arXiv 1805.05551v2 says the students are "gradually fine-tuned to fit one-hot
@@ -32,7 +40,7 @@ of these are the harness's documented choices):
   looked up per image (cheaper; the teacher then never sees the student's crops and flips).
 
 Per-generation measures (results/phases.csv, phase gen<m>): final_val_acc, final_test_acc of
-generation m after its last epoch; confidence (mean top-1 softmax probability) and entropy (mean,
+generation m after its last epoch; kd_weight, the w it was taught with (m >= 1); confidence (mean top-1 softmax probability) and entropy (mean,
 nats) of its outputs on the un-augmented training images, i.e. how tolerant it is as the next
 generation's teacher; ensemble_final_{val,test}_acc of the average softmax of generations 0..m;
 params and flops of the architecture.
@@ -63,6 +71,7 @@ cross_entropy, accuracy = SingleLabel().loss, SingleLabel().score
 log = logging.getLogger(__name__)
 
 TEACHER_LOSSES = ("strict", "tolerant", "label_smoothing", "confidence_penalty")
+KD_SCHEDULES = ("linear", "constant", "explicit")
 OPTIONS: dict = {
     "generations": 2,
     "teacher_loss": "tolerant",
@@ -73,6 +82,9 @@ OPTIONS: dict = {
     "beta": 0.1,
     "temperature": 4.0,
     "kd_weight": 0.9,
+    "kd_schedule": "linear",
+    "kd_weight_step": 0.1,
+    "kd_weights": [],
     "tolerant_in_students": False,
     "teacher_on_the_fly": True,
 }
@@ -92,7 +104,31 @@ def validate_options(options: dict, path: str) -> dict:
     check_number(o, "epsilon", path, 0.0, 1.0, high_open=True)
     check_number(o, "beta", path, 0.0)
     check_kd_options(o, path)
+    if o["kd_schedule"] not in KD_SCHEDULES:
+        raise config_error(f"{path}.kd_schedule", "one of " + ", ".join(KD_SCHEDULES), o["kd_schedule"])
+    check_number(o, "kd_weight_step", path, 0.0)
+    if o["kd_schedule"] == "explicit":
+        w = o["kd_weights"]
+        if len(w) != o["generations"] or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                 and 0 <= x <= 1 for x in w):
+            raise config_error(f"{path}.kd_weights", f"{o['generations']} numbers in [0, 1] (one per generation, "
+                                                     "kd_schedule explicit)", w)
+    elif o["kd_weights"]:
+        raise config_error(f"{path}.kd_weights", "[] unless kd_schedule is explicit (it would not be read)",
+                           o["kd_weights"])
+    last = kd_weights(o)[-1:]
+    if last and last[0] < 0:
+        raise config_error(f"{path}.kd_weight_step", "a step that keeps the last generation's KD weight >= 0 "
+                           "(kd_weight - (generations - 1) * kd_weight_step)", o["kd_weight_step"])
     return o
+
+
+def kd_weights(o: dict) -> list[float]:
+    """The KD weight w of generations 1..G under options `o` (kd_schedule)."""
+    if o["kd_schedule"] == "explicit":
+        return [float(x) for x in o["kd_weights"]]
+    step = o["kd_weight_step"] if o["kd_schedule"] == "linear" else 0.0
+    return [round(o["kd_weight"] - m * step, 12) for m in range(o["generations"])]  # 0.9 - 2 * 0.1 = 0.7, not 0.70...01
 
 
 def teacher_loss(o: dict) -> LabelLoss:
@@ -134,11 +170,13 @@ class CachedTeacher:
         return self.logits[idx]
 
 
-def _measures(ctx: RunContext, models: list[nn.Module], g: int, probs: dict) -> dict[str, float]:
+def _measures(ctx: RunContext, models: list[nn.Module], g: int, probs: dict, weights: list[float]) -> dict[str, float]:
     """Generation g's measures. `probs` keeps each finished generation's val/test softmax for the
     later ensembles (after a resume, missing ones are recomputed from the checkpointed models)."""
     model = models[g]
     out, logits = final_accuracies(ctx, model)
+    if g >= 1:
+        out["kd_weight"] = weights[g - 1]
     out.update(output_measures(ctx.split_logits(model, "train")))
     for split in ("val", "test"):
         probs[g, split] = logits[split].softmax(1)
@@ -171,6 +209,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     student_loss = patriarch_loss if o["tolerant_in_students"] else cross_entropy
     epochs = spec.train["epochs"]
     probs: dict[tuple[int, str], torch.Tensor] = {}
+    weights = kd_weights(o)
     for g, model in enumerate(models):
         elders = [freeze(m) for m in models[:g]]
         opt = ctx.optimizer(model.parameters())
@@ -184,11 +223,11 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
             else:
                 teacher_fn = CachedTeacher(ctx, teacher, g)
                 on_epoch_start = teacher_fn.on_epoch_start
-            step = kd_step(ctx, model, opt, teacher_fn, student_loss, o["temperature"], o["kd_weight"])
+            step = kd_step(ctx, model, opt, teacher_fn, student_loss, o["temperature"], weights[g - 1])
         yield Phase(f"gen{g}", epochs, {**{f"gen{i}": m for i, m in enumerate(elders)}, "model": model},
                     {"sgd": opt}, step, predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)},
                     train_mode=train_mode(model, elders), on_epoch_start=on_epoch_start,
-                    on_end=lambda g=g: _measures(ctx, models, g, probs))
+                    on_end=lambda g=g: _measures(ctx, models, g, probs, weights))
 
 
 METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check)  # single-label only
