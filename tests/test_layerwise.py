@@ -507,3 +507,32 @@ def test_report_section_and_claim_figure(tmp_path):
            "arms": {"a": {"experiment": "layerwise_e2e", "model": "p3"}, "b": {"experiment": "layerwise", "model": "p3"}}}
     assert len(record_stage_figure(rec, synthetic_phases()).axes) == 2
     assert record_stage_figure({**rec, "kind": "superiority"}, synthetic_phases()) is None
+
+
+@pytest.mark.parametrize("profile", ["paper", "smoke"])
+def test_p2_arms_probe_at_equal_budgets_and_the_claims_unit(profile):
+    """Every P2 per-unit claim compares like with like in the resolved plan: both arms' probes get the
+    same budget (epochs, lr; probes on), the layerwise arm trains at the claim's unit and the
+    end-to-end arm probes that unit."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    records = [r for r in yaml.safe_load((repo / "claims" / "layerwise.yaml").read_text())
+               if r["kind"] in ("saturation", "early_overfit")]
+    specs = plan_of(load_params(repo / "params.yaml"), profile)
+    checked = 0
+    for r in records:
+        unit = r.get("unit", "stage")
+        lw_name, e2e_name = ("b", "a") if r["kind"] == "saturation" else ("a", "b")
+        arm_specs = {name: [s for s in specs if s.experiment == r["arms"][name]["experiment"]
+                            and s.model == r["arms"][name]["model"]] for name in ("a", "b")}
+        if not all(arm_specs.values()):
+            continue  # not in this profile
+        for lw, e2e in zip(arm_specs[lw_name], arm_specs[e2e_name]):
+            assert lw.method == "layerwise" and e2e.method == "conventional"
+            assert lw.options["unit"] == unit and unit in e2e.options["probe_units"], r["id"]
+            if r["kind"] == "early_overfit":
+                assert lw.options["probe_epochs"] == e2e.options["probe_epochs"] > 0, r["id"]
+                assert lw.options["probe_lr"] == e2e.options["probe_lr"], r["id"]
+        checked += 1
+    assert checked >= (10 if profile == "paper" else 4)
