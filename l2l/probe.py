@@ -12,7 +12,8 @@ only: nothing is selected on it).
 Units (:data:`l2l.models.UNITS`): probes read the output of every stage ("stage", metrics
 ``stage{s}_probe_*``) and/or of every layer ("layer", ``layer{l}_probe_*``). A stage ends where
 its last layer ends, and each probe trains on its own parameters only, so one probe per distinct
-boundary serves both units: the same numbers as probing each unit alone.
+boundary serves both units, and a probe's initialisation depends only on the seed and where it
+reads: the same numbers as probing each unit alone.
 
 The probed network is only read: eval mode (BatchNorm statistics untouched) and no gradients.
 """
@@ -62,6 +63,12 @@ class LinearProbe(nn.Module):
         return self.linear((self.features(f) - self.mean) / self.std)
 
 
+def _probe(channels: int, num_classes: int, seed: int, key: int) -> LinearProbe:
+    with torch.random.fork_rng(devices=[]):  # the run's random stream is left as it was
+        torch.manual_seed(seed * 100_003 + PROBE_PHASE + key)
+        return LinearProbe(channels, num_classes)
+
+
 class _Probed(nn.Module):
     """Logits of every stage's probe and, last, of the network's own classifier, stacked on a
     new leading axis: one forward pass evaluates them all."""
@@ -97,7 +104,10 @@ def probe_stages(model: nn.Sequential, ctx, epochs: int, lr: float, units: tuple
     with torch.no_grad(), ctx.autocast():
         x0 = next(iter(ctx.data.eval_batches("train", 2)))[0]
         widths = [f.shape[1] for f in stage_outputs(model, x0, ends)]
-    probes = nn.ModuleList(LinearProbe(c, ctx.num_classes) for c in widths).to(ctx.device)
+    # Each probe's initialisation depends on the run's seed and where it reads (its layer count), not
+    # on which other probes exist: probing stages alone or with layers gives the same stage probes.
+    keys = layer_stage_ends(full) if model is full else list(ends)
+    probes = nn.ModuleList(_probe(c, ctx.num_classes, spec.seed, k) for c, k in zip(widths, keys)).to(ctx.device)
     _standardise(model, probes, ends, ctx, eval_bs)
     opt = torch.optim.SGD(probes.parameters(), lr=lr, momentum=0.9,
                           weight_decay=spec.train["optimizer"].get("weight_decay", 0.0))

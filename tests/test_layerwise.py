@@ -274,6 +274,7 @@ def test_momentum_restarts_at_lr_drops(data):
 @pytest.mark.parametrize("options, match", [
     ({"predict": "best"}, "predict"), ({"prune_to": -1}, "prune_to"), ({"aux_convs": 1.5}, "aux_convs"),
     ({"prune_to": 4, "prune_finetune_epochs": 0}, "prune_finetune_epochs"), ({"k": 3}, "unknown option"),
+    ({"unit": "block"}, "unit"), ({"probe_epochs": -1}, "probe_epochs"), ({"probe_lr": 0.0}, "probe_lr"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ConfigError, match=match):
@@ -536,3 +537,32 @@ def test_p2_arms_probe_at_equal_budgets_and_the_claims_unit(profile):
                 assert lw.options["probe_lr"] == e2e.options["probe_lr"], r["id"]
         checked += 1
     assert checked >= (10 if profile == "paper" else 4)
+
+
+def test_layer_units_only_where_they_exist():
+    spec = make_spec(layerwise, {"arch": "densenet", "growth_rate": 4, "block_config": [1, 1], "num_init_features": 8,
+                                 "bn_size": 2}, {"unit": "layer"})
+    with pytest.raises(ConfigError, match=r"x\.unit: expected stage for this model"):
+        layerwise.check(spec, 10, "x")
+    e2e = make_spec(conventional, spec.model_cfg, {"probe_epochs": 1, "probe_units": ["layer"]})
+    with pytest.raises(ConfigError, match=r"x\.probe_units: expected stage for this model"):
+        conventional.check(e2e, 10, "x")
+    with pytest.raises(ConfigError, match="probe_units"):
+        conventional.validate_options({"probe_units": ["stage", "stage"]}, "x")
+
+
+def test_layer_and_stage_probes_agree_where_a_stage_ends(data):
+    """One set of probes serves both units: the stage probes equal the layer probes at stage ends."""
+    cfg = {"arch": "cifar_resnet", "depth": 14, "width": 4}
+    spec = make_spec(conventional, cfg, {"probe_epochs": 1, "probe_units": ["stage", "layer"]})
+    ctx = RunContext(spec, data, 10, CPU)
+    torch.manual_seed(0)
+    model = build_model(cfg, 10)
+    both = probe_stages(model, ctx, epochs=1, lr=0.1, units=("stage", "layer"))
+    alone = probe_stages(model, ctx, epochs=1, lr=0.1, units=("stage",))
+    assert {k for k in both if k.startswith("layer")} == {f"layer{l}_probe_{s}_acc" for l in range(1, 7)
+                                                          for s in ("train", "test")}
+    for s, l in enumerate((2, 4, 6), start=1):  # stage s ends at residual block 2s
+        for split in ("train", "test"):
+            assert both[f"stage{s}_probe_{split}_acc"] == both[f"layer{l}_probe_{split}_acc"] == \
+                alone[f"stage{s}_probe_{split}_acc"]

@@ -106,7 +106,7 @@ def test_writing_a_default_out_is_the_same_run(params):
     smoke["train"]["optimizer"]["name"] = "sgd"
     smoke["models"]["cnn"]["batch_norm"] = True  # the builder's default
     params["data"]["split_seed"] = 0
-    smoke["experiments"]["layerwise"]["options"] = {"predict": "last", "prune_to": 0}  # the method's defaults
+    smoke["experiments"]["layerwise"]["options"].update(predict="last", prune_to=0, unit="stage")  # the defaults
     assert [s.hash for s in plan_of(params, "smoke")] == before
 
 
@@ -114,9 +114,11 @@ def test_run_identities_are_pinned(params):
     """The hashes of a few smoke runs on a fixed data fingerprint (a change here retrains every run of
     that kind: make it on purpose, and say so)."""
     specs = {(s.experiment, s.model, s.seed): s.hash for s in plan_of(params, "smoke", {"cifar10": "pinned"})}
-    assert specs[("conventional", "cnn", 0)] == "57a6b73a08d3"
-    assert specs[("layerwise", "p3_k1", 0)] == "7a2fded0e1ca"
-    assert specs[("layerwise", "p3_k1", 1)] == "1c9bdad7a48f"
+    # #12 (p2p1): conventional gained option probe_units, layerwise unit/probe_epochs/probe_lr (and
+    # the smoke layerwise runs probe their network for P2-C2): every run of both methods is new
+    assert specs[("conventional", "cnn", 0)] == "0a34e1fd22cf"
+    assert specs[("layerwise", "p3_k1", 0)] == "dfd654819c6b"
+    assert specs[("layerwise", "p3_k1", 1)] == "37bef99981e8"
 
 
 def test_the_paper_profile_plans_the_same_runs_whatever_profile_is_active(params):

@@ -25,7 +25,7 @@ Per-stage measures (results/phases.csv, reporting only, nothing is selected on t
 ``params`` (of the stage's predictor, pruned filters removed). Its validation accuracy is the
 phase's last ``val_acc`` in history.csv.
 
-Probes (P2-C2 like with like, ``probe_epochs`` > 0): after the last unit, linear probes
+Probes (P2-C2 like with like, ``probe_epochs`` > 0): at the end of the last phase, linear probes
 (:mod:`l2l.probe`, the budget ``probe_epochs`` / ``probe_lr`` that the end-to-end twin's probes
 get) read every unit of the frozen layerwise-trained network; metrics ``<unit><s>_probe_*`` of the
 last phase.
@@ -85,9 +85,6 @@ def validate_options(options: dict, path: str) -> dict:
     check_budget(out, path)
     if out["unit"] not in UNITS:
         raise config_error(f"{path}.unit", "one of " + ", ".join(UNITS), out["unit"])
-    if out["probe_epochs"] and out["prune_to"]:
-        raise config_error(f"{path}.probe_epochs", "0 with prune_to (the probes read the unpruned last phase)",
-                           out["probe_epochs"])
     if out["predict"] not in PREDICTS:
         raise config_error(f"{path}.predict", "one of " + ", ".join(PREDICTS), out["predict"])
     for key in ("aux_convs", "aux_width", "prune_to"):
@@ -178,22 +175,23 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
         last = s == len(ends) - 1
         stage_pred = final if last else nn.Sequential(model[:end], all_heads[s])
 
-        def on_end(s=s, end=end, last=last):
+        def on_end(s=s, end=end, probes=False):
             out = _stage_metrics(ctx, model, heads, s, end)
-            if last and o["probe_epochs"]:  # P2-C2: the layerwise network's probes, the twin's budget
+            if probes and o["probe_epochs"]:  # P2-C2: the final network's probes, at the twin's budget
                 out.update(probe_stages(full, ctx, o["probe_epochs"], o["probe_lr"], (o["unit"],)))
             return out
 
         yield _train_phase(f"{o['unit']}{s + 1}", spec, ctx, modules, frozen=model[:start],
                            trained=nn.Sequential(model[start:end], all_heads[s]), predictor=stage_pred,
-                           epochs=spec.train["epochs"], on_end=on_end)
+                           epochs=spec.train["epochs"],
+                           on_end=lambda on_end=on_end, last=last: on_end(probes=last and not o["prune_to"]))
         if o["prune_to"]:
             block, head = model[start:end], all_heads[s]
             yield _train_phase(f"{o['unit']}{s + 1}_pruned", spec, ctx, modules, frozen=model[:end], trained=head,
                                predictor=stage_pred, epochs=o["prune_finetune_epochs"],
                                before=lambda block=block, end=end, head=head: _prune(ctx, model[:end], block, head,
                                                                                        o["prune_to"]),
-                               on_end=lambda s=s, end=end: _stage_metrics(ctx, model, heads, s, end))
+                               on_end=lambda on_end=on_end, last=last: on_end(probes=last))
 
 
 def _train_phase(name: str, spec: RunSpec, ctx: RunContext, modules: dict, frozen: nn.Module, trained: nn.Module,
