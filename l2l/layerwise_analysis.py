@@ -35,11 +35,13 @@ import numpy as np
 import pandas as pd
 
 from l2l import stats
-from l2l.models import UNITS
 from l2l.results import mean_interval
 
-STAGE_PHASE = re.compile(r"^(stage|layer)(\d+)(_pruned)?$")
-PROBE_METRIC = re.compile(r"^(stage|layer)(\d+)_probe_(train|test)_acc$")
+# = l2l.models.UNITS, not imported: the report stage reads results without loading the models
+# (tests/test_layerwise.py checks that the two agree)
+UNITS = ("stage", "layer")
+STAGE_PHASE = re.compile(rf"^({'|'.join(UNITS)})(\d+)(_pruned)?$")
+PROBE_METRIC = re.compile(rf"^({'|'.join(UNITS)})(\d+)_probe_(train|test)_acc$")
 HEAD_METRIC = re.compile(r"^head_(train|test)_acc$")
 KEYS = ["run", "experiment", "method", "model", "dataset", "seed"]
 

@@ -566,3 +566,9 @@ def test_layer_and_stage_probes_agree_where_a_stage_ends(data):
         for split in ("train", "test"):
             assert both[f"stage{s}_probe_{split}_acc"] == both[f"layer{l}_probe_{split}_acc"] == \
                 alone[f"stage{s}_probe_{split}_acc"]
+
+
+def test_the_analysis_knows_the_models_units():
+    from l2l import layerwise_analysis, models
+
+    assert layerwise_analysis.UNITS == models.UNITS

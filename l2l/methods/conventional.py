@@ -54,8 +54,8 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     opt = ctx.optimizer(model.parameters())
     epochs = spec.train["epochs"]
     probe_epochs = spec.options.get("probe_epochs", 0)
-    units = tuple(spec.options["probe_units"])
-    on_end = (lambda: probe_stages(model, ctx, probe_epochs, spec.options["probe_lr"], units)) if probe_epochs else None
+    on_end = (lambda: probe_stages(model, ctx, probe_epochs, spec.options["probe_lr"],
+                                   tuple(spec.options["probe_units"]))) if probe_epochs else None
     yield Phase("end_to_end", epochs, {"model": model}, {"sgd": opt}, ctx.supervised_step(model, opt),
                 predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)}, on_end=on_end)
 
