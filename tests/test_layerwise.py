@@ -431,6 +431,12 @@ def test_stage_table_and_measures():
     assert early_overfit(phases, lw, e2e, "cifar10", early_stages=1)["end_to_end_probe_gap"][2] == pytest.approx(2)
     assert stage_pairs(phases) == [{"model": "p3", "dataset": "cifar10", "unit": "stage", "layerwise": "layerwise",
                                     "end_to_end": "layerwise_e2e"}]
+    # the same runs per layer (phases layer{s}, metrics layer{s}_probe_*) give the same measures at unit layer
+    layers = phases.assign(phase=phases.phase.str.replace("stage", "layer"),
+                           metric=phases.metric.str.replace("stage", "layer"))
+    assert saturation(layers, e2e, lw, "cifar10", 1.0, unit="layer")["critical_stage"] == sat["critical_stage"]
+    assert early_overfit(layers, lw, e2e, "cifar10", unit="layer")["layerwise_probe_gap"] == ov["layerwise_probe_gap"]
+    assert early_overfit(layers, lw, e2e, "cifar10")["layerwise_probe_gap"] == {}  # no stage units there
     missing = saturation(phases, {"experiment": "none", "model": "p3"}, lw, "cifar10", 1.0)
     assert missing["end_to_end_full"] == {} and missing["gap_full"] == {}
 
