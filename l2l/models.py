@@ -406,3 +406,59 @@ def stage_outputs(model: nn.Sequential, x, ends: list[int] | None = None) -> lis
         out.append(x)
         start = end
     return out
+
+
+# Greedy units of layerwise training (and of the probes that read them): "stage" = the model's
+# stages (:func:`stage_ends`, P3's blocks); "layer" = each conv layer (VGG, the regular CNN; P3's
+# blocks are one conv each) or each residual block (CIFAR ResNet), so that P2's "critical layer"
+# can be located layer by layer. Other architectures have no layer units (DenseNet's dense layers
+# concatenate, they do not compose).
+UNITS = ("stage", "layer")
+LAYER_ARCHS = ("cnn", "vgg16", "cifar_resnet", "layerwise_cnn")
+
+
+def _layer_groups(block: nn.Module) -> list[list[nn.Module]]:
+    """A stage's layers: each residual block alone; otherwise a group per conv layer, holding the
+    conv and what follows it up to the next conv (BN, ReLU, pooling); what precedes the first
+    conv (a space-to-depth) joins it."""
+    children = list(block.children()) if isinstance(block, nn.Sequential) else [block]
+    if any(isinstance(c, (BasicBlock, Bottleneck)) for c in children):
+        return [[c] for c in children]
+    groups: list[list[nn.Module]] = [[]]
+    for c in children:
+        if isinstance(c, nn.Conv2d) and any(isinstance(g, nn.Conv2d) for g in groups[-1]):
+            groups.append([])
+        groups[-1].append(c)
+    return groups
+
+
+def layer_view(model: nn.Sequential) -> nn.Sequential:
+    """The model as an ``nn.Sequential`` of its layers (:data:`UNITS` "layer") and its classifier:
+    the same module objects, so the same parameters and exactly the same forward. A block named
+    ``stem`` joins the first layer after it (as it joins the first stage). Every stage end is a
+    layer end: the last layer of stage s ends where stage s ends."""
+    units: OrderedDict[str, nn.Module] = OrderedDict()
+    pending: list[nn.Module] = []
+    for name, block in list(model.named_children())[:-1]:
+        if name == "stem":
+            pending.append(block)
+            continue
+        for i, group in enumerate(_layer_groups(block), start=1):
+            units[f"{name}_layer{i}"] = nn.Sequential(*pending, *group)
+            pending = []
+    units["classifier"] = model.classifier
+    return nn.Sequential(units)
+
+
+def unit_view(model: nn.Sequential, unit: str) -> nn.Sequential:
+    """The model whose :func:`stage_ends` are its greedy units: itself ("stage") or :func:`layer_view`."""
+    if unit not in UNITS:
+        raise ValueError(f"unit: expected one of {', '.join(UNITS)}, got {unit!r}")
+    return model if unit == "stage" else layer_view(model)
+
+
+def layer_stage_ends(model: nn.Sequential) -> list[int]:
+    """Where each stage of ``model`` ends in its :func:`layer_view`, as layer counts."""
+    names, layers = block_names(model), block_names(layer_view(model))
+    return [max(i for i, n in enumerate(layers, start=1) if n.rsplit("_layer", 1)[0] == names[e - 1])
+            for e in stage_ends(model)]

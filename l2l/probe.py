@@ -9,6 +9,12 @@ they are compared with), SGD with momentum 0.9, the run's weight decay and a cos
 Accuracy is then measured on the un-augmented training split and the test split (reporting
 only: nothing is selected on it).
 
+Units (:data:`l2l.models.UNITS`): probes read the output of every stage ("stage", metrics
+``stage{s}_probe_*``) and/or of every layer ("layer", ``layer{l}_probe_*``). A stage ends where
+its last layer ends, and each probe trains on its own parameters only, so one probe per distinct
+boundary serves both units, and a probe's initialisation depends only on the seed and where it
+reads: the same numbers as probing each unit alone.
+
 The probed network is only read: eval mode (BatchNorm statistics untouched) and no gradients.
 """
 from __future__ import annotations
@@ -19,11 +25,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from l2l.models import stage_ends, stage_outputs
+from l2l.checks import config_error
+from l2l.models import UNITS, layer_stage_ends, layer_view, stage_ends, stage_outputs
 
 log = logging.getLogger(__name__)
 
 PROBE_PHASE = 10_000  # the probes' own data stream: epoch_generator(seed, PROBE_PHASE, epoch)
+
+# The probe budget, one definition for every method that probes (conventional, layerwise): P2's
+# comparison of early layers is like with like only when both networks' probes get the same budget.
+OPTIONS: dict = {
+    "probe_epochs": 0,  # 0: no probes; else epochs of linear-probe training after the network's training
+    "probe_lr": 0.1,  # the probes' SGD learning rate (cosine to 0), on standardised features
+}
+
+
+def check_budget(out: dict, path: str) -> None:
+    """The probe budget of a method's validated options (which hold :data:`OPTIONS`)."""
+    if out["probe_epochs"] < 0:
+        raise config_error(f"{path}.probe_epochs", "a non-negative integer", out["probe_epochs"])
+    if out["probe_lr"] <= 0:
+        raise config_error(f"{path}.probe_lr", "a positive number", out["probe_lr"])
 
 
 class LinearProbe(nn.Module):
@@ -41,6 +63,12 @@ class LinearProbe(nn.Module):
         return self.linear((self.features(f) - self.mean) / self.std)
 
 
+def _probe(channels: int, num_classes: int, seed: int, key: int) -> LinearProbe:
+    with torch.random.fork_rng(devices=[]):  # the run's random stream is left as it was
+        torch.manual_seed(seed * 100_003 + PROBE_PHASE + key)
+        return LinearProbe(channels, num_classes)
+
+
 class _Probed(nn.Module):
     """Logits of every stage's probe and, last, of the network's own classifier, stacked on a
     new leading axis: one forward pass evaluates them all."""
@@ -55,21 +83,31 @@ class _Probed(nn.Module):
         return torch.stack([*logits, self.model.classifier(feats[-1]).float()])
 
 
-def probe_stages(model: nn.Sequential, ctx, epochs: int, lr: float) -> dict[str, float]:
-    """Train a linear probe on every stage of the (trained, frozen) ``model``; returns
-    ``{"stage{s}_probe_train_acc", "stage{s}_probe_test_acc"}`` for s = 1..S and
-    ``model_train_acc`` / ``model_test_acc`` (the network's own classifier), in %.
+def probe_stages(model: nn.Sequential, ctx, epochs: int, lr: float, units: tuple[str, ...] = ("stage",)
+                 ) -> dict[str, float]:
+    """Train a linear probe on every unit (each of ``units``) of the (trained, frozen) ``model``;
+    returns ``{"<unit><s>_probe_train_acc", "<unit><s>_probe_test_acc"}`` for s = 1..S of each unit
+    and ``model_train_acc`` / ``model_test_acc`` (the network's own classifier), in %.
     Train accuracies are on the un-augmented training split."""
+    if not units or set(units) - set(UNITS):
+        raise ValueError(f"probe units: expected some of {', '.join(UNITS)}, got {units!r}")
     was_training = model.training
     model.eval()
+    full = model
+    model = layer_view(full) if "layer" in units else full
     ends = stage_ends(model)
+    at = {"stage": [ends.index(e) for e in layer_stage_ends(full)] if model is not full else list(range(len(ends))),
+          "layer": list(range(len(ends)))}
     spec = ctx.spec
     bs = spec.train["batch_size"]
     eval_bs = spec.train["eval_batch_size"]
     with torch.no_grad(), ctx.autocast():
         x0 = next(iter(ctx.data.eval_batches("train", 2)))[0]
         widths = [f.shape[1] for f in stage_outputs(model, x0, ends)]
-    probes = nn.ModuleList(LinearProbe(c, ctx.num_classes) for c in widths).to(ctx.device)
+    # Each probe's initialisation depends on the run's seed and where it reads (its layer count), not
+    # on which other probes exist: probing stages alone or with layers gives the same stage probes.
+    keys = layer_stage_ends(full) if model is full else list(ends)
+    probes = nn.ModuleList(_probe(c, ctx.num_classes, spec.seed, k) for c, k in zip(widths, keys)).to(ctx.device)
     _standardise(model, probes, ends, ctx, eval_bs)
     opt = torch.optim.SGD(probes.parameters(), lr=lr, momentum=0.9,
                           weight_decay=spec.train["optimizer"].get("weight_decay", 0.0))
@@ -84,10 +122,13 @@ def probe_stages(model: nn.Sequential, ctx, epochs: int, lr: float) -> dict[str,
     out = {}
     for split in ("train", "test"):
         *acc, own = _accuracies(_Probed(model, probes, ends), ctx, split, eval_bs)
-        out.update({f"stage{s}_probe_{split}_acc": a for s, a in enumerate(acc, 1)})
+        for unit in units:
+            out.update({f"{unit}{s}_probe_{split}_acc": acc[i] for s, i in enumerate(at[unit], 1)})
         out[f"model_{split}_acc"] = own
-    model.train(was_training)
-    log.info("probes: test acc by stage %s", [round(out[f"stage{s}_probe_test_acc"], 2) for s in range(1, len(ends) + 1)])
+    full.train(was_training)
+    for unit in units:
+        log.info("probes: test acc by %s %s", unit,
+                 [round(out[f"{unit}{s}_probe_test_acc"], 2) for s in range(1, len(at[unit]) + 1)])
     return out
 
 

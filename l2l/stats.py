@@ -40,7 +40,7 @@ Superiority A > B (effect of interest min_effect): supported if the one-sided pa
 Ordering A1 < A2 < ...: every step a superiority test at the same adjusted level; supported if every step is (intersection-union: p = the largest step p); contradicted if any step is (p = the smallest step p times the number of steps).
 Equivalence |A - B| < margin: supported if the TOST p (both one-sided tests against -+margin) has Holm p < alpha; contradicted if the difference is shown outside the margin (p = twice the smaller one-sided p of diff > margin, diff < -margin), i.e. each side at alpha/2.
 Reported value (the paper's number r, tolerance tol): supported if TOST shows |mean - r| < tol (Holm p < alpha); contradicted if the two-sided one-sample t-test of mean = r has Holm p < alpha and TOST does not support; otherwise inconclusive. Not excluded is never supported.
-Saturation (P2): supported if end-to-end beats layerwise at full depth (superiority, min_effect) AND the paired one-sided test shows the layerwise last stage's gain below the threshold (p = the larger p); contradicted if either part is contradicted, a gain shown >= threshold included (p = twice the smaller p).
+Saturation (P2): supported if end-to-end beats layerwise at full depth (superiority, min_effect) AND the paired one-sided test shows the layerwise gain over the last `window` units (default 1) below the threshold (p = the larger p); contradicted if either part is contradicted, a gain shown >= threshold included (p = twice the smaller p). The critical unit (the first within the threshold of the full-depth accuracy) is reported per seed with an order-statistics interval for its median (coverage guaranteed for any distribution, stated at the seeds used); it decides nothing.
 Rise then plateau (P4's strict line): supported if generation `peak` beats generation `start` (superiority, min_effect) AND the paired one-sided test shows the gain from `peak` to `end` below the threshold (a plateau or a decline; p = the larger p); contradicted if either part is contradicted: no rise worth min_effect, or a gain shown >= threshold (still rising; p = twice the smaller p).
 Cost equivalence (P5): supported if the accuracy TOST (|A - B| < margin) AND every measured cost ratio of A to B (FLOPs, latency per batch size) shows its per-seed mean below its maximum (one-sided t-test; a ratio equal on every seed, as FLOPs are, decided exactly with >= 3 seeds) are supported (p = the largest p); contradicted if the difference is shown outside the margin or any ratio is shown above its maximum (p = the smallest p times the number of parts); no cost ratio measured: inconclusive.
 Zero variance (every seed gives the same difference) with at least 3 seeds: the exact difference decides (it must clear 0 and min_effect, lie inside the margin or tolerance); with fewer: inconclusive.
@@ -366,10 +366,32 @@ def gain_below(gains: Arm, threshold: float, *, alpha: float = 0.05) -> Comparis
     return c
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """Distribution-free interval for the median of the population the values come from (e.g. a
+    critical layer per seed): order statistics [x_(k), x_(n+1-k)] with the largest k whose coverage
+    1 - 2 P(Binomial(n, 1/2) <= k - 1) is still >= level. That coverage holds for any distribution,
+    discrete ones included (there it is a lower bound). With too few values for `level` (n <= 5 at
+    95%) k = 1, the range, and its coverage (93.75% at n = 5) is what is returned: no interval
+    claims more than its seeds give. -> (median, low, high, coverage); NaNs without values."""
+    x = np.sort([float(v) for v in values if v is not None and math.isfinite(float(v))])
+    n = x.size
+    if n == 0:
+        return (float("nan"),) * 4  # type: ignore[return-value]
+
+    def coverage(k: int) -> float:
+        return float(1 - 2 * sps.binom.cdf(k - 1, n, 0.5))
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return float(np.median(x)), float(x[k - 1]), float(x[n - k]), coverage(k)
+
+
 def compare_saturation(end_to_end_full: Arm, layerwise_full: Arm, last_gain: Arm, *, threshold: float,
                        min_effect: float | None, alpha: float = 0.05) -> Comparison:
     """P2's saturation claim: end-to-end beats layerwise at full depth (superiority, min_effect)
-    AND the layerwise curve's last-stage gain (per seed) is below `threshold` (:func:`gain_below`),
+    AND the layerwise curve's gain over its last units (per seed; the claim's ``window``, default
+    the last unit) is below `threshold` (:func:`gain_below`),
     combined by :func:`intersection_union`; the numbers shown are the full-depth comparison's."""
     gap = compare_superiority(end_to_end_full, layerwise_full, alpha=alpha, min_effect=min_effect, rank_test=False)
     gain = gain_below(last_gain, threshold, alpha=alpha)

@@ -121,6 +121,36 @@ def test_frozen_part_is_bit_identical_after_the_other_parts_update(model, readin
         assert all_changed(active_before, state(active))
 
 
+@pytest.mark.parametrize("model", ["cnn", "vgg16", "resnext"])
+def test_alternating_gradients_are_the_full_networks_with_batch_stats(model):
+    """frozen_bn batch_stats: the student's (and the teacher's) gradient in the alternating reading is
+    exactly the full network's training-loss gradient for those parameters; eval-mode BatchNorm in the
+    frozen part gives another gradient (so the comparison can tell them apart)."""
+    data = make_data()
+    x, y = next(data.train_batches(0, 0, 0, 16))
+    grads = {}
+    for frozen_bn in ("batch_stats", "eval"):
+        phase, trainer = first_phase(make_spec({"reading": "alternating", "frozen_bn": frozen_bn}, model=model), data)
+        trainer.model.train()
+        trainer.set_split(trainer.k or l2l.resolve_split("middle", block_names(trainer.model)))
+        full = copy.deepcopy(trainer.model).train()  # the unsplit network, same weights and statistics
+        k = trainer.k
+        full_loss = torch.nn.functional.cross_entropy(full(x), y)
+        want_student = torch.autograd.grad(full_loss, list(full[:k].parameters()), retain_graph=True)
+        want_teacher = torch.autograd.grad(full_loss, list(full[k:].parameters()))
+        loss, _ = trainer.student_loss(x, y)
+        got_student = torch.autograd.grad(loss, trainer.student_params)
+        loss, _ = trainer.teacher_loss(x, y)
+        got_teacher = torch.autograd.grad(loss, trainer.teacher_params)
+        grads[frozen_bn] = (got_student, want_student)
+        if frozen_bn == "batch_stats":
+            for got, want in ((got_student, want_student), (got_teacher, want_teacher)):
+                assert len(got) == len(want)
+                assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got, want))
+    got, want = grads["eval"]
+    assert not all(torch.allclose(g, w, rtol=1e-3, atol=1e-6) for g, w in zip(got, want))
+
+
 def test_mutual_losses_give_no_gradient_to_the_frozen_side():
     data = make_data()
     phase, trainer = first_phase(make_spec({"reading": "mutual"}), data)
@@ -245,3 +275,26 @@ def test_claims_records_name_experiments_and_models_of_the_profiles():
                 for arm in r["arms"].values()):
             in_smoke.add(r["id"].split("/")[0])
     assert in_smoke == {"P1-C2"}  # what the smoke profile's comment promises
+
+
+def test_compute_matched_baseline_trains_twice_the_l2l_epochs_in_every_profile():
+    """Derived from each profile's resolved plan: every conventional_compute_matched run has twice the
+    epochs of every L2L run of its model and dataset, and every L2L model/dataset has such a baseline."""
+    from pathlib import Path
+
+    from tests.conftest import plan_of
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    profiles = config_of(params).profiles
+    assert {"paper", "smoke"} <= set(profiles)
+    for profile in profiles:
+        specs = plan_of(params, profile)
+        l2l_epochs: dict[tuple, set] = {}
+        for s in specs:
+            if s.method == "l2l":
+                l2l_epochs.setdefault((s.model, s.dataset), set()).add(s.train["epochs"])
+        baseline = {(s.model, s.dataset): s.train["epochs"] for s in specs
+                    if s.experiment == "conventional_compute_matched"}
+        assert baseline and set(baseline) == set(l2l_epochs), profile
+        for key, epochs in baseline.items():
+            assert l2l_epochs[key] == {epochs // 2} and epochs % 2 == 0, (profile, key)

@@ -22,7 +22,7 @@ from l2l.layerwise_analysis import (critical_stage, early_overfit, record_stage_
                                     stage_figure, stage_figures, stage_pairs, stage_table)
 from l2l.methods import conventional, layerwise
 from l2l.models import (LAYERWISE_PRESETS, ChannelMask, build_model, layerwise_cnn, layerwise_cnn_heads, stage_ends,
-                        stage_outputs)
+                        stage_outputs, unit_view)
 from l2l.probe import probe_stages
 from l2l.pruning import count_parameters, prune_lowest, slice_pruned, taylor_scores
 
@@ -221,6 +221,42 @@ def test_earlier_stages_frozen_and_heads_fresh(data):
         trained_at[s] = model_a
 
 
+@pytest.mark.parametrize("cfg, units", [({"arch": "vgg16", "width": 0.0625}, {"stage": 5, "layer": 13}),
+                                        ({"arch": "cifar_resnet", "depth": 14, "width": 4}, {"stage": 3, "layer": 6})])
+@pytest.mark.parametrize("unit", ["stage", "layer"])
+def test_earlier_units_stay_bit_identical(data, cfg, units, unit):
+    """VGG16 and the CIFAR ResNet, per stage and per layer: training unit s leaves every earlier unit's
+    weights AND BatchNorm buffers bit-identical (and the later ones untouched), moves unit s, and its
+    optimizer holds exactly unit s and its head."""
+    spec = make_spec(layerwise, cfg, {"unit": unit})
+    torch.manual_seed(0)
+    trained: dict[int, dict] = {}
+    phases = list(layerwise.phases(spec, RunContext(spec, data, 10, CPU)))
+    assert [p.name for p in phases] == [f"{unit}{s + 1}" for s in range(units[unit])]
+    for s, phase in enumerate(phases):
+        view = unit_view(phase.modules["model"], unit)
+        ends = stage_ends(view)
+        parts = [view[(ends[j - 1] if j else 0):ends[j]] for j in range(len(ends))]
+        before = [snapshot(p) for p in parts]
+        phase.on_epoch_start(0)
+        phase.train_mode()
+        for i, (x, y) in enumerate(data.train_batches(0, s, 0, 32)):
+            if i == 2:
+                break
+            phase.step(x, y)
+        after = [snapshot(p) for p in parts]
+        for j in range(s):
+            assert same(before[j], after[j]) and same(trained[j], after[j])
+        for j in range(s + 1, len(parts)):
+            assert same(before[j], after[j])
+        for kind in ("weight", "running_mean"):  # the unit being trained moves, its BatchNorm statistics too
+            assert any(not torch.equal(before[s][k], after[s][k]) for k in after[s] if k.endswith(kind))
+        head = [*phase.modules["heads"], view.classifier][s]
+        expected = {id(p) for p in [*parts[s].parameters(), *head.parameters()]}
+        assert {id(p) for g in phase.optimizers["sgd"].param_groups for p in g["params"]} == expected
+        trained[s] = after[s]
+
+
 def test_ensemble_predictor_is_saved_and_reloaded(data, tmp_path):
     spec = make_spec(layerwise, TINY_K3, {"predict": "ensemble"})
     ctx = RunContext(spec, data, 10, CPU)
@@ -266,7 +302,7 @@ def test_train_run_records_stages_and_resumes_exactly(data, tmp_path):
 
 def test_other_architectures_get_aux_heads(data):
     spec = make_spec(layerwise, {"arch": "cifar_resnet", "depth": 8, "width": 4}, {"aux_convs": 1, "aux_width": 5})
-    model, heads = layerwise.build(spec, 10)
+    model, _, heads = layerwise.build(spec, 10)
     assert stage_ends(model) == [2, 3, 4] and len(heads) == 2  # stem joins stage1
     assert all(h[0].out_channels == 5 for h in heads)
     phases = [p.name for p, _, _ in run_phases(spec, data, batches=1)]
@@ -287,6 +323,7 @@ def test_momentum_restarts_at_lr_drops(data):
 @pytest.mark.parametrize("options, match", [
     ({"predict": "best"}, "predict"), ({"prune_to": -1}, "prune_to"), ({"aux_convs": 1.5}, "aux_convs"),
     ({"prune_to": 4, "prune_finetune_epochs": 0}, "prune_finetune_epochs"), ({"k": 3}, "unknown option"),
+    ({"unit": "block"}, "unit"), ({"probe_epochs": -1}, "probe_epochs"), ({"probe_lr": 0.0}, "probe_lr"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ConfigError, match=match):
@@ -368,7 +405,7 @@ def test_conventional_probe_option(data, tmp_path):
     result = train_run(spec, conventional, RunContext(spec, data, 10, CPU), tmp_path)
     assert "stage3_probe_test_acc" in result["phase_metrics"]["end_to_end"]
     plain = make_spec(conventional, TINY_K3)
-    assert plain.options == {"probe_epochs": 0, "probe_lr": 0.1}
+    assert plain.options == {"probe_epochs": 0, "probe_lr": 0.1, "probe_units": ["stage"]}
     with pytest.raises(ConfigError, match="probe_epochs"):
         conventional.validate_options({"probe_epochs": -1}, "x")
 
@@ -380,6 +417,8 @@ def test_critical_stage():
     assert critical_stage([50, 60, 70], threshold=1.0) == 3  # never saturates: S
     assert critical_stage([50, 50.2, 50.1], threshold=1.0) == 1
     assert critical_stage([50, 60, 60.5, 65], threshold=1.0) == 4  # a late gain counts
+    # a slow climb (0.6 a unit, each below the threshold) is not saturation: together they add 1.8
+    assert critical_stage([50, 50.6, 51.2, 51.8], threshold=1.0) == 3
     with pytest.raises(ValueError):
         critical_stage([], 1.0)
 
@@ -394,6 +433,7 @@ def synthetic_phases() -> pd.DataFrame:
     for seed in (0, 1, 2):
         lw_test, lw_train = [60 + seed, 70, 70.5, 71.2], [90, 92, 85, 80]
         pr_test, pr_train = [40, 55, 70, 80], [42, 58, 74, 86]
+        lp_test, lp_train = [55, 65, 70, 71], [80, 85 + seed, 80, 78]
         for s in range(4):
             add(f"lw{seed}", "layerwise", "layerwise", seed, f"stage{s + 1}", "head_test_acc", lw_test[s])
             add(f"lw{seed}", "layerwise", "layerwise", seed, f"stage{s + 1}", "head_train_acc", lw_train[s])
@@ -402,6 +442,9 @@ def synthetic_phases() -> pd.DataFrame:
                 pr_test[s])
             add(f"e{seed}", "layerwise_e2e", "conventional", seed, "end_to_end", f"stage{s + 1}_probe_train_acc",
                 pr_train[s])
+            # the layerwise network's own probes (P2-C2, probe vs probe), in its last phase
+            add(f"lw{seed}", "layerwise", "layerwise", seed, "stage4", f"stage{s + 1}_probe_test_acc", lp_test[s])
+            add(f"lw{seed}", "layerwise", "layerwise", seed, "stage4", f"stage{s + 1}_probe_train_acc", lp_train[s])
         add(f"e{seed}", "layerwise_e2e", "conventional", seed, "end_to_end", "model_test_acc", 85.0 + seed)
         # a pruned stage supersedes the unpruned measure
         add(f"lw{seed}", "layerwise", "layerwise", seed, "stage1_pruned", "head_test_acc", 50 + seed)
@@ -412,7 +455,7 @@ def synthetic_phases() -> pd.DataFrame:
 def test_stage_table_and_measures():
     phases = synthetic_phases()
     t = stage_table(phases)
-    assert len(t) == 3 * 8 and set(t.source) == {"layerwise", "probe"}
+    assert len(t) == 3 * 12 and set(t.source) == {"layerwise", "probe"} and set(t.unit) == {"stage"}
     s1 = t[(t.source == "layerwise") & (t.stage == 1) & (t.seed == 2)].iloc[0]
     assert (s1.test_acc, s1.train_acc, s1.gap) == (52, 91, 39)
     lw, e2e = {"experiment": "layerwise", "model": "p3"}, {"experiment": "layerwise_e2e", "model": "p3"}
@@ -421,14 +464,28 @@ def test_stage_table_and_measures():
     assert sat["layerwise_full"] == {0: 71.2, 1: 71.2, 2: 71.2}
     assert sat["end_to_end_full"] == {0: 85.0, 1: 86.0, 2: 87.0}
     assert sat["gap_full"][1] == pytest.approx(86.0 - 71.2)
-    assert sat["critical_stage"] == {0: 2, 1: 2, 2: 2} and sat["probe_critical_stage"] == {0: 4, 1: 4, 2: 4}
+    # curve 50+seed (pruned), 70, 70.5, 71.2: stages 3 and 4 together add 1.2 >= 1 to stage 2
+    assert sat["critical_stage"] == {0: 3, 1: 3, 2: 3} and sat["probe_critical_stage"] == {0: 4, 1: 4, 2: 4}
+    assert sat["window_gain"] == pytest.approx({0: 0.7, 1: 0.7, 2: 0.7})
+    assert saturation(phases, e2e, lw, "cifar10", 1.0, window=2)["window_gain"] == pytest.approx({0: 1.2, 1: 1.2,
+                                                                                                  2: 1.2})
+    assert sat["critical_interval"] == {"median": 3, "low": 3, "high": 3, "coverage": 0.75, "n": 3}
+    assert saturation(phases, e2e, lw, "cifar10", 1.0, unit="layer")["critical_stage"] == {}  # no layer runs
     ov = early_overfit(phases, lw, e2e, "cifar10")
     assert ov["early_stages"] == 2
-    assert ov["layerwise_gap"][0] == pytest.approx(((91 - 50) + (92 - 70)) / 2)
-    assert ov["probe_gap"][0] == pytest.approx(((42 - 40) + (58 - 55)) / 2)
-    assert early_overfit(phases, lw, e2e, "cifar10", early_stages=1)["probe_gap"][2] == pytest.approx(2)
-    assert stage_pairs(phases) == [{"model": "p3", "dataset": "cifar10", "layerwise": "layerwise",
+    # probe vs probe: the layerwise network's probes against the end-to-end network's
+    assert ov["layerwise_probe_gap"][1] == pytest.approx(((80 - 55) + (86 - 65)) / 2)
+    assert ov["end_to_end_probe_gap"][0] == pytest.approx(((42 - 40) + (58 - 55)) / 2)
+    assert ov["layerwise_head_gap"][0] == pytest.approx(((91 - 50) + (92 - 70)) / 2)  # descriptive
+    assert early_overfit(phases, lw, e2e, "cifar10", early_stages=1)["end_to_end_probe_gap"][2] == pytest.approx(2)
+    assert stage_pairs(phases) == [{"model": "p3", "dataset": "cifar10", "unit": "stage", "layerwise": "layerwise",
                                     "end_to_end": "layerwise_e2e"}]
+    # the same runs per layer (phases layer{s}, metrics layer{s}_probe_*) give the same measures at unit layer
+    layers = phases.assign(phase=phases.phase.str.replace("stage", "layer"),
+                           metric=phases.metric.str.replace("stage", "layer"))
+    assert saturation(layers, e2e, lw, "cifar10", 1.0, unit="layer")["critical_stage"] == sat["critical_stage"]
+    assert early_overfit(layers, lw, e2e, "cifar10", unit="layer")["layerwise_probe_gap"] == ov["layerwise_probe_gap"]
+    assert early_overfit(layers, lw, e2e, "cifar10")["layerwise_probe_gap"] == {}  # no stage units there
     missing = saturation(phases, {"experiment": "none", "model": "p3"}, lw, "cifar10", 1.0)
     assert missing["end_to_end_full"] == {} and missing["gap_full"] == {}
 
@@ -436,7 +493,7 @@ def test_stage_table_and_measures():
 def test_stage_figure():
     fig = stage_figure(synthetic_phases(), "p3", "cifar10")
     ax_acc, ax_gap = fig.axes
-    assert len(ax_acc.lines) >= 2 and len(ax_gap.lines) == 2
+    assert len(ax_acc.lines) >= 3 and len(ax_gap.lines) == 3  # heads, layerwise probes, end-to-end probes
     assert np.allclose(ax_acc.lines[0].get_ydata(), [51, 70, 70.5, 71.2])  # mean over seeds, pruned stage 1
     assert len(ax_acc.collections) >= 2  # the bands across seeds
     assert list(stage_figures(synthetic_phases())) == ["stages_p3_cifar10"]
@@ -482,12 +539,12 @@ def test_claims_records_load_and_check(tmp_path):
     # layerwise curve 51, 70, 70.5, 71.2: +0.7 at the last stage on every seed, above the threshold 0.5:
     # a curve that keeps improving contradicts saturation (exact: zero variance on 3 seeds)
     p2 = recs["P2-C1-p3cnn"]
-    assert p2["last_gain"] == pytest.approx({0: 0.7, 1: 0.7, 2: 0.7}) and p2["verdict"] == "contradicted"
-    assert recs["P2-C2-p3cnn"]["verdict"] == "supported"  # early gaps ~31 vs 2.5 points
+    assert p2["window_gain"] == pytest.approx({0: 0.7, 1: 0.7, 2: 0.7}) and p2["verdict"] == "contradicted"
+    assert recs["P2-C2-p3cnn"]["verdict"] == "supported"  # early probe gaps ~23 vs 2.5 points
     assert recs["P2-C1-vgg16"]["status"] == "not run"
     claims["P2-C1-p3cnn"].extra["threshold"] = 1.0  # now the curve saturates after stage 2
     rec = check([claims["P2-C1-p3cnn"]], runs, phases, None, "paper", 0.05, 3)[0]
-    assert rec["critical_stage_of_mean"] == 2 and rec["verdict"] == "supported"
+    assert rec["critical_stage_of_mean"] == 3 and rec["verdict"] == "supported"
 
 
 def test_report_section_and_claim_figure(tmp_path):
@@ -519,7 +576,7 @@ def test_p3_claims_declare_the_precision_bn_init_and_images_their_arms_train_wit
     doc = {"papers": yaml.safe_load((repo / "claims.yaml").read_text())["papers"],
            "claims": yaml.safe_load((repo / "claims" / "layerwise.yaml").read_text())}
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(doc))
-    params = load_params(repo / "params.yaml")
+    params = shipped_params()
     claims = [c for c in load_claims(config_of(params), tmp_path / "claims.yaml") if c.paper == "P3"]
     specs = plan_of(params, "paper")
     assert {c.id for c in claims if c.role == "sensitivity"} == {f"P3-C{k}-paper-text" for k in (1, 2, 3)}
@@ -533,3 +590,67 @@ def test_p3_claims_declare_the_precision_bn_init_and_images_their_arms_train_wit
             assert s.model_cfg["arch"] == "layerwise_cnn" and s.model_cfg["preset"] in LAYERWISE_PRESETS
             assert LAYERWISE_PRESETS[s.model_cfg["preset"]]["bn_weight_init"] == "uniform"
             assert s.model_cfg["bn_weight_init"] is None  # the preset's, not overridden
+
+
+@pytest.mark.parametrize("profile", ["paper", "smoke"])
+def test_p2_arms_probe_at_equal_budgets_and_the_claims_unit(profile):
+    """Every P2 per-unit claim compares like with like in the resolved plan: both arms' probes get the
+    same budget (epochs, lr; probes on), the layerwise arm trains at the claim's unit and the
+    end-to-end arm probes that unit."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    records = [r for r in yaml.safe_load((repo / "claims" / "layerwise.yaml").read_text())
+               if r["kind"] in ("saturation", "early_overfit")]
+    specs = plan_of(shipped_params(), profile)
+    checked = 0
+    for r in records:
+        unit = r.get("unit", "stage")
+        lw_name, e2e_name = ("b", "a") if r["kind"] == "saturation" else ("a", "b")
+        arm_specs = {name: [s for s in specs if s.experiment == r["arms"][name]["experiment"]
+                            and s.model == r["arms"][name]["model"]] for name in ("a", "b")}
+        if not all(arm_specs.values()):
+            continue  # not in this profile
+        for lw, e2e in zip(arm_specs[lw_name], arm_specs[e2e_name]):
+            assert lw.method == "layerwise" and e2e.method == "conventional"
+            assert lw.options["unit"] == unit and unit in e2e.options["probe_units"], r["id"]
+            if r["kind"] == "early_overfit":
+                assert lw.options["probe_epochs"] == e2e.options["probe_epochs"] > 0, r["id"]
+                assert lw.options["probe_lr"] == e2e.options["probe_lr"], r["id"]
+        checked += 1
+    assert checked >= (10 if profile == "paper" else 4)
+
+
+def test_layer_units_only_where_they_exist():
+    spec = make_spec(layerwise, {"arch": "densenet", "growth_rate": 4, "block_config": [1, 1], "num_init_features": 8,
+                                 "bn_size": 2}, {"unit": "layer"})
+    with pytest.raises(ConfigError, match=r"x\.unit: expected stage for this model"):
+        layerwise.check(spec, 10, "x")
+    e2e = make_spec(conventional, spec.model_cfg, {"probe_epochs": 1, "probe_units": ["layer"]})
+    with pytest.raises(ConfigError, match=r"x\.probe_units: expected stage for this model"):
+        conventional.check(e2e, 10, "x")
+    with pytest.raises(ConfigError, match="probe_units"):
+        conventional.validate_options({"probe_units": ["stage", "stage"]}, "x")
+
+
+def test_layer_and_stage_probes_agree_where_a_stage_ends(data):
+    """One set of probes serves both units: the stage probes equal the layer probes at stage ends."""
+    cfg = {"arch": "cifar_resnet", "depth": 14, "width": 4}
+    spec = make_spec(conventional, cfg, {"probe_epochs": 1, "probe_units": ["stage", "layer"]})
+    ctx = RunContext(spec, data, 10, CPU)
+    torch.manual_seed(0)
+    model = build_model(cfg, 10)
+    both = probe_stages(model, ctx, epochs=1, lr=0.1, units=("stage", "layer"))
+    alone = probe_stages(model, ctx, epochs=1, lr=0.1, units=("stage",))
+    assert {k for k in both if k.startswith("layer")} == {f"layer{l}_probe_{s}_acc" for l in range(1, 7)
+                                                          for s in ("train", "test")}
+    for s, l in enumerate((2, 4, 6), start=1):  # stage s ends at residual block 2s
+        for split in ("train", "test"):
+            assert both[f"stage{s}_probe_{split}_acc"] == both[f"layer{l}_probe_{split}_acc"] == \
+                alone[f"stage{s}_probe_{split}_acc"]
+
+
+def test_the_analysis_knows_the_models_units():
+    from l2l import layerwise_analysis, models
+
+    assert layerwise_analysis.UNITS == models.UNITS

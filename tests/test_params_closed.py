@@ -106,7 +106,7 @@ def test_writing_a_default_out_is_the_same_run(params):
     smoke["train"]["optimizer"]["name"] = "sgd"
     smoke["models"]["cnn"]["batch_norm"] = True  # the builder's default
     params["data"]["split_seed"] = 0
-    smoke["experiments"]["layerwise"]["options"] = {"predict": "last", "prune_to": 0}  # the method's defaults
+    smoke["experiments"]["layerwise"]["options"].update(predict="last", prune_to=0, unit="stage")  # the defaults
     assert [s.hash for s in plan_of(params, "smoke")] == before
 
 
@@ -114,11 +114,12 @@ def test_run_identities_are_pinned(params):
     """The hashes of a few smoke runs on a fixed data fingerprint (a change here retrains every run of
     that kind: make it on purpose, and say so)."""
     specs = {(s.experiment, s.model, s.seed): s.hash for s in plan_of(params, "smoke", {"cifar10": "pinned"})}
-    assert specs[("conventional", "cnn", 0)] == "57a6b73a08d3"
-    # P3 runs re-pinned on purpose (#12): the official code's configuration (layerwise_cnn's conv_bias and
-    # bn_weight_init, k1's downsampling), fp32, and split.val_size 0 (the validation images train too)
-    assert specs[("layerwise", "p3_k1", 0)] == "e9f26e5df6ad"
-    assert specs[("layerwise", "p3_k1", 1)] == "8b14eb5e4865"
+    # #12: the P3 runs are the official code's configuration (layerwise_cnn's conv_bias and bn_weight_init,
+    # k1's downsampling), fp32 and split.val_size 0 (the validation images train too); conventional gained
+    # option probe_units, layerwise unit/probe_epochs/probe_lr (P2 per layer, probe vs probe): re-pinned on purpose
+    assert specs[("conventional", "cnn", 0)] == "0a34e1fd22cf"
+    assert specs[("layerwise", "p3_k1", 0)] == "e0f6d2518014"
+    assert specs[("layerwise", "p3_k1", 1)] == "34dec381380c"
 
 
 def test_the_paper_profile_plans_the_same_runs_whatever_profile_is_active(params):

@@ -281,3 +281,33 @@ def test_combine_mcnemar_fisher():
 
 
 # ---------------------------------------------------------------- seeds needed
+
+
+# --- P2's critical-layer interval -----------------------------------------------------------
+
+def test_median_interval_order_statistics():
+    from l2l.stats import median_interval
+
+    assert median_interval([9, 3, 5, 4, 7]) == (5.0, 3.0, 9.0, pytest.approx(1 - 2 / 32))  # n=5: the range
+    med, lo, hi, cov = median_interval(list(range(1, 14)))  # n=13: [x_(3), x_(11)], 1 - 2 P(Bin(13,.5) <= 2)
+    assert (med, lo, hi) == (7.0, 3.0, 11.0) and cov == pytest.approx(1 - 2 * sps.binom.cdf(2, 13, 0.5))
+    assert cov >= 0.95 > 1 - 2 * sps.binom.cdf(3, 13, 0.5)  # the largest k that keeps 95%
+    assert all(math.isnan(v) for v in median_interval([]))
+
+
+@pytest.mark.parametrize("curve", ["saturating", "slow"])
+@pytest.mark.parametrize("n", [5, 8])  # the paper profile's seeds of the per-layer (5) and stage-wise (8) runs
+def test_critical_layer_interval_covers_at_the_seeds_used(curve, n):
+    """The interval holds the population median critical layer at least as often as it states
+    (simulated through the real critical_stage and median_interval; 3 Monte Carlo s.e.)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "critical_layer_coverage.py"
+    spec = importlib.util.spec_from_file_location("critical_layer_coverage", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.POPULATION = 4000
+    r = bench.coverage(curve, n, replicates=300, seed=1)
+    se = math.sqrt(r["stated"] * (1 - r["stated"]) / 300)
+    assert r["coverage"] >= r["stated"] - 3 * se, r

@@ -40,8 +40,11 @@ its optimizer state during the other part's update. Options (defaults in ``OPTIO
   schedule runs over the whole training either way.
 
 The method is one phase of ``epochs`` epochs (the split moves inside it), so its data stream is
-the conventional run's: the equal-epochs and equal-updates baselines (conventional training at
-``epochs`` and ``2 * epochs``) see the same batches in their first ``epochs`` epochs.
+the conventional run's: the equal-epochs and compute-matched baselines (conventional training at
+``epochs`` and ``2 * epochs``) see the same batches in their first ``epochs`` epochs. The second
+is compute-matched, not update-matched: each of the two updates per batch moves one part only, so
+per parameter the updates already match at equal epochs; the passes (two forwards, two partial
+backwards per batch) are what L2L spends twice.
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """Greedy layerwise training (P3: Belilovsky, Eickenberg, Oyallon 2019; P2 applies it across
 architectures).
 
-The network's stages (:func:`l2l.models.stage_ends`) are trained one after another, one phase
-per stage ``stage1..stageS``. Stage s is trained with its own fresh auxiliary head on the
+The network's greedy units are trained one after another, one phase per unit: option ``unit``
+``stage`` (default: the stages of :func:`l2l.models.stage_ends`, P3's blocks; phases
+``stage1..stageS``) or ``layer`` (each conv layer of a VGG / the regular CNN, each residual block
+of a CIFAR ResNet, :func:`l2l.models.layer_view`; phases ``layer1..layerL``: P2's critical
+*layer*). Below, "stage" means the unit. Stage s is trained with its own fresh auxiliary head on the
 cross-entropy of the labels while stages < s are frozen: no gradient, eval mode (BatchNorm
 statistics frozen too), recomputed on every batch (the augmentation differs each epoch). The
 optimizer and its schedule are created anew for each stage; the head of stage s is left
@@ -22,6 +25,11 @@ Per-stage measures (results/phases.csv, reporting only, nothing is selected on t
 ``params`` (of the stage's predictor, pruned filters removed). Its validation accuracy is the
 phase's last ``val_acc`` in history.csv.
 
+Probes (P2-C2 like with like, ``probe_epochs`` > 0): at the end of the last phase, linear probes
+(:mod:`l2l.probe`, the budget ``probe_epochs`` / ``probe_lr`` that the end-to-end twin's probes
+get) read every unit of the frozen layerwise-trained network; metrics ``<unit><s>_probe_*`` of the
+last phase.
+
 Compression (P3-C5, ``prune_to`` > 0, layerwise_cnn only): after stage s is trained, its block
 is pruned to ``prune_to`` filters by Molchanov's first-order Taylor criterion (one shot, over
 the un-augmented training split, block and head in eval mode), then its head is fine-tuned
@@ -39,11 +47,18 @@ from l2l.checks import config_error
 from l2l.engine import Phase, RunContext
 from l2l.methods.base import Method
 from l2l.methods.options import validate
-from l2l.models import ChannelMask, aux_head, build_model, layerwise_cnn_heads, stage_ends, stage_outputs
+from l2l.models import (LAYER_ARCHS, UNITS, ChannelMask, aux_head, build_model, layerwise_cnn_heads, stage_ends,
+                        stage_outputs, unit_view)
+from l2l.probe import OPTIONS as PROBE_OPTIONS, check_budget, probe_stages
 from l2l.pruning import count_parameters, prune_lowest, slice_pruned, taylor_scores
 from l2l.spec import RunSpec
 
 OPTIONS: dict = {
+    # The greedy unit (l2l.models.UNITS): "stage" (P3's blocks; VGG pooling blocks, ResNet stages) or
+    # "layer" (each conv layer / residual block: P2 locates a critical *layer*; its units are not
+    # public, this is the finest unit the architectures share). layerwise_cnn blocks are single
+    # conv layers, so both units coincide there.
+    "unit": "stage",
     # The run's predictor: "last" (trunk + last head, P3's prediction) or "ensemble" (all heads,
     # weights 2^j normalised; P3 reports it too, and it is always measured per stage).
     "predict": "last",
@@ -59,12 +74,17 @@ OPTIONS: dict = {
     # of head fine-tuning that follow each pruning.
     "prune_to": 0,
     "prune_finetune_epochs": 20,
+    # P2-C2's probes of this network (l2l.probe; 0 = none), at the budget of the end-to-end twin's.
+    **PROBE_OPTIONS,
 }
 PREDICTS = ("last", "ensemble")
 
 
 def validate_options(options: dict, path: str) -> dict:
     out = validate(options, OPTIONS, path)
+    check_budget(out, path)
+    if out["unit"] not in UNITS:
+        raise config_error(f"{path}.unit", "one of " + ", ".join(UNITS), out["unit"])
     if out["predict"] not in PREDICTS:
         raise config_error(f"{path}.predict", "one of " + ", ".join(PREDICTS), out["predict"])
     for key in ("aux_convs", "aux_width", "prune_to"):
@@ -107,10 +127,13 @@ def _model_cfg(spec: RunSpec, path: str | None = None) -> dict:
     return spec.model_cfg
 
 
-def build(spec: RunSpec, num_classes: int) -> tuple[nn.Sequential, nn.ModuleList]:
-    """The model and the fresh auxiliary heads of all stages but the last."""
+def build(spec: RunSpec, num_classes: int) -> tuple[nn.Sequential, nn.Sequential, nn.ModuleList]:
+    """The model, its view by greedy unit (:func:`l2l.models.unit_view`: the model itself for
+    stages; the same modules, one block per layer) and the fresh auxiliary heads of all units but
+    the last."""
     cfg = _model_cfg(spec)
-    model = build_model(cfg, num_classes)
+    full = build_model(cfg, num_classes)
+    model = unit_view(full, spec.options["unit"])
     if cfg["arch"] == "layerwise_cnn":
         heads = layerwise_cnn_heads(num_classes, **{k: v for k, v in cfg.items() if k != "arch"})
     else:
@@ -121,12 +144,12 @@ def build(spec: RunSpec, num_classes: int) -> tuple[nn.Sequential, nn.ModuleList
         o = spec.options
         bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         heads = [aux_head(c, num_classes, o["aux_convs"], o["aux_width"] or c, bn) for c in widths[:-1]]
-    return model, nn.ModuleList(heads)
+    return full, model, nn.ModuleList(heads)
 
 
 def predictor(spec: RunSpec, num_classes: int) -> nn.Module:
-    model, heads = build(spec, num_classes)
-    return StageEnsemble(model, heads) if spec.options["predict"] == "ensemble" else model
+    full, model, heads = build(spec, num_classes)
+    return StageEnsemble(model, heads) if spec.options["predict"] == "ensemble" else full
 
 
 def _decay_epochs(train: dict, epochs: int) -> set[int]:
@@ -141,27 +164,34 @@ def _decay_epochs(train: dict, epochs: int) -> set[int]:
 
 def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     o = spec.options
-    model, heads = build(spec, ctx.num_classes)
-    model, heads = ctx.prepare(model), ctx.prepare(heads)
+    full, model, heads = build(spec, ctx.num_classes)
+    full, heads = ctx.prepare(full), ctx.prepare(heads)  # `model` (the unit view) shares full's modules
     all_heads = [*heads, model.classifier]
     ends = stage_ends(model)
-    modules = {"model": model, "heads": heads}  # everything, so any phase's checkpoint restores the run
-    final = StageEnsemble(model, heads) if o["predict"] == "ensemble" else model
+    modules = {"model": full, "heads": heads}  # everything, so any phase's checkpoint restores the run
+    final = StageEnsemble(model, heads) if o["predict"] == "ensemble" else full
     for s, end in enumerate(ends):
         start = ends[s - 1] if s else 0
         last = s == len(ends) - 1
         stage_pred = final if last else nn.Sequential(model[:end], all_heads[s])
-        yield _train_phase(f"stage{s + 1}", spec, ctx, modules, frozen=model[:start],
+
+        def on_end(s=s, end=end, probes=False):
+            out = _stage_metrics(ctx, model, heads, s, end)
+            if probes and o["probe_epochs"]:  # P2-C2: the final network's probes, at the twin's budget
+                out.update(probe_stages(full, ctx, o["probe_epochs"], o["probe_lr"], (o["unit"],)))
+            return out
+
+        yield _train_phase(f"{o['unit']}{s + 1}", spec, ctx, modules, frozen=model[:start],
                            trained=nn.Sequential(model[start:end], all_heads[s]), predictor=stage_pred,
                            epochs=spec.train["epochs"],
-                           on_end=lambda s=s, end=end: _stage_metrics(ctx, model, heads, s, end))
+                           on_end=lambda on_end=on_end, last=last: on_end(probes=last and not o["prune_to"]))
         if o["prune_to"]:
             block, head = model[start:end], all_heads[s]
-            yield _train_phase(f"stage{s + 1}_pruned", spec, ctx, modules, frozen=model[:end], trained=head,
+            yield _train_phase(f"{o['unit']}{s + 1}_pruned", spec, ctx, modules, frozen=model[:end], trained=head,
                                predictor=stage_pred, epochs=o["prune_finetune_epochs"],
                                before=lambda block=block, end=end, head=head: _prune(ctx, model[:end], block, head,
                                                                                        o["prune_to"]),
-                               on_end=lambda s=s, end=end: _stage_metrics(ctx, model, heads, s, end))
+                               on_end=lambda on_end=on_end, last=last: on_end(probes=last))
 
 
 def _train_phase(name: str, spec: RunSpec, ctx: RunContext, modules: dict, frozen: nn.Module, trained: nn.Module,
@@ -218,8 +248,11 @@ def _stage_metrics(ctx: RunContext, model: nn.Sequential, heads: nn.ModuleList, 
 
 
 def check(spec: RunSpec, num_classes: int, path: str) -> None:
-    """Plan time: pruning only on a model whose blocks can be masked."""
+    """Plan time: pruning only on a model whose blocks can be masked; layer units only where they exist."""
     _model_cfg(spec, path)
+    if spec.options["unit"] == "layer" and spec.model_cfg["arch"] not in LAYER_ARCHS:
+        raise config_error(f"{path}.unit", "stage for this model (layer units exist for "
+                           + ", ".join(LAYER_ARCHS) + ")", spec.model)
 
 
 METHOD = Method("layerwise", OPTIONS, phases, validate=validate_options, predictor=predictor, check=check)
