@@ -17,7 +17,7 @@ from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.methods import conventional, l2l
 from l2l.models import block_names, build_model
-from tests.conftest import config_of, shipped_params
+from tests.conftest import config_of, plan_of, shipped_params
 
 TINY = {
     "cnn": {"arch": "cnn", "width": 4},
@@ -280,11 +280,7 @@ def test_claims_records_name_experiments_and_models_of_the_profiles():
 def test_compute_matched_baseline_trains_twice_the_l2l_epochs_in_every_profile():
     """Derived from each profile's resolved plan: every conventional_compute_matched run has twice the
     epochs of every L2L run of its model and dataset, and every L2L model/dataset has such a baseline."""
-    from pathlib import Path
-
-    from tests.conftest import plan_of
-
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = shipped_params()
     profiles = config_of(params).profiles
     assert {"paper", "smoke"} <= set(profiles)
     for profile in profiles:
