@@ -136,6 +136,29 @@ def dataset_inputs(arrays: dict, manifest: dict, source: Path, splits: dict[str,
     return out
 
 
+def log_new_inputs(c, run, inputs, attempts: int = 5) -> None:
+    """Log the dataset inputs `run` does not have yet. The store inserts a dataset new to the
+    experiment check-then-insert, so two workers logging the same split at once can collide on its
+    unique key (sqlite: "UNIQUE constraint failed"); the loser retries, and then finds the winner's row."""
+    from mlflow.exceptions import MlflowException
+
+    have = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    new = [d for d in inputs if (d.dataset.name, d.dataset.digest) not in have]
+    for attempt in range(attempts):
+        if not new:
+            return
+        try:
+            c.log_inputs(run.info.run_id, datasets=new)
+            return
+        except MlflowException as e:
+            if attempt == attempts - 1 or not any(m in str(e) for m in ("UNIQUE constraint", "IntegrityError",
+                                                                          "Duplicate entry", "duplicate key")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+            have = {(d.dataset.name, d.dataset.digest) for d in c.get_run(run.info.run_id).inputs.dataset_inputs}
+            new = [d for d in new if (d.dataset.name, d.dataset.digest) not in have]
+
+
 def log_once(c, run_id: str, metrics: dict[str, Any]) -> None:
     """Summary metrics (one value per run: test accuracy, a claim's interval) with never two values at
     one step: a key the run holds with the same value is not logged again; a changed value (a claim
@@ -218,10 +241,7 @@ class RunTracker:
 
     def log_datasets(self, inputs: list) -> None:
         """Dataset inputs (:func:`dataset_inputs`) the run does not have yet."""
-        have = {(d.dataset.name, d.dataset.digest) for d in self.c.get_run(self.run_id).inputs.dataset_inputs}
-        new = [d for d in inputs if (d.dataset.name, d.dataset.digest) not in have]
-        if new:
-            self.c.log_inputs(self.run_id, datasets=new)
+        log_new_inputs(self.c, self.c.get_run(self.run_id), inputs)
 
     def backfill(self, history: list[dict]) -> None:
         """Log the epochs of `history` that the store does not have yet (after a resume)."""
@@ -306,10 +326,7 @@ def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[
     log_once(c, run.info.run_id, metrics)
     if tags:
         c.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    have = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
-    new = [d for d in datasets or () if (d.dataset.name, d.dataset.digest) not in have]
-    if new:
-        c.log_inputs(run.info.run_id, datasets=new)
+    log_new_inputs(c, run, datasets or ())
 
 
 CLAIM_METRICS = ("diff", "ci_low", "ci_high", "p_value", "mean_a", "mean_b", "n_a", "n_b", "effect_size",

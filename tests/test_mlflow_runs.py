@@ -162,3 +162,43 @@ def test_claims_experiment_holds_checked_claims_and_one_summary(tmp_path, monkey
     assert summary.data.metrics == {"claims": 4.0, "claims_inconclusive": 1.0, "claims_not_run": 3.0}
     note = summary.data.tags["mlflow.note.content"]
     assert "not run (3): cifar100 is not in profile smoke: PX-C2, PX-C3, PX-C4" in note
+
+
+def test_a_dataset_insert_race_with_another_worker_is_retried(tmp_path):
+    """Two workers logging the same new split at once collide on the store's unique key (seen in CI
+    with a worker pool): the loser retries and links the winner's row; any other error still raises."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from l2l.tracking import dataset_inputs, log_new_inputs
+    from tests.conftest import random_arrays
+
+    real = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = real.create_run(real.create_experiment("race"))
+    manifest = {"dataset": "cifar10", "splits": {s: {"sha256_x": s * 8, "sha256_y": s} for s in ("train", "val")}}
+    inputs = dataset_inputs(random_arrays(8, 4, 4), manifest, tmp_path, {"train": "training", "val": "validation"})
+
+    class Racing:
+        """The client of the worker that lost the race: its first insert meets the other's row."""
+
+        def __init__(self, error):
+            self.calls, self.error = 0, error
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls == 1:
+                raise MlflowException(self.error)
+            real.log_inputs(run_id, datasets=datasets)
+
+    racing = Racing("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+    log_new_inputs(racing, real.get_run(run.info.run_id), inputs)
+    logged = real.get_run(run.info.run_id).inputs.dataset_inputs
+    assert racing.calls == 2 and sorted(d.dataset.name for d in logged) == ["cifar10-train", "cifar10-val"]
+    log_new_inputs(real, real.get_run(run.info.run_id), inputs)  # nothing new: nothing logged twice
+    assert len(real.get_run(run.info.run_id).inputs.dataset_inputs) == 2
+    run2 = real.create_run(real.get_experiment_by_name("race").experiment_id)
+    with pytest.raises(MlflowException, match="permission denied"):
+        log_new_inputs(Racing("permission denied"), real.get_run(run2.info.run_id), inputs)
