@@ -48,9 +48,10 @@ def client():
     return mlflow.MlflowClient(tracking_uri=tracking_uri())
 
 
-# Files `dvc exp run` rewrites itself (-S writes params.yaml, every run dvc.lock): a change there is
-# the run's parameters, which its params digest (the run hash) records, not a change of the code.
-DVC_WRITES = ("params.yaml", "dvc.lock")
+# Files `dvc exp run` rewrites itself (-S writes run.yaml, the workspace's selection, or params.yaml;
+# every run dvc.lock): a change there is the run's parameters, which its params digest (the run hash)
+# records, not a change of the code.
+DVC_WRITES = ("run.yaml", "params.yaml", "dvc.lock")
 # MLflow 3's experiment kind ("machine learning", not "GenAI apps & agents"): the tag its UI sets when
 # a user picks the kind; 3.17 opens experiments by its global workflow toggle instead (README: MLflow).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -68,8 +69,8 @@ def git_state() -> tuple[str, list[str]]:
 
 
 def git_commit() -> str:
-    """HEAD's commit, "-dirty" when code differs from it (params.yaml and dvc.lock, which `dvc exp run`
-    rewrites, do not count: a run's params digest records them)."""
+    """HEAD's commit, "-dirty" when code differs from it (run.yaml, params.yaml and dvc.lock, which
+    `dvc exp run` rewrites, do not count: a run's params digest records them)."""
     commit, modified = git_state()
     return commit + ("-dirty" if modified else "")
 

@@ -119,12 +119,14 @@ def test_git_commit_is_not_dirty_for_what_dvc_rewrites(tmp_path, monkeypatch):
 
     git("init", "-q")
     (tmp_path / "params.yaml").write_text("a: 1\n")
+    (tmp_path / "run.yaml").write_text("profile: paper\n")
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
     monkeypatch.chdir(tmp_path)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (tmp_path / "params.yaml").write_text("a: 2\n")  # what `dvc exp run -S a=2` does
+    (tmp_path / "run.yaml").write_text("profile: smoke\n")  # what `dvc exp run -S run.yaml:profile=smoke` does
     assert git_commit() == head and git_state() == (head, [])
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit() == head + "-dirty" and git_state() == (head, ["code.py"])
