@@ -66,6 +66,8 @@ def _arm_label(rec: dict, name: str) -> str:
 def _order(rec: dict) -> tuple[str, str]:
     """(minuend, subtrahend) arm names of the claim's difference."""
     names = list(rec["arms"])
+    if rec["kind"] == "rise_then_plateau":  # its difference is the rise: peak - start (stats.compare_rise_then_plateau)
+        return "peak", "start"
     return (names[-1], names[0]) if rec["kind"] == "ordering" else (names[0], names[1])
 
 
