@@ -41,6 +41,11 @@ def rate(hits: list[bool]) -> tuple[float, float]:
     return p, math.sqrt(max(p * (1 - p), 1e-4) / len(hits))  # s.e. floored so a 0 rate is not exact
 
 
+def verdict_rate(draw, verdict_name: str, replicates: int = 800) -> tuple[float, float]:
+    """(rate, s.e.) of `verdict_name` over `replicates` comparisons drawn by draw()."""
+    return rate([decide_one(draw())[0] == verdict_name for _ in range(replicates)])
+
+
 # ---------------------------------------------------------------- tests and intervals
 
 def test_paired_t_and_interval_match_scipy():
@@ -198,9 +203,7 @@ def _two_arm(rng, n, delta, sd=0.6):
 @pytest.mark.parametrize("n", [3, 5])
 def test_null_false_supported_rate(n):
     rng = np.random.default_rng(10 + n)
-    hits = [decide_one(compare_superiority(*_two_arm(rng, n, 0.0), min_effect=0.5))[0] == "supported"
-            for _ in range(800)]
-    p, se = rate(hits)
+    p, se = verdict_rate(lambda: compare_superiority(*_two_arm(rng, n, 0.0), min_effect=0.5), "supported")
     assert p <= ALPHA + 3 * se
 
 
@@ -208,18 +211,15 @@ def test_null_false_supported_rate(n):
 def test_reported_value_off_by_twice_the_tolerance_is_rarely_supported(n):
     rng = np.random.default_rng(20 + n)
     for offset in (2.0, 1.0):  # twice the tolerance, and the TOST boundary itself
-        hits = [decide_one(compare_reported(arm(rng.normal(90 + offset, 0.6, n)), 90.0, tolerance=1.0))[0]
-                == "supported" for _ in range(800)]
-        p, se = rate(hits)
+        p, se = verdict_rate(lambda: compare_reported(arm(rng.normal(90 + offset, 0.6, n)), 90.0, tolerance=1.0),
+                             "supported")
         assert p <= ALPHA + 3 * se
 
 
 @pytest.mark.parametrize("n", [3, 5])
 def test_equivalence_at_the_margin_is_rarely_contradicted(n):
     rng = np.random.default_rng(30 + n)
-    hits = [decide_one(compare_equivalence(*_two_arm(rng, n, 1.0), margin=1.0))[0] == "contradicted"
-            for _ in range(800)]
-    p, se = rate(hits)
+    p, se = verdict_rate(lambda: compare_equivalence(*_two_arm(rng, n, 1.0), margin=1.0), "contradicted")
     assert p <= ALPHA / 2 + 3 * se
 
 
