@@ -18,6 +18,14 @@ True turns the autotuner off and asks torch for deterministic kernels
 (``torch.use_deterministic_algorithms(True, warn_only=True)``: an op without one warns rather
 than fails). On the CPU the same seed gives the same numbers either way
 (tests/test_engine.py::test_same_seed_same_numbers_on_cpu).
+
+TF32 (``train.tf32``, default false): on Ampere and later GPUs torch runs fp32 convolutions on TF32
+tensor cores by default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``: a 10-bit
+mantissa for the products) while fp32 matmuls stay IEEE, so ``precision: fp32`` alone did not say
+what a run computed. A run sets both explicitly, every time (a previous run's choice must not leak):
+false, IEEE fp32 convolutions and matmuls; true, TF32 for both. It touches only fp32 math on CUDA:
+under bf16 autocast the convolutions and matmuls are bf16 anyway, and CPU kernels never read these
+flags. result.json records the switch and the flags torch reports (``fp32_precision``).
 """
 from __future__ import annotations
 
@@ -47,6 +55,17 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
         # fixed CIFAR shapes: unless asked for determinism, let cuDNN pick its fastest algorithms once per shape
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
+
+
+def set_fp32_precision(tf32: bool) -> dict[str, str]:
+    """TF32 on or off for fp32 convolutions (cuDNN) and matmuls (cuBLAS), through torch's per-backend
+    flags (torch >= 2.9; mixing them with the legacy ``allow_tf32`` flags is an error there). Returns
+    the flags as torch now reports them (recorded in result.json)."""
+    value = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = value
+    torch.backends.cudnn.conv.fp32_precision = value
+    torch.backends.cudnn.rnn.fp32_precision = value  # no RNN here; set so that the cuDNN flags agree
+    return {"matmul": torch.backends.cuda.matmul.fp32_precision, "conv": torch.backends.cudnn.conv.fp32_precision}
 
 
 def graphs_compiled() -> int:

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from l2l.checks import (ConfigError, Key, boolean, choice, config_error, deep_merge, integer, mapping,
-                        name_list, nonneg_int, number, one_of_keys, optional_str, path_str, pos_float, pos_int,
+                        name_list, nonneg_float, nonneg_int, number, one_of_keys, optional_str, path_str, pos_float, pos_int,
                         resolve, seeds)
 from l2l.datasets import DATASETS, DataSettings, resolve_data, resolve_experiment_split, resolve_split
 from l2l.methods import METHODS
@@ -51,6 +51,10 @@ EXECUTOR: dict[str, Key] = {
                        "torch threads of a run on a CPU; null = torch's default where the stage starts"),
     "checkpoint_every": Key(pos_int, 1, "epochs between resume states (always at phase ends); no effect on "
                                         "results, so not part of a run's identity"),
+    "checkpoint_min_seconds": Key(nonneg_float, 60.0, "seconds at least between resume states (always at phase "
+                                                      "ends): bounds the saving's share of a fast GPU epoch"),
+    "cuda_graphs": Key(boolean, False, "each epoch's training step captured once as a CUDA graph and replayed "
+                                       "(l2l/graphs.py; same numbers, eager on a CPU); not part of a run's identity"),
     "ray": Key({
         "address": Key(optional_str, None, "null: a local Ray instance; 'auto' or ray://host:port: a cluster"),
         "cpus_per_run": Key(pos_float, 1),

@@ -22,9 +22,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from l2l.compiling import RunCompiler, set_determinism
+from l2l.compiling import RunCompiler, set_determinism, set_fp32_precision
 from l2l.device_data import DeviceData
 from l2l.checks import IntegrityError
+from l2l.graphs import StepGraphs
+from l2l.optim import load_state, sgd
 from l2l.io import read_json, read_record, run_lock, sha256_file, write_atomic, write_json, write_record, write_text
 from l2l.progress import RunProgress
 from l2l.spec import RunSpec
@@ -57,6 +59,7 @@ class Phase:
     on_epoch_start: Callable[[int], None] | None = None
     on_end: Callable[[], dict[str, float]] | None = None  # extra metrics recorded for the phase
     tags: dict[str, str] = field(default_factory=dict)  # what the method resolved (e.g. a split point): MLflow tags
+    graph_safe: bool = True  # the step is static and sync-free (CUDA graphs may replay it: l2l/graphs.py)
 
 
 class PhaseSource(Protocol):
@@ -88,18 +91,32 @@ def device_info(device: torch.device) -> dict[str, str]:
 class RunContext:
     """What a method needs from the engine: device, data, the dataset's task (loss, KD loss, metric:
     l2l/tasks.py), optimizer/scheduler factories, and where the plan's runs live (``runs``: the
-    folder of runs/<hash>/, for a method that reads another run's checkpoint, e.g. distill's teacher)."""
+    folder of runs/<hash>/, for a method that reads another run's checkpoint, e.g. distill's teacher).
+
+    cuda_branches: the engine's CUDA path (bf16 autocast under precision auto/bf16, channels_last,
+    fused SGD); default: on a CUDA device. True on a CPU takes the same branches there (torch has
+    all three on CPUs): the rehearsal of a GPU run that the tests and benchmarks/gpu_check.py run
+    (the data should then be channels_last too, DeviceData(channels_last=True), as on CUDA).
+    cuda_graphs: executor.cuda_graphs, each epoch's step captured once and replayed (l2l/graphs.py;
+    eager on a device without CUDA graphs); graph_backend: a replay backend other than CUDA's
+    (l2l.graphs.Rehearsal, the CPU rehearsal)."""
 
     def __init__(self, spec: RunSpec, data: DeviceData, num_classes: int, device: torch.device,
-                 runs: Path = Path("runs")):
+                 runs: Path = Path("runs"), cuda_branches: bool | None = None, cuda_graphs: bool = False,
+                 graph_backend=None):
         self.spec, self.data, self.num_classes, self.device, self.runs = spec, data, num_classes, device, Path(runs)
         self.task: Task = task_of(spec.data)
         precision = spec.train["precision"]
-        self.amp = device.type == "cuda" and precision in ("auto", "bf16")
-        self.channels_last = device.type == "cuda"
+        self.cuda_branches = device.type == "cuda" if cuda_branches is None else cuda_branches
+        self.amp = self.cuda_branches and precision in ("auto", "bf16")
+        self.channels_last = self.cuda_branches
+        self.fused = self.cuda_branches
         self.compile = spec.train["compile"]
         self.deterministic = spec.train["deterministic"]
         set_determinism(self.deterministic, device)
+        self.tf32 = spec.train["tf32"]
+        self.fp32_precision = set_fp32_precision(self.tf32)
+        self.graphs = StepGraphs(device, graph_backend) if cuda_graphs else None
         # meta: shapes only (l2l.cost counts a step's FLOPs), nothing to compile
         self.compiler = RunCompiler(spec.hash) if self.compile and device.type != "meta" else None
 
@@ -110,7 +127,9 @@ class RunContext:
 
     def autocast(self):
         if self.amp:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            # no cast cache under CUDA graphs: cached casts must not outlive a captured region (torch.cuda.graphs)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                  cache_enabled=self.graphs is None)
         return contextlib.nullcontext()
 
     def compiled(self, module: nn.Module) -> nn.Module:
@@ -122,14 +141,16 @@ class RunContext:
     def speed_record(self) -> dict:
         """What the run's speed and reproducibility settings were (result.json and its tags)."""
         return {"compile": self.compiler.summary() if self.compiler is not None else None,
-                "deterministic": self.deterministic}
+                "deterministic": self.deterministic, "tf32": self.tf32, "fp32_precision": self.fp32_precision,
+                "cuda_branches": self.cuda_branches,
+                "cuda_graphs": self.graphs.summary() if self.graphs is not None else None}
 
     def optimizer(self, params, train: dict | None = None) -> torch.optim.Optimizer:
         o = (train or self.spec.train)["optimizer"]
-        # CUDA: the fused kernel (one launch for all parameters); CPU keeps the default for bit-stable results.
-        return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
-                               nesterov=o["nesterov"],
-                               fused=True if self.device.type == "cuda" else None)
+        # CUDA: the fused kernel (one launch for all parameters; l2l/optim.py); CPU keeps the default for
+        # bit-stable results.
+        return sgd(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+                   nesterov=o["nesterov"], fused=self.fused)
 
     def scheduler(self, opt: torch.optim.Optimizer, epochs: int, train: dict | None = None):
         s = (train or self.spec.train)["schedule"]
@@ -173,14 +194,14 @@ class RunContext:
         return torch.cat(out) if out else torch.zeros(0, self.num_classes, device=self.device)
 
     @torch.no_grad()
-    def evaluate(self, predictor: nn.Module, split: str) -> dict:
-        """Loss, the task's metric ("acc": top-1 accuracy or mAP, in %) and per-example predictions
-        (class ids or per-class scores) of `predictor` on a split."""
+    def evaluate(self, predictor: nn.Module, split: str, predictions: bool = True) -> dict:
+        """Loss, the task's metric ("acc": top-1 accuracy or mAP, in %) and, with `predictions`,
+        per-example predictions (class ids or per-class scores, copied to the host) of `predictor` on a split."""
         logits, y = self.split_logits(predictor, split), self.data.y[split]
+        pred = {"pred": self.task.predictions(logits)} if predictions else {}
         if not len(y):  # no such images (a run whose validation images joined training): undefined, not 0
-            return {"loss": float("nan"), "acc": float("nan"), "pred": self.task.predictions(logits)}
-        return {"loss": self.task.loss(logits, y).item(), "acc": self.task.score(logits, y),
-                "pred": self.task.predictions(logits)}
+            return {"loss": float("nan"), "acc": float("nan"), **pred}
+        return {"loss": self.task.loss(logits, y).item(), "acc": self.task.score(logits, y), **pred}
 
     @property
     def images(self) -> dict[str, int]:
@@ -281,22 +302,26 @@ def _load_phase_state(phase: Phase, state: dict) -> None:
     for k, m in phase.modules.items():
         m.load_state_dict(state["modules"][k])
     for k, o in phase.optimizers.items():
-        o.load_state_dict(state["optimizers"][k])
+        load_state(o, state["optimizers"][k])  # fused or not as built on this device, whatever saved it
     for k, s in phase.schedulers.items():
         s.load_state_dict(state["schedulers"][k])
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """The random state a resume restores: the CPU generator's and, on CUDA, the run's own device's only
+    (a state per visible GPU would not restore where fewer are visible; no run draws from another GPU)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    # a CPU resume of a CUDA state draws nothing from CUDA; an older per-GPU list is not restored (no run draws from it)
+    if device.type == "cuda" and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -305,27 +330,28 @@ def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path
               on_epoch: Callable[[dict], None] | None = None,
               on_resume: Callable[[list[dict]], None] | None = None,
               stop_after_epochs: int | None = None, checkpoint_every: int = 1,
-              progress: RunProgress | None = None) -> dict:
+              progress: RunProgress | None = None, checkpoint_min_seconds: float = 0.0) -> dict:
     """Train one run to completion (resuming from its last verified resume state if there is one),
     holding run_dir's lock (l2l.io.run_lock: a second trainer of the same run is refused).
 
     Writes run_dir/{history.csv, final.pt, best.pt} and last, result.json recording their sha256
     (no best.pt without a validation split: best-validation is then undefined, result["best"]["sha256"] None);
-    returns the result dict. A resume state is saved every `checkpoint_every` epochs and at the end
-    of every phase. stop_after_epochs simulates an interruption (tests): return after that many epochs.
+    returns the result dict. A resume state is saved at the end of every phase, and after an epoch when
+    at least `checkpoint_every` epochs and `checkpoint_min_seconds` seconds have passed since the last
+    one (or since this process started the run): params' executor settings, no effect on results. stop_after_epochs simulates an interruption (tests): return after that many epochs.
     progress: the run's bar or epoch lines (default: a bar on a terminal, l2l.progress).
     """
     progress = progress or RunProgress(spec.label)
     with run_lock(run_dir):
         try:
             return _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs,
-                                 checkpoint_every, progress)
+                                 checkpoint_every, progress, checkpoint_min_seconds)
         finally:
             progress.close()
 
 
 def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_epochs, checkpoint_every,
-                  progress) -> dict:
+                  progress, checkpoint_min_seconds=0.0) -> dict:
     if (run_dir / "result.json").exists():  # finished by another trainer while this one waited: not twice
         return read_record(run_dir / "result.json", check=())
     started = time.perf_counter()
@@ -341,6 +367,7 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
 
     torch.manual_seed(spec.seed)  # initialisation; data order and augmentation have their own streams
     epochs_done_now = 0
+    saved = {"epochs": 0, "at": time.monotonic()}  # epochs and time since the last resume state
     phase = None
     tags: dict[str, str] = {}
     updates = history[-1]["updates"] if history else 0
@@ -352,7 +379,7 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
                 continue  # trained already; its results live in the modules' state loaded below
             if pi == resume["phase"]:
                 _load_phase_state(phase, resume["state"])
-                _set_rng_state(resume["rng"])
+                _set_rng_state(resume["rng"], ctx.device)
                 start_epoch = resume["epoch"] + 1
         progress.phase(phase.name, phase.epochs, start_epoch)
         for epoch in range(start_epoch, phase.epochs):
@@ -369,8 +396,11 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
                 # best-on-validation within the current phase (its predictor is the final one at the end)
                 best = {"phase": pi, "epoch": epoch, "val_acc": row["val_acc"]}
                 best_state = _cpu_copy(phase.predictor.state_dict())
-            if (epoch + 1) % checkpoint_every == 0 or epoch == phase.epochs - 1:
-                _save_resume({"phase": pi, "epoch": epoch, "state": _phase_state(phase), "rng": _rng_state(),
+            saved["epochs"] += 1
+            if epoch == phase.epochs - 1 or (saved["epochs"] >= checkpoint_every
+                                             and time.monotonic() - saved["at"] >= checkpoint_min_seconds):
+                saved.update(epochs=0, at=time.monotonic())
+                _save_resume({"phase": pi, "epoch": epoch, "state": _phase_state(phase), "rng": _rng_state(ctx.device),
                               "history": history, "best": best, "best_state": best_state,
                               "phase_metrics": phase_metrics}, run_dir)
             if on_epoch is not None:
@@ -399,7 +429,10 @@ def _train_locked(spec, method, ctx, run_dir, on_epoch, on_resume, stop_after_ep
               # own measurements): what l2l plan's calibration fits; None for a resumed run (part of it is elsewhere)
               "run_seconds": None if resume else time.perf_counter() - started}
     result["tags"] = {**tags, "train.compile": str(ctx.compile).lower(),
-                      "train.deterministic": str(ctx.deterministic).lower()}
+                      "train.deterministic": str(ctx.deterministic).lower(), "train.tf32": str(ctx.tf32).lower(),
+                      "fp32_precision": ",".join(f"{k}={v}" for k, v in ctx.fp32_precision.items()),
+                      "executor.cuda_graphs": "off" if ctx.graphs is None else
+                      "on" if result["cuda_graphs"]["used"] else "eager fallback"}
     if ctx.compiler is not None:
         ctx.compiler.close()
     result = write_record(run_dir / "result.json", result, files)
@@ -419,13 +452,14 @@ def _train_epoch(spec: RunSpec, ctx: RunContext, phase: Phase, pi: int, epoch: i
     dev = ctx.device
     _sync(dev)
     t0 = time.perf_counter()
+    step = ctx.graphs.epoch_step(phase) if ctx.graphs is not None else phase.step
     loss_sum, meter, seen, batches = step_batches(
-        phase.step, ctx.data.train_batches(spec.seed, pi, epoch, spec.train["batch_size"]), dev, ctx.task.meter(dev))
+        step, ctx.data.train_batches(spec.seed, pi, epoch, spec.train["batch_size"]), dev, ctx.task.meter(dev))
     _sync(dev)
     seconds = time.perf_counter() - t0
     for s in phase.schedulers.values():
         s.step()
-    val = ctx.evaluate(phase.predictor, "val")
+    val = ctx.evaluate(phase.predictor, "val", predictions=False)  # nothing reads them: no copy to the host
     return {"phase": phase.name, "phase_index": pi, "epoch": epoch, "phase_epochs": phase.epochs,
             "train_loss": loss_sum.item() / seen, "train_acc": meter.value(),
             "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,

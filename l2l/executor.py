@@ -77,6 +77,8 @@ class Worker:
     # so every backend uses the same number: params' executor.cpu_threads, else the train stage's.
     cpu_threads: int | None = None
     checkpoint_every: int = 1  # epochs between resume states (params' executor.checkpoint_every)
+    checkpoint_min_seconds: float = 0.0  # and seconds at least (executor.checkpoint_min_seconds)
+    cuda_graphs: bool = False  # executor.cuda_graphs (l2l/graphs.py)
     progress_bars: bool = False  # a bar per run (the stage's own process on a terminal); else epoch log lines
 
 
@@ -112,9 +114,11 @@ def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> d
                                                     # split.val_size 0: the validation images were trained on
                                                     {"train": "training", "val": "training"
                                                      if val_joins_train(spec.data) else "validation"}))
-                ctx = RunContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve())
+                ctx = RunContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve(),
+                                 cuda_graphs=worker.cuda_graphs)
                 result = train_run(spec, METHODS[spec.method], ctx, run_dir, on_epoch=tracker.log_epoch,
                                    on_resume=tracker.backfill, checkpoint_every=worker.checkpoint_every,
+                                   checkpoint_min_seconds=worker.checkpoint_min_seconds,
                                    progress=RunProgress(spec.label, bars=worker.progress_bars and bars_enabled()))
                 # Per run once; val/test accuracy of final.pt and best.pt come from the evaluate stage
                 # (logging them here too gave those keys two values at one step).
@@ -461,7 +465,8 @@ def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".",
 def _run_waves(todo: list[RunSpec], config: Config, root: str | Path, progress: StageProgress) -> None:
     cfg = config.executor
     worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads(),
-                    checkpoint_every=cfg["checkpoint_every"])
+                    checkpoint_every=cfg["checkpoint_every"], checkpoint_min_seconds=cfg["checkpoint_min_seconds"],
+                    cuda_graphs=cfg["cuda_graphs"])
     by_hash = {s.hash: s for s in todo}
 
     def finished(h: str) -> bool:

@@ -52,6 +52,8 @@ TRAIN: dict[str, Key] = {
     "compile": Key(boolean, False, "torch.compile of the training steps' forwards (l2l/compiling.py)"),
     "deterministic": Key(boolean, False, "cuDNN autotuning off and deterministic kernels (CUDA results then "
                                          "bit-reproducible); off: the fastest kernels"),
+    "tf32": Key(boolean, False, "TF32 tensor cores for fp32 convolutions and matmuls on CUDA (Ampere and later); "
+                                "false: IEEE fp32 (l2l/compiling.py)"),
 }
 
 

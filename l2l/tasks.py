@@ -46,8 +46,9 @@ class ScoreMeter:
         self.task, self.logits, self.labels = task, [], []
 
     def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.logits.append(logits.detach().float())
-        self.labels.append(y)
+        # copies: a replayed CUDA graph's outputs are overwritten by its next replay (l2l/graphs.py)
+        self.logits.append(logits.detach().to(torch.float32, copy=True))
+        self.labels.append(y.clone())
 
     def value(self) -> float:
         return self.task.score(torch.cat(self.logits), torch.cat(self.labels))

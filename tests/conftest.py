@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from l2l.spec import RunSpec, resolve_train
 from l2l.device_data import DeviceData
 
 REPO = Path(__file__).resolve().parents[1]
+# The shared offline CIFAR-10 arrays (real images and labels; CI sets L2L_CIFAR10_NPZ, .ci/run)
+REAL_NPZ = Path(os.environ.get("L2L_CIFAR10_NPZ", REPO.parent / "shared/data/cifar10_train50k_test1017_arrays.npz"))
 
 # a resolved train section (every default filled in), as the plan puts into every RunSpec
 TRAIN = resolve_train({"epochs": 2, "batch_size": 32, "eval_batch_size": 64,
@@ -79,3 +83,24 @@ def smoke_params(npz: Path, seeds=(0, 1), experiments=None) -> dict:
     # smoke extends paper, whose experiments would merge in (at paper model sizes): only these train
     params["profiles"]["paper"]["experiments"] = {}
     return params
+
+
+@functools.lru_cache(maxsize=None)
+def real_cifar10(train: int = 640, val: int = 500, test: int = 500, seed: int = 0) -> dict:
+    """Disjoint stratified train/val/test subsets (a tenth of each per class) of the real CIFAR-10
+    training images and labels in REAL_NPZ, as uint8 NCHW and int64 arrays. Missing file: an error
+    where L2L_CIFAR10_NPZ names it (CI), else the test is skipped, naming where it looked."""
+    if not REAL_NPZ.is_file():
+        if "L2L_CIFAR10_NPZ" in os.environ:
+            raise FileNotFoundError(f"L2L_CIFAR10_NPZ={REAL_NPZ}: no such file")
+        pytest.skip(f"offline CIFAR-10 arrays not present at {REAL_NPZ} (set L2L_CIFAR10_NPZ)")
+    with np.load(REAL_NPZ) as z:
+        x, y = z["x_train"], z["y_train"].astype(np.int64)
+        rng = np.random.default_rng(seed)
+        per_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
+        out, start = {}, 0
+        for split, n in (("train", train), ("val", val), ("test", test)):
+            idx = np.sort(np.concatenate([p[start:start + n // 10] for p in per_class]))
+            out[split] = (x[idx].reshape(-1, 3, 32, 32), y[idx])
+            start += n // 10
+    return out

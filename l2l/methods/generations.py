@@ -227,7 +227,9 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
         yield Phase(f"gen{g}", epochs, {**{f"gen{i}": m for i, m in enumerate(elders)}, "model": model},
                     {"sgd": opt}, step, predictor=model, schedulers={"lr": ctx.scheduler(opt, epochs)},
                     train_mode=train_mode(model, elders), on_epoch_start=on_epoch_start,
-                    on_end=lambda g=g: _measures(ctx, models, g, probs, weights))
+                    on_end=lambda g=g: _measures(ctx, models, g, probs, weights),
+                    # the cached teacher serves logits by a host-side position: a CUDA graph would replay one batch's
+                    graph_safe=g == 0 or o["teacher_on_the_fly"])
 
 
 METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check)  # single-label only
