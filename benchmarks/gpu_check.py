@@ -21,6 +21,18 @@ and says so.
   5 concurrency: aggregate images/s of 1, 2, 4 runs of a small model in spawned processes (CUDA).
   6 slice: a few real epochs of the conventional ResNet-20 and of P3's k=2 first block on the
     CIFAR-10 subset: accuracy and seconds per epoch.
+  cuda_graphs (after throughput): per launch-bound model family of the paper profile (its CIFAR
+    ResNets: P4, P5, P2), images/s of the engine's step eager and replayed as a CUDA graph
+    (executor.cuda_graphs, l2l/graphs.py), peak memory, TFLOP/s, the largest parameter difference
+    after the same steps; every method for one epoch with graphs on and off (train.deterministic on:
+    the same kernels, so the same numbers are expected), captures and replays counted. Writes the
+    `cuda_graphs` mode of throughput.json's `modes` (benchmarks/RESULTS.md).
+  tf32: P3's fp32 networks (k=1, 2, 3) with train.tf32 off (IEEE fp32, the harness's default, as
+    P3's code ran) and on: images/s, TFLOP/s, and how far one forward's logits move.
+
+Every run here takes the engine's CUDA branches (bf16 autocast, channels_last, fused SGD) on any
+device: with --device cpu the command is a CPU rehearsal of the GPU run (the test suite's; CUDA
+graphs then go through l2l.graphs.Rehearsal, which replays by running the step again).
 
 Data: --make-subset PATH writes a stratified subset of the offline CIFAR-10 arrays (default 14,000
 images, 41 MiB: under the 64 MiB that travels with the working tree to the device machine).
@@ -33,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -50,8 +63,11 @@ from l2l.compiling import COMPILE_OPTIONS  # noqa: E402
 from l2l.spec import RunSpec  # noqa: E402
 from l2l.cost import train_flops_per_image  # noqa: E402
 from l2l.device_data import DeviceData  # noqa: E402
-from l2l.engine import RunContext, load_checkpoint, train_run  # noqa: E402
+from l2l.compiling import set_fp32_precision  # noqa: E402
+from l2l.engine import RunContext, load_checkpoint, step_batches, train_run  # noqa: E402
+from l2l.graphs import WARMUP as GRAPH_WARMUP, Rehearsal  # noqa: E402
 from l2l.methods import METHODS  # noqa: E402
+from l2l.models import build_model  # noqa: E402
 
 OFFLINE_NPZ = "/work/shared/data/cifar10_train50k_test1017_arrays.npz"
 # Model families at the paper profile's sizes (params.yaml profiles.paper.models), and toy ones.
@@ -68,17 +84,52 @@ SCALES = {  # per scale: models, the methods section's model (smoke sizes), imag
     # epochs, timed batches, slice epochs, matmul size, concurrent runs
     "paper": dict(models=PAPER_MODELS, small={"arch": "cnn", "width": 16}, train=12000, val=1000, test=1000,
                   method_images=2048, epochs=2,
-                  batch=128, warmup=10, steps=40, slice_epochs=3, matmul=8192, concurrency=[1, 2, 4]),
-    "tiny": dict(models=TINY_MODELS, small={"arch": "cnn", "width": 4}, train=256, val=32, test=32,
-                 method_images=64, epochs=1, batch=32, compile_models=["cnn"],
+                  batch=128, warmup=10, steps=40, slice_epochs=3, matmul=8192, concurrency=[1, 2, 4],
+                  graph_models=None, p3_models=None,  # from params.yaml's paper profile (paper_models)
+                  tf32_warmup=3, tf32_steps=10),
+    # tiny: enough real images and steps for every method to learn above chance (the CPU rehearsal)
+    "tiny": dict(models=TINY_MODELS, small={"arch": "cnn", "width": 8}, train=640, val=300, test=64,
+                 method_images=640, epochs=2, batch=32, compile_models=["cnn"],
                  compile_methods=["l2l_alternating"],  # the rest: tests/test_compile.py
-                 warmup=1, steps=2, slice_epochs=1, matmul=256, concurrency=[1, 2]),
+                 warmup=1, steps=2, slice_epochs=1, matmul=256, concurrency=[1, 2],
+                 graph_models={"resnet8": {"arch": "cifar_resnet", "depth": 8, "width": 4}},
+                 p3_models={"p3_k2_narrow": {"arch": "layerwise_cnn", "preset": "k2", "M": 8, "M_tilde": 8}},
+                 tf32_warmup=1, tf32_steps=2),
 }
-SECTIONS = ["stamp", "methods", "throughput", "compile", "concurrency", "slice"]
+SECTIONS = ["stamp", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency", "slice"]
 # a rough floor of each section's seconds: skipped when less than this is left of the budget
-NEEDS = {"stamp": 5, "methods": 60, "throughput": 60, "compile": 90, "concurrency": 60, "slice": 60}
+NEEDS = {"stamp": 5, "methods": 60, "throughput": 60, "cuda_graphs": 30, "tf32": 15, "compile": 90, "concurrency": 60,
+         "slice": 60}
+# the most seconds a section may take (its per-model loops stop there; the whole command: benchmarks/RESULTS.md)
+SECTION_BUDGET_S = {"cuda_graphs": 75, "tf32": 35}
 # the share of the budget by whose end the per-model loops of a section stop (later sections keep theirs)
 ENDS_AT = {"throughput": 0.45, "compile": 0.7}
+
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+P3_FP32 = ("p3_k1", "p3_k2", "p3_k3")  # P3's networks as its code configures them: the fp32 experiments (tf32)
+LAUNCH_BOUND_ARCHS = ("cifar_resnet",)  # ~266 (ResNet-20) to ~1,256 (ResNet-110) kernels a step (issue 21)
+
+
+def paper_models() -> dict[str, dict]:
+    """params.yaml's paper profile models (name -> builder config): the names throughput.json's modes use."""
+    import yaml
+
+    return yaml.safe_load(PARAMS.read_text())["profiles"]["paper"]["models"]
+
+
+def graph_families(models: dict[str, dict]) -> dict[str, dict]:
+    """The launch-bound models, one entry per distinct configuration: {first name: {"cfg", "names"}} (P4's
+    ResNet-110 is also P5's teacher; P2's resnet20 is P5's ResNet-20)."""
+    out: dict[str, dict] = {}
+    for name, cfg in models.items():
+        if cfg["arch"] in LAUNCH_BOUND_ARCHS:
+            same = next((v for v in out.values() if v["cfg"] == cfg), None)
+            if same:
+                same["names"].append(name)
+            else:
+                out[name] = {"cfg": cfg, "names": [name]}
+    return out
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -122,9 +173,10 @@ def sync(device: torch.device) -> None:
 
 
 def device_data(arrays: dict, device: torch.device, train_images: int | None = None) -> DeviceData:
+    """channels_last on every device: the CUDA branches' data layout (a CPU rehearses them)."""
     if train_images is not None:
         arrays = {**arrays, "train": tuple(a[:train_images] for a in arrays["train"])}
-    return DeviceData(arrays, "cifar10", device, crop_padding=4, flip=True, channels_last=device.type == "cuda")
+    return DeviceData(arrays, "cifar10", device, crop_padding=4, flip=True, channels_last=True)
 
 
 def spec_for(method: str, cfg: dict, s: dict, epochs: int, options: dict | None = None, **train) -> RunSpec:
@@ -134,9 +186,39 @@ def spec_for(method: str, cfg: dict, s: dict, epochs: int, options: dict | None 
                    {"fingerprint": "gpu_check"})
 
 
-def run(spec: RunSpec, data: DeviceData, device: torch.device, root: Path, name: str, **kw) -> dict:
-    ctx = RunContext(spec, data, 10, device, runs=root)
+def run(spec: RunSpec, data: DeviceData, device: torch.device, root: Path, name: str, cuda_graphs: bool = False,
+        **kw) -> dict:
+    """Train a run through the engine's CUDA branches (a CPU takes them too: the rehearsal)."""
+    ctx = RunContext(spec, data, 10, device, runs=root, cuda_branches=True, cuda_graphs=cuda_graphs,
+                     graph_backend=None if device.type == "cuda" else Rehearsal())
     return train_run(spec, METHODS[spec.method], ctx, root / name, **kw)
+
+
+def step_runner(cfg: dict, x, y, device: torch.device, batch: int, graphs: bool = False, **train):
+    """run(n): n training batches of the conventional step through the engine's CUDA branches (and, with
+    graphs, captured and replayed as executor.cuda_graphs does: the first GRAPH_WARMUP eager, then one
+    capture; l2l.graphs.Rehearsal on a CPU). x: whole batches only (one shape). run.phase: its modules."""
+    spec = RunSpec("gpu_check", "conventional", cfg["arch"], "cifar10", 0, cfg,
+                   {**tp.TRAIN, "batch_size": batch, **train}, METHODS["conventional"].validate_options({}, "gpu_check"),
+                   {"fingerprint": "gpu_check"})
+    data = DeviceData({"train": (x, y)}, "cifar10", device, crop_padding=4, flip=True, channels_last=True)
+    torch.manual_seed(0)
+    ctx = RunContext(spec, data, 10, device, cuda_branches=True, cuda_graphs=graphs,
+                     graph_backend=None if device.type == "cuda" else Rehearsal())
+    phase = next(METHODS["conventional"].phases(spec, ctx))
+    step = ctx.graphs.epoch_step(phase) if graphs else phase.step  # one capture for the whole measurement
+    batches = itertools.chain.from_iterable(data.train_batches(0, 0, e, batch) for e in itertools.count())
+
+    def runner(n: int):
+        return step_batches(step, itertools.islice(batches, n), device)
+
+    runner.phase, runner.ctx = phase, ctx
+    return runner
+
+
+def param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].is_floating_point())
 
 
 def max_param_diff(a: Path, b: Path) -> float:
@@ -192,8 +274,9 @@ def _driver() -> str:
 
 def section_methods(args, s, device, arrays, root: Path) -> dict:
     data = device_data(arrays, device, s["method_images"])
-    out = {}
-    teacher = spec_for("conventional", {"arch": "cifar_resnet", "depth": 8, "width": 4}, s, 1)
+    # what a predictor that ignores the image scores: the validation split's largest class share
+    out = {"chance_val_acc": 100.0 * float(np.bincount(arrays["val"][1]).max()) / len(arrays["val"][1])}
+    teacher = spec_for("conventional", {"arch": "cifar_resnet", "depth": 8, "width": 4}, s, s["epochs"])
     run(teacher, data, device, root, teacher.hash)
     for label, method, cfg, options in method_runs(s):
         if method == "distill":
@@ -220,6 +303,99 @@ def section_methods(args, s, device, arrays, root: Path) -> dict:
             "train_seconds": [a["train_seconds"], b["train_seconds"]]}
     torch.use_deterministic_algorithms(False)
     return out
+
+
+def section_cuda_graphs(args, s, device, arrays, root: Path, deadline: float) -> dict:
+    """executor.cuda_graphs measured: per launch-bound family the step eager and replayed (images/s, peak
+    memory, TFLOP/s, parameter difference after the same batches), then every method one epoch with graphs
+    on and off (deterministic kernels: the same numbers expected)."""
+    x, y = arrays["train"]
+    n = len(y) // s["batch"] * s["batch"]
+    warmup = max(s["warmup"], GRAPH_WARMUP + 1)  # the eager warm-up steps and the capture stay untimed
+    families = s["graph_models"] or graph_families(paper_models())
+    out = {"backend": "torch.cuda.graph" if device.type == "cuda" else
+           "l2l.graphs.Rehearsal (no capture on a CPU: replays run the step again)", "models": {}, "methods": {}}
+    for name, fam in families.items():
+        fam = fam if "cfg" in fam else {"cfg": fam, "names": [name]}
+        if time.monotonic() > deadline:
+            out["models"][name] = {"names": fam["names"], "skipped": "budget"}
+            continue
+        row = {"cfg": fam["cfg"], "names": fam["names"], "batch_size": s["batch"],
+               "train_gflop_per_image": train_flops_per_image(fam["cfg"], 10, s["batch"]) / 1e9}
+        runners = {}
+        for graphs in (False, True):
+            key = "graphs" if graphs else "eager"
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            runners[key] = step_runner(fam["cfg"], x[:n], y[:n], device, s["batch"], graphs=graphs)
+            secs = tp._timed(runners[key], warmup, s["steps"], device)
+            row[f"{key}_images_per_s"] = s["steps"] * s["batch"] / secs
+            row[f"{key}_achieved_tflops"] = row[f"{key}_images_per_s"] * row["train_gflop_per_image"] / 1e3
+            if device.type == "cuda":
+                row[f"{key}_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        row["speedup"] = row["graphs_images_per_s"] / row["eager_images_per_s"]
+        # the same initialisation and batches: how far apart the two are after warm-up + timed steps
+        row["max_param_diff"] = param_diff(runners["eager"].phase.predictor, runners["graphs"].phase.predictor)
+        row["graphs"] = runners["graphs"].ctx.graphs.summary()
+        out["models"][name] = row
+    data = device_data(arrays, device, s["method_images"])
+    teacher = spec_for("conventional", {"arch": "cifar_resnet", "depth": 8, "width": 4}, s, 1, deterministic=True)
+    run(teacher, data, device, root, teacher.hash)
+    for label, method, cfg, options in method_runs(s):
+        if time.monotonic() > deadline:
+            out["methods"][label] = {"skipped": "budget"}
+            continue
+        if method == "distill":
+            options = {**options, "latency_batches": [1], "latency_warmup": 1, "latency_repeats": 2}
+        spec = spec_for(method, cfg, s, 1, options, deterministic=True)
+        if method == "distill":
+            spec = dataclasses.replace(spec, options={**spec.options, "teacher_run": {"hash": teacher.hash,
+                                                                                      "model_cfg": teacher.model_cfg}})
+        r = {g: run(spec, data, device, root, f"graphs-{label}-{g}", cuda_graphs=g) for g in (False, True)}
+        out["methods"][label] = {
+            "max_param_diff": max_param_diff(root / f"graphs-{label}-False/final.pt",
+                                             root / f"graphs-{label}-True/final.pt"),
+            "val_acc_eager": r[False]["final"]["val_acc"], "val_acc_graphs": r[True]["final"]["val_acc"],
+            "train_seconds_eager": r[False]["train_seconds"], "train_seconds_graphs": r[True]["train_seconds"],
+            "graphs": r[True]["cuda_graphs"]}
+    torch.use_deterministic_algorithms(False)
+    return out
+
+
+def section_tf32(args, s, device, arrays, deadline: float) -> dict:
+    """train.tf32 on P3's fp32 networks (the official configuration, trained end to end: an upper bound of a
+    layerwise phase's cost): images/s and TFLOP/s with TF32 off (IEEE) and on; the largest difference of one
+    forward's logits (eval mode, the same weights and batch) relative to their largest magnitude."""
+    x, y = arrays["train"]
+    n = len(y) // s["batch"] * s["batch"]
+    models = s["p3_models"] or {k: v for k, v in paper_models().items() if k in P3_FP32}
+    rows = {}
+    for name, cfg in models.items():
+        if time.monotonic() > deadline:
+            rows[name] = {"skipped": "budget"}
+            continue
+        row = {"cfg": cfg, "batch_size": s["batch"],
+               "train_gflop_per_image": train_flops_per_image(cfg, 10, s["batch"]) / 1e9}
+        for tf32 in (False, True):
+            key = "tf32" if tf32 else "ieee"
+            runner = step_runner(cfg, x[:n], y[:n], device, s["batch"], precision="fp32", tf32=tf32)
+            secs = tp._timed(runner, s["tf32_warmup"], s["tf32_steps"], device)
+            row[f"{key}_images_per_s"] = s["tf32_steps"] * s["batch"] / secs
+            row[f"{key}_achieved_tflops"] = row[f"{key}_images_per_s"] * row["train_gflop_per_image"] / 1e3
+        row["tf32_speedup"] = row["tf32_images_per_s"] / row["ieee_images_per_s"]
+        torch.manual_seed(0)
+        model = build_model(cfg, 10).to(device, memory_format=torch.channels_last).eval()
+        batch = device_data({"train": arrays["train"]}, device).normalise(
+            torch.from_numpy(np.ascontiguousarray(x[:s["batch"]])).to(device))
+        logits = {}
+        with torch.no_grad():
+            for tf32 in (False, True):
+                set_fp32_precision(tf32)
+                logits[tf32] = model(batch).double()
+        row["max_rel_logit_diff"] = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
+        rows[name] = row
+    set_fp32_precision(False)
+    return rows
 
 
 def section_throughput(args, s, device, arrays, deadline: float, ceiling: float | None) -> dict:
@@ -332,10 +508,38 @@ def throughput_doc(results: dict, s: dict) -> dict:
         models[name] = {**row, "engine_compiled_images_per_s": comp.get("compiled_images_per_s"),
                         "share_of_bf16_peak": row["share_of_measured_ceiling"]}
     conc = results.get("concurrency") or {}
-    return {"stamp": st, "data": results["data"], "images": s["train"], "warmup": s["warmup"], "steps": s["steps"],
+    return {"modes": merge_modes(cuda_graphs_modes(results)),
+            "stamp": st, "data": results["data"], "images": s["train"], "warmup": s["warmup"], "steps": s["steps"],
             "naive_workers": results["naive_workers"], "peak_bf16_tflops": st.get("matmul_tflops"),
             "peak_source": "bf16 matmul measured by benchmarks/gpu_check.py", "models": models,
             "concurrency": conc if "images_per_s" in conc else None, "source": "benchmarks/gpu_check.py"}
+
+
+def cuda_graphs_modes(results: dict) -> dict[str, dict]:
+    """throughput.json's mode `cuda_graphs` per profile model name (TEAM contract: images/s, peak memory
+    GiB, achieved TFLOP/s, runs in flight), from the cuda_graphs section: CUDA measurements only (a CPU
+    rehearsal replays by running the step again, which says nothing of a graph's speed)."""
+    sec = results.get("cuda_graphs") or {}
+    if results.get("stamp", {}).get("device") != "cuda":
+        return {}
+    out = {}
+    for row in sec.get("models", {}).values():
+        if "skipped" in row or not row["graphs"]["used"]:
+            continue
+        mode = {"images_per_s": row["graphs_images_per_s"], "peak_memory_gib": row.get("graphs_peak_memory_gib"),
+                "achieved_tflops": row["graphs_achieved_tflops"], "runs": 1}
+        for name in row["names"]:
+            out[name] = {"cuda_graphs": mode}
+    return out
+
+
+def merge_modes(*parts: dict[str, dict]) -> dict[str, dict]:
+    """Each section's measured modes ({model: {mode: figures}}) merged per model."""
+    out: dict[str, dict] = {}
+    for part in parts:
+        for model, modes in part.items():
+            out.setdefault(model, {}).update(modes)
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -350,11 +554,12 @@ def markdown(results: dict) -> str:
         lines += [f"| method ({epochs} epochs, small model) | val acc | train s | img/s | updates |",
                   "|---|---|---|---|---|"]
         for k, r in results["methods"].items():
-            if "updates" in r:
+            if isinstance(r, dict) and "updates" in r:
                 lines.append(f"| {k} | {r['val_acc']:.1f} | {r['train_seconds']:.1f} | {r['images_per_s']:.0f} | "
                              f"{r['updates']} |")
         m = results["methods"]
-        lines += ["", f"Resume: largest parameter difference {m['resume']['max_param_diff']:.3g}; same seed twice: "
+        lines += ["", f"Chance (the validation split's largest class): {m['chance_val_acc']:.1f}%. "
+                  f"Resume: largest parameter difference {m['resume']['max_param_diff']:.3g}; same seed twice: "
                   f"{m['same_seed_deterministic_false']['max_param_diff']:.3g} (deterministic off), "
                   f"{m['same_seed_deterministic_true']['max_param_diff']:.3g} (on).", ""]
     comp = results.get("compile", {}).get("models", {})
@@ -382,6 +587,7 @@ def markdown(results: dict) -> str:
         lines.append(f"- compile {label}: 1 epoch {e['train_seconds']:.1f} s eager, {c['train_seconds']:.1f} s "
                      f"compiled (cold), {c['compile']['graphs']} graphs, {c['compile']['fallbacks_to_eager']} "
                      "fallbacks")
+    lines += cuda_graphs_markdown(results.get("cuda_graphs")) + tf32_markdown(results.get("tf32"))
     conc = results.get("concurrency")
     if conc:
         lines += ["", "Concurrency: " + (conc.get("skipped") or ", ".join(
@@ -392,6 +598,48 @@ def markdown(results: dict) -> str:
                      f"seconds per epoch {secs}")
     lines += ["", "Sections: " + ", ".join(f"{k} {v}" for k, v in results["sections"].items())]
     return "\n".join(lines) + "\n"
+
+
+def cuda_graphs_markdown(sec: dict | None) -> list[str]:
+    if not sec:
+        return []
+    f = lambda v, fmt="{:.0f}": "-" if v is None else fmt.format(v)  # noqa: E731
+    lines = ["", f"CUDA graphs ({sec['backend']}): the step eager and replayed", "",
+             "| model (profile names) | batch | eager img/s | graphs img/s | speedup | graphs TFLOP/s | "
+             "graphs peak GiB | max param diff |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in sec["models"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} ({', '.join(r['names'])}) | skipped ({r['skipped']}) |")
+            continue
+        lines.append(f"| {name} ({', '.join(r['names'])}) | {r['batch_size']} | {f(r['eager_images_per_s'])} | "
+                     f"{f(r['graphs_images_per_s'])} | {r['speedup']:.2f} | {r['graphs_achieved_tflops']:.2f} | "
+                     f"{f(r.get('graphs_peak_memory_gib'), '{:.2f}')} | {r['max_param_diff']:.3g} |")
+    for label, r in sec["methods"].items():
+        if "skipped" in r:
+            lines.append(f"- graphs {label}: skipped ({r['skipped']})")
+            continue
+        g = r["graphs"]
+        lines.append(f"- graphs {label} (1 epoch, deterministic): {g['captures']} captures, {g['replayed_steps']} "
+                     f"replayed and {g['eager_steps']} eager steps{', eager phases ' + ','.join(g['eager_phases']) if g['eager_phases'] else ''}; "
+                     f"max param diff vs eager {r['max_param_diff']:.3g}; {r['train_seconds_eager']:.2f} s eager, "
+                     f"{r['train_seconds_graphs']:.2f} s graphs")
+    return lines
+
+
+def tf32_markdown(sec: dict | None) -> list[str]:
+    if not sec:
+        return []
+    lines = ["", "TF32 on P3's fp32 networks (train.tf32; default false, IEEE as P3's code)", "",
+             "| model | batch | IEEE img/s | TF32 img/s | speedup | IEEE TFLOP/s | TF32 TFLOP/s | max rel. logit diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in sec.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped ({r['skipped']}) |")
+            continue
+        lines.append(f"| {name} | {r['batch_size']} | {r['ieee_images_per_s']:.0f} | {r['tf32_images_per_s']:.0f} | "
+                     f"{r['tf32_speedup']:.2f} | {r['ieee_achieved_tflops']:.2f} | {r['tf32_achieved_tflops']:.2f} | "
+                     f"{r['max_rel_logit_diff']:.2g} |")
+    return lines
 
 
 def write(out: Path, results: dict, s: dict) -> None:
@@ -417,13 +665,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="folder for the results ($OUT on the device machine)")
     p.add_argument("--budget", type=float, default=500, help="seconds for all sections (default 500)")
-    p.add_argument("--data", help="the CIFAR-10 subset .npz (--make-subset); needed at --scale paper "
-                   "(tiny: random images without it)")
+    p.add_argument("--data", help="the CIFAR-10 subset .npz (--make-subset): real images and labels; needed at "
+                   "--scale paper (tiny: random images without it, which no method can learn)")
     p.add_argument("--scale", choices=list(SCALES), default="paper", help="paper: the device run; tiny: toy sizes")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     p.add_argument("--large-batch", type=int, default=512, help="the engine's larger batch (paper scale)")
     p.add_argument("--naive-workers", type=int, default=2)
+    p.add_argument("--cpu-threads", type=int, default=1, help="torch threads with --device cpu (default 1: the "
+                   "rehearsal's toy models run faster on one thread than on two shared, oversubscribed cores)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (the CPU rehearsal: "
                    "aot_eager, the same graph capture without Inductor's minutes of code generation)")
     p.add_argument("--make-subset", type=Path, metavar="PATH", help="write the stratified subset and exit")
@@ -449,6 +699,8 @@ def main(argv=None) -> dict | None:
         return None
     start = time.monotonic()
     s, device = SCALES[args.scale], torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads)
     COMPILE_OPTIONS["backend"] = args.compile_backend
     args.out.mkdir(parents=True, exist_ok=True)
     arrays = load_splits(args.data, s)
@@ -467,11 +719,15 @@ def main(argv=None) -> dict | None:
                 continue
             t0 = time.monotonic()
             deadline = start + args.budget * ENDS_AT.get(name, 1.0)
+            if name in SECTION_BUDGET_S and args.scale == "paper":  # a section's own cap (tiny: the rehearsal runs all)
+                deadline = min(deadline, t0 + SECTION_BUDGET_S[name])
             ceiling = results.get("stamp", {}).get("matmul_tflops")
             results[name] = {
                 "stamp": lambda: section_stamp(args, s, device, arrays),
                 "methods": lambda: section_methods(args, s, device, arrays, root),
                 "throughput": lambda: section_throughput(args, s, device, arrays, deadline, ceiling),
+                "cuda_graphs": lambda: section_cuda_graphs(args, s, device, arrays, root, deadline),
+                "tf32": lambda: section_tf32(args, s, device, arrays, deadline),
                 "compile": lambda: section_compile(args, s, device, arrays, root, deadline),
                 "concurrency": lambda: section_concurrency(args, s, device, arrays),
                 "slice": lambda: section_slice(args, s, device, arrays, root),

@@ -186,6 +186,7 @@ def stamp(results: Path) -> dict[str, str]:
         "dvc.lock sha256": hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else "none",
         "runs": str(len(runs)),
         "bit-reproducible": _reproducibility(runs),
+        "TF32 (train.tf32)": tf32_note(runs),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **{f"data: {ds}": f"{d['source']['kind']} ({_source_paths(d['source'])}); {d['split_note']}"
            for ds, d in data["datasets"].items()},
@@ -201,6 +202,20 @@ def _reproducibility(runs: pd.DataFrame) -> str:
     return (f"no: {n} CUDA runs trained with train.deterministic false (cuDNN autotuning, atomic-add kernels): the "
             "same seed or a resumed run differs in the last bits" if n
             else "deterministic kernels requested on CUDA (train.deterministic; ops without one warn)")
+
+
+def tf32_note(runs: pd.DataFrame) -> str:
+    """What fp32 convolutions and matmuls ran in on CUDA (train.tf32, l2l/compiling.py); CPU kernels never use TF32."""
+    cuda = runs["device"] == "cuda"
+    if not cuda.any():
+        return "not used (CPU runs compute fp32 in IEEE fp32)"
+    if "tf32" not in runs or runs.loc[cuda, "tf32"].isna().any():
+        return "unknown for runs trained before train.tf32 (torch's default then: TF32 convolutions on Ampere+)"
+    n, on = int(cuda.sum()), int(runs.loc[cuda, "tf32"].astype(bool).sum())
+    if not on:
+        return f"off in all {n} CUDA runs: fp32 convolutions and matmuls in IEEE fp32 (bf16-autocast runs: bf16 anyway)"
+    return (f"on in {on} of {n} CUDA runs: their fp32 convolutions and matmuls on TF32 tensor cores (10-bit mantissa "
+            "products; bf16-autocast runs: bf16 anyway)")
 
 
 TOP1 = "top-1 accuracy (%)"  # the metric of results written before runs.csv named it

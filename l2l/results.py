@@ -96,7 +96,8 @@ def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
                      "updates": result["updates"], "train_seconds": result["train_seconds"],
                      "images_per_s": result["images_per_s"],
                      **{k: result[k] for k in ("device", "device_name", "torch", "cuda")},
-                     "deterministic": result.get("deterministic", False)})  # absent: written before the switch
+                     "deterministic": result.get("deterministic", False),  # absent: written before the switch
+                     "tf32": result.get("tf32")})  # None: written before train.tf32 (torch's TF32 convolutions)
     return pd.DataFrame(rows)
 
 

@@ -82,19 +82,25 @@ def smoke_params(npz: Path, seeds=(0, 1), experiments=None) -> dict:
     smoke["experiments"] = experiments or {"conventional": {"method": "conventional", "models": ["cnn"]}}
     # smoke extends paper, whose experiments would merge in (at paper model sizes): only these train
     params["profiles"]["paper"]["experiments"] = {}
+    params["executor"]["checkpoint_min_seconds"] = 0  # a resume state every epoch: tests interrupt runs after one
     return params
+
+
+def real_npz() -> Path:
+    """REAL_NPZ. Missing: an error where L2L_CIFAR10_NPZ names it (CI), else the test is skipped, naming
+    where it looked."""
+    if not REAL_NPZ.is_file():
+        if "L2L_CIFAR10_NPZ" in os.environ:
+            raise FileNotFoundError(f"L2L_CIFAR10_NPZ={REAL_NPZ}: no such file")
+        pytest.skip(f"offline CIFAR-10 arrays not present at {REAL_NPZ} (set L2L_CIFAR10_NPZ)")
+    return REAL_NPZ
 
 
 @functools.lru_cache(maxsize=None)
 def real_cifar10(train: int = 640, val: int = 500, test: int = 500, seed: int = 0) -> dict:
     """Disjoint stratified train/val/test subsets (a tenth of each per class) of the real CIFAR-10
-    training images and labels in REAL_NPZ, as uint8 NCHW and int64 arrays. Missing file: an error
-    where L2L_CIFAR10_NPZ names it (CI), else the test is skipped, naming where it looked."""
-    if not REAL_NPZ.is_file():
-        if "L2L_CIFAR10_NPZ" in os.environ:
-            raise FileNotFoundError(f"L2L_CIFAR10_NPZ={REAL_NPZ}: no such file")
-        pytest.skip(f"offline CIFAR-10 arrays not present at {REAL_NPZ} (set L2L_CIFAR10_NPZ)")
-    with np.load(REAL_NPZ) as z:
+    training images and labels in REAL_NPZ (real_npz), as uint8 NCHW and int64 arrays."""
+    with np.load(real_npz()) as z:
         x, y = z["x_train"], z["y_train"].astype(np.int64)
         rng = np.random.default_rng(seed)
         per_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]

@@ -95,6 +95,19 @@ def test_checkpoint_every_n_epochs_and_at_phase_ends(tmp_path, tiny_data, three_
     assert _same_weights(cut / "final.pt", tmp_path / "full/final.pt")
 
 
+def test_checkpoint_min_seconds_skips_states_until_that_much_time_has_passed(tmp_path, tiny_data, three_epochs):
+    """executor.checkpoint_min_seconds: a fast epoch is not worth a state (a GPU epoch of a small ResNet takes
+    seconds, a state up to one); the phase's end always gets one, and a run cut before it restarts, identically."""
+    spec, full = three_epochs
+    cut = tmp_path / "cut"
+    _run(spec, tiny_data, cut, stop_after_epochs=2, checkpoint_min_seconds=3600)
+    assert not (cut / "last.pt").exists()  # two epochs, far less than an hour
+    resumed = []
+    again = _run(spec, tiny_data, cut, checkpoint_min_seconds=3600, on_resume=resumed.extend)
+    assert resumed == [] and again["final"] == full["final"]
+    assert _same_weights(cut / "final.pt", tmp_path / "full/final.pt")
+
+
 def test_result_records_the_sha256_of_every_file_it_depends_on(tmp_path, tiny_data, three_epochs):
     full_dir = tmp_path / "full"
     record = read_record(full_dir / "result.json")  # verifies the record and each file

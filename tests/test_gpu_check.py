@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py: it imports and runs where only torch is installed (mlflow and dvc made
 unimportable, as on the device machine), and a CPU rehearsal of the whole command at tiny sizes
 writes every section's figures in the formats RESULTS.md and `l2l plan` read."""
+import importlib
 import json
 import os
 import subprocess
@@ -8,9 +9,10 @@ import sys
 import textwrap
 
 import numpy as np
+from scipy.stats import binomtest
 
 from l2l.cost import load_throughput
-from tests.conftest import REPO, write_npz
+from tests.conftest import REPO, real_npz, write_npz
 
 BLOCKER = textwrap.dedent('''
     import importlib.abc, sys
@@ -75,21 +77,25 @@ def test_make_subset_is_stratified(tmp_path):
 
 
 def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
-    """The device command at --scale tiny (aot_eager: Inductor takes minutes on 2 cores)."""
+    """The device command at --scale tiny (aot_eager: Inductor takes minutes on 2 cores), on a subset of the
+    real offline arrays, every run through the CUDA branches: each method learns above chance."""
     env = torch_only_env(tmp_path)
-    src = write_npz(tmp_path / "arrays.npz", n=600)
-    assert run_py(["benchmarks/gpu_check.py", "--make-subset", str(tmp_path / "sub.npz"), "--subset-images", "400",
-                   "--source", str(src)], env).returncode == 0
+    assert run_py(["benchmarks/gpu_check.py", "--make-subset", str(tmp_path / "sub.npz"), "--subset-images", "1010",
+                   "--source", str(real_npz())], env).returncode == 0
     out = tmp_path / "out"
     r = run_py(["benchmarks/gpu_check.py", "--scale", "tiny", "--device", "cpu", "--data", str(tmp_path / "sub.npz"),
                 "--out", str(out), "--compile-backend", "aot_eager", "--budget", "3000"], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert all(res["sections"][k].startswith("done") for k in
-               ("stamp", "methods", "throughput", "compile", "concurrency", "slice")), res["sections"]
+               ("stamp", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency", "slice")), \
+        res["sections"]
     m = res["methods"]
     for label in ("conventional", "layerwise", "l2l_alternating", "l2l_mutual", "generations", "distill"):
-        assert m[label]["epochs"] >= 1 and 0 <= m[label]["val_acc"] <= 100
+        assert m[label]["epochs"] >= 2 and m[label]["val_acc"] > m["chance_val_acc"], (label, m[label])
+    val = 300  # the tiny scale's validation images: a predictor that ignores the image gets chance_val_acc at most
+    assert binomtest(round(m["conventional"]["val_acc"] * val / 100), val, m["chance_val_acc"] / 100,
+                     alternative="greater").pvalue < 0.01
     assert m["l2l_alternating"]["updates"] == 2 * m["conventional"]["updates"]  # two updates per batch
     # the CPU promises the same numbers: a resumed run and the same seed twice are bit-identical
     assert m["resume"]["max_param_diff"] == 0
@@ -97,8 +103,39 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     compiled = res["compile"]["methods"]["l2l_alternating"]["compiled"]["compile"]
     assert compiled["graphs"] > 0 and compiled["fallbacks_to_eager"] == 0
     assert res["concurrency"] == {"skipped": "needs CUDA (runs share one GPU)"}
+    graphs = res["cuda_graphs"]  # l2l.graphs.Rehearsal on a CPU: the replay bookkeeping, exact
+    assert graphs["models"]["resnet8"]["max_param_diff"] == 0 and graphs["models"]["resnet8"]["graphs"]["used"]
+    for label, r in graphs["methods"].items():
+        assert r["max_param_diff"] == 0 and r["graphs"]["replayed_steps"] > 0, label
+    assert set(res["tf32"]) == {"p3_k2_narrow"} and res["tf32"]["p3_k2_narrow"]["max_rel_logit_diff"] == 0  # CPU
     tp = load_throughput(out / "throughput.json")  # the format `l2l plan` reads
     assert tp.device == "cpu" and set(tp.models) == {"cnn", "resnet8"}
+    assert json.loads((out / "throughput.json").read_text())["measurements"][tp.device_name]["modes"] == {}  # not on a CPU
     assert all(tp.images_per_s(n) > 0 for n in tp.models)
     md = (out / "gpu_check.md").read_text()
     assert "| model | batch | engine img/s |" in md and "| l2l_mutual |" in md
+    assert "| resnet8 (resnet8) | 32 |" in md and "| p3_k2_narrow | 32 |" in md
+
+
+def test_the_cuda_graphs_mode_reaches_throughput_json_per_profile_model_name(monkeypatch):
+    """TEAM contract: measurements[<device>]["modes"][<profile model name>]["cuda_graphs"] = {images_per_s,
+    peak_memory_gib, achieved_tflops, runs}; one measurement per distinct configuration, written under every
+    name of the paper profile that has it; nothing from a CPU."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    gpu_check = importlib.import_module("gpu_check")
+
+    families = gpu_check.graph_families(gpu_check.paper_models())
+    names = {n for f in families.values() for n in f["names"]}
+    assert {"p4_resnet", "p5_teacher", "p5_resnet20", "p5_wide_resnet20", "p5_narrow_deep"} <= names
+    assert ["p4_resnet", "p5_teacher"] in [f["names"] for f in families.values()]  # both ResNet-110: measured once
+    row = {"names": ["p4_resnet", "p5_teacher"], "graphs_images_per_s": 9000.0, "graphs_peak_memory_gib": 1.5,
+           "graphs_achieved_tflops": 13.7, "graphs": {"used": True}}
+    results = {"stamp": {"device": "cuda"}, "cuda_graphs": {"models": {"p4_resnet": row,
+                                                                      "p5_resnet20": {"names": ["p5_resnet20"],
+                                                                                      "skipped": "budget"}}}}
+    mode = {"images_per_s": 9000.0, "peak_memory_gib": 1.5, "achieved_tflops": 13.7, "runs": 1}
+    assert gpu_check.cuda_graphs_modes(results) == {"p4_resnet": {"cuda_graphs": mode}, "p5_teacher": {"cuda_graphs": mode}}
+    assert gpu_check.cuda_graphs_modes({**results, "stamp": {"device": "cpu"}}) == {}
+    assert gpu_check.merge_modes({"a": {"separate": 1}}, {"a": {"cuda_graphs": 2}}) == {"a": {"separate": 1, "cuda_graphs": 2}}
+    p3 = {k: v for k, v in gpu_check.paper_models().items() if k in gpu_check.P3_FP32}
+    assert set(p3) == set(gpu_check.P3_FP32)  # the tf32 section's networks exist in the profile

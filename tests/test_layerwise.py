@@ -581,11 +581,12 @@ def test_p3_claims_declare_the_precision_bn_init_and_images_their_arms_train_wit
     specs = plan_of(params, "paper")
     assert {c.id for c in claims if c.role == "sensitivity"} == {f"P3-C{k}-paper-text" for k in (1, 2, 3)}
     for c in claims:
-        assert "fp32" in c.protocol and "U(0,1)" in c.protocol and "50,000" in c.protocol, c.id
+        assert "fp32 with TF32 off" in c.protocol and "U(0,1)" in c.protocol and "50,000" in c.protocol, c.id
         assert c.stated_in != "unconfirmed" and c.harness_choices, c.id
         assert c.role == "primary" or c.role_reason, c.id
         runs = [s for s in specs if any((s.experiment, s.model) == (a.experiment, a.model) for a in c.arms)]
-        assert runs and all(s.train["precision"] == "fp32" and s.data["val_size"] == 0 for s in runs), c.id
+        assert runs and all(s.train["precision"] == "fp32" and s.train["tf32"] is False and s.data["val_size"] == 0
+                            for s in runs), c.id
         for s in runs:
             assert s.model_cfg["arch"] == "layerwise_cnn" and s.model_cfg["preset"] in LAYERWISE_PRESETS
             assert LAYERWISE_PRESETS[s.model_cfg["preset"]]["bn_weight_init"] == "uniform"

@@ -27,6 +27,7 @@ from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.graphs import WARMUP, Rehearsal
 from l2l.methods import METHODS
+from l2l.report import tf32_note
 from l2l.spec import RunSpec, resolve_train
 from tests.conftest import real_cifar10
 
@@ -318,3 +319,12 @@ def test_tf32_sets_torchs_flags_and_is_recorded(tf32, runs):
     assert r["tags"]["train.tf32"] == str(tf32).lower() and r["spec"]["train"]["tf32"] is tf32
     RunContext(spec_of("conventional"), device_data("cifar10"), 10, torch.device("cpu"))  # the next run's own choice
     assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+
+
+def test_the_reports_stamp_says_what_fp32_ran_in():
+    cpu = pd.DataFrame({"device": ["cpu"], "tf32": [False]})
+    assert tf32_note(cpu).startswith("not used")
+    cuda = pd.DataFrame({"device": ["cuda", "cuda", "cpu"], "tf32": [True, False, False]})
+    assert tf32_note(cuda).startswith("on in 1 of 2 CUDA runs")
+    assert tf32_note(cuda.assign(tf32=False)).startswith("off in all 2 CUDA runs")
+    assert tf32_note(cuda.drop(columns="tf32")).startswith("unknown")
