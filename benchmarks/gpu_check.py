@@ -63,6 +63,7 @@ from l2l.compiling import COMPILE_OPTIONS  # noqa: E402
 from l2l.spec import RunSpec  # noqa: E402
 from l2l.cost import train_flops_per_image  # noqa: E402
 from l2l.device_data import DeviceData  # noqa: E402
+from l2l import engine  # noqa: E402
 from l2l.compiling import set_fp32_precision  # noqa: E402
 from l2l.engine import RunContext, load_checkpoint, step_batches, train_run  # noqa: E402
 from l2l.graphs import WARMUP as GRAPH_WARMUP, Rehearsal  # noqa: E402
@@ -89,7 +90,7 @@ SCALES = {  # per scale: models, the methods section's model (smoke sizes), imag
                   tf32_warmup=3, tf32_steps=10),
     # tiny: enough real images and steps for every method to learn above chance (the CPU rehearsal)
     "tiny": dict(models=TINY_MODELS, small={"arch": "cnn", "width": 8}, train=640, val=300, test=64,
-                 method_images=640, epochs=2, batch=32, compile_models=["cnn"],
+                 method_images=640, epochs=3, batch=32, compile_models=["cnn"],
                  compile_methods=["l2l_alternating"],  # the rest: tests/test_compile.py
                  warmup=1, steps=2, slice_epochs=1, matmul=256, concurrency=[1, 2],
                  graph_models={"resnet8": {"arch": "cifar_resnet", "depth": 8, "width": 4}},
@@ -334,6 +335,16 @@ def section_cuda_graphs(args, s, device, arrays, root: Path, deadline: float) ->
             if device.type == "cuda":
                 row[f"{key}_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         row["speedup"] = row["graphs_images_per_s"] / row["eager_images_per_s"]
+        # executor.checkpoint_min_seconds' basis on this device: one resume state (copied to the host, written,
+        # hashed) against an epoch of 50,000 images at the faster rate
+        state = {"phase": 0, "epoch": 0, "state": engine._phase_state(runners["graphs"].phase),
+                 "rng": engine._rng_state(device), "history": [], "best": {},
+                 "best_state": engine._cpu_copy(runners["graphs"].phase.predictor.state_dict()), "phase_metrics": {}}
+        (root / f"checkpoint-{name}").mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        engine._save_resume(state, root / f"checkpoint-{name}")
+        row["checkpoint_seconds"] = time.perf_counter() - t0
+        row["epoch_seconds_50k"] = 50000 / max(row["eager_images_per_s"], row["graphs_images_per_s"])
         # the same initialisation and batches: how far apart the two are after warm-up + timed steps
         row["max_param_diff"] = param_diff(runners["eager"].phase.predictor, runners["graphs"].phase.predictor)
         row["graphs"] = runners["graphs"].ctx.graphs.summary()
@@ -606,14 +617,15 @@ def cuda_graphs_markdown(sec: dict | None) -> list[str]:
     f = lambda v, fmt="{:.0f}": "-" if v is None else fmt.format(v)  # noqa: E731
     lines = ["", f"CUDA graphs ({sec['backend']}): the step eager and replayed", "",
              "| model (profile names) | batch | eager img/s | graphs img/s | speedup | graphs TFLOP/s | "
-             "graphs peak GiB | max param diff |", "|---|---|---|---|---|---|---|---|"]
+             "graphs peak GiB | max param diff | checkpoint s | epoch s (50k) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sec["models"].items():
         if "skipped" in r:
             lines.append(f"| {name} ({', '.join(r['names'])}) | skipped ({r['skipped']}) |")
             continue
         lines.append(f"| {name} ({', '.join(r['names'])}) | {r['batch_size']} | {f(r['eager_images_per_s'])} | "
                      f"{f(r['graphs_images_per_s'])} | {r['speedup']:.2f} | {r['graphs_achieved_tflops']:.2f} | "
-                     f"{f(r.get('graphs_peak_memory_gib'), '{:.2f}')} | {r['max_param_diff']:.3g} |")
+                     f"{f(r.get('graphs_peak_memory_gib'), '{:.2f}')} | {r['max_param_diff']:.3g} | "
+                     f"{r['checkpoint_seconds']:.3f} | {r['epoch_seconds_50k']:.1f} |")
     for label, r in sec["methods"].items():
         if "skipped" in r:
             lines.append(f"- graphs {label}: skipped ({r['skipped']})")

@@ -20,12 +20,13 @@ than fails). On the CPU the same seed gives the same numbers either way
 (tests/test_engine.py::test_same_seed_same_numbers_on_cpu).
 
 TF32 (``train.tf32``, default false): on Ampere and later GPUs torch runs fp32 convolutions on TF32
-tensor cores by default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``: a 10-bit
-mantissa for the products) while fp32 matmuls stay IEEE, so ``precision: fp32`` alone did not say
-what a run computed. A run sets both explicitly, every time (a previous run's choice must not leak):
-false, IEEE fp32 convolutions and matmuls; true, TF32 for both. It touches only fp32 math on CUDA:
-under bf16 autocast the convolutions and matmuls are bf16 anyway, and CPU kernels never read these
-flags. result.json records the switch and the flags torch reports (``fp32_precision``).
+tensor cores by default (``torch.backends.cudnn.allow_tf32`` is true: a 10-bit mantissa for the
+products) while fp32 matmuls stay IEEE, so ``precision: fp32`` alone did not say what a run computed.
+A run sets both explicitly, every time (a previous run's choice must not leak): false, IEEE fp32
+convolutions and matmuls; true, TF32 for both. It matters for fp32 math on CUDA: under bf16
+autocast the convolutions and matmuls are bf16 anyway, and with false (every profile's CPU runs)
+CPU kernels compute IEEE fp32 as before. result.json records the switch and what torch reports
+(``fp32_precision``).
 """
 from __future__ import annotations
 
@@ -58,14 +59,16 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
 
 
 def set_fp32_precision(tf32: bool) -> dict[str, str]:
-    """TF32 on or off for fp32 convolutions (cuDNN) and matmuls (cuBLAS), through torch's per-backend
-    flags (torch >= 2.9; mixing them with the legacy ``allow_tf32`` flags is an error there). Returns
-    the flags as torch now reports them (recorded in result.json)."""
-    value = "tf32" if tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = value
-    torch.backends.cudnn.conv.fp32_precision = value
-    torch.backends.cudnn.rnn.fp32_precision = value  # no RNN here; set so that the cuDNN flags agree
-    return {"matmul": torch.backends.cuda.matmul.fp32_precision, "conv": torch.backends.cudnn.conv.fp32_precision}
+    """TF32 on or off for fp32 matmuls (cuBLAS) and convolutions (cuDNN). Through torch's long-standing
+    setters, not the per-backend ``fp32_precision`` flags of torch >= 2.9: with those, CUDA's matmul flag
+    set apart from oneDNN's makes ``torch.get_float32_matmul_precision()`` raise (torch 2.14), and Inductor
+    reads it for every compile (torch/_inductor/codecache.py). The float32 matmul precision is process-wide,
+    so "high" (TF32) would also let oneDNN use TF32 for CPU matmuls on a CPU that has it; no profile sets
+    tf32 on a CPU. Returns the precision torch now reports for each (recorded in result.json)."""
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    return {"matmul": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+            "conv": "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"}
 
 
 def graphs_compiled() -> int:

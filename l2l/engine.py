@@ -116,7 +116,7 @@ class RunContext:
         set_determinism(self.deterministic, device)
         self.tf32 = spec.train["tf32"]
         self.fp32_precision = set_fp32_precision(self.tf32)
-        self.graphs = StepGraphs(device, graph_backend) if cuda_graphs else None
+        self.graphs = StepGraphs(device, graph_backend, spec.label) if cuda_graphs else None
         # meta: shapes only (l2l.cost counts a step's FLOPs), nothing to compile
         self.compiler = RunCompiler(spec.hash) if self.compile and device.type != "meta" else None
 

@@ -26,16 +26,21 @@ How (``torch.cuda.graph``, torch's whole-network capture; https://pytorch.org/do
   its logits by a host-side position) runs eagerly, and the result says so.
 
 Fallback: on a device without CUDA graphs (a CPU), steps run eagerly and the run's result records
-``used: false`` with the reason. :class:`Rehearsal` replays by running the captured Python again on
+``used: false`` with the reason. A capture that fails (an operation CUDA cannot capture) is logged
+as an error naming the run and phase, and that phase runs eagerly from then on (a capture executes
+nothing, so the batch is then trained eagerly, once); the result lists it under ``failed_phases``. :class:`Rehearsal` replays by running the captured Python again on
 the static buffers: on a CPU it exercises everything above except the capture itself (warm-up,
 static buffers, reading outputs before the next step, eager odd batches, recapture per epoch),
 so the bookkeeping is tested where no GPU is (tests/test_rehearsal.py).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 WARMUP = 3  # eager full batches per epoch before the capture (torch's examples warm up 3 iterations)
 
@@ -92,10 +97,12 @@ class Rehearsal:
 
 
 class _EpochGraph:
-    """One epoch's steps through one capture (see the module's docstring)."""
+    """One epoch's steps through one capture (see the module's docstring); on_failure(error) is told of a
+    failed capture, after which the epoch runs eagerly."""
 
-    def __init__(self, step: StepFn, backend, counts: dict[str, int]):
-        self.step, self.backend, self.counts = step, backend, counts
+    def __init__(self, step: StepFn, backend, counts: dict[str, int], on_failure: Callable[[Exception], None]):
+        self.step, self.backend, self.counts, self.on_failure = step, backend, counts, on_failure
+        self.failed = False
         self.shape: tuple | None = None  # (x shape, x strides, y shape) of the epoch's full batches
         self.warm = 0
         self.replay: Callable[[], None] | None = None
@@ -106,7 +113,7 @@ class _EpochGraph:
         shape = (tuple(x.shape), x.stride(), tuple(y.shape))
         if self.shape is None:
             self.shape = shape
-        if shape != self.shape:
+        if shape != self.shape or self.failed:
             self.counts["eager_steps"] += 1
             return self.step(x, y)
         if self.warm < WARMUP:
@@ -115,7 +122,13 @@ class _EpochGraph:
             return self.backend.run(lambda: self.step(x, y))
         if self.replay is None:
             self.static = (x.clone(), y.clone())  # preserve_format: channels_last stays channels_last
-            self.replay, self.out = self.backend.capture(lambda: self.step(*self.static))
+            try:
+                self.replay, self.out = self.backend.capture(lambda: self.step(*self.static))
+            except RuntimeError as e:  # torch's capture errors; nothing was executed
+                self.failed = True
+                self.on_failure(e)
+                self.counts["eager_steps"] += 1
+                return self.step(x, y)
             self.counts["captures"] += 1
         else:
             self.static[0].copy_(x)
@@ -129,13 +142,14 @@ class StepGraphs:
     """executor.cuda_graphs for one run: each epoch's step (:meth:`epoch_step`) captured and replayed,
     or eager where that cannot be (:attr:`fallback`); :meth:`summary` goes into result.json."""
 
-    def __init__(self, device: torch.device, backend=None):
+    def __init__(self, device: torch.device, backend=None, label: str = "run"):
         if backend is None and device.type == "cuda":
             backend = CudaBackend(device)
-        self.backend = backend
+        self.backend, self.label = backend, label
         self.fallback = None if backend is not None else f"{device.type} device (CUDA graphs need CUDA): eager steps"
         self.counts = {"captures": 0, "replayed_steps": 0, "eager_steps": 0}
         self.eager_phases: list[str] = []
+        self.failed_phases: dict[str, str] = {}  # phase -> the capture's error
 
     def epoch_step(self, phase) -> StepFn:
         """The step for one epoch of `phase` (an l2l.engine.Phase); call at the epoch's start."""
@@ -145,8 +159,17 @@ class StepGraphs:
             if phase.name not in self.eager_phases:
                 self.eager_phases.append(phase.name)
             return phase.step
-        return _EpochGraph(phase.step, self.backend, self.counts)
+        if phase.name in self.failed_phases:
+            return phase.step
+
+        def failed(e: Exception) -> None:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.failed_phases[phase.name] = reason
+            log.error("%s: phase %s: its step could not be captured as a CUDA graph (%s); it runs eagerly "
+                      "(the same numbers, without the graphs' speed)", self.label, phase.name, reason)
+
+        return _EpochGraph(phase.step, self.backend, self.counts, failed)
 
     def summary(self) -> dict:
         return {"requested": True, "used": self.counts["replayed_steps"] > 0, "fallback": self.fallback,
-                **self.counts, "eager_phases": self.eager_phases}
+                **self.counts, "eager_phases": self.eager_phases, "failed_phases": self.failed_phases}

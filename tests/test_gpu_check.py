@@ -91,11 +91,10 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
                ("stamp", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency", "slice")), \
         res["sections"]
     m = res["methods"]
-    for label in ("conventional", "layerwise", "l2l_alternating", "l2l_mutual", "generations", "distill"):
-        assert m[label]["epochs"] >= 2 and m[label]["val_acc"] > m["chance_val_acc"], (label, m[label])
     val = 300  # the tiny scale's validation images: a predictor that ignores the image gets chance_val_acc at most
-    assert binomtest(round(m["conventional"]["val_acc"] * val / 100), val, m["chance_val_acc"] / 100,
-                     alternative="greater").pvalue < 0.01
+    for label in ("conventional", "layerwise", "l2l_alternating", "l2l_mutual", "generations", "distill"):
+        correct = round(m[label]["val_acc"] * val / 100)
+        assert binomtest(correct, val, m["chance_val_acc"] / 100, alternative="greater").pvalue < 0.01, (label, m[label])
     assert m["l2l_alternating"]["updates"] == 2 * m["conventional"]["updates"]  # two updates per batch
     # the CPU promises the same numbers: a resumed run and the same seed twice are bit-identical
     assert m["resume"]["max_param_diff"] == 0

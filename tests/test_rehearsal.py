@@ -314,11 +314,12 @@ def test_tf32_sets_torchs_flags_and_is_recorded(tf32, runs):
     spec = spec_of("conventional", tf32=tf32)
     r = train(spec, runs, f"tf32-{tf32}")
     expected = "tf32" if tf32 else "ieee"
-    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == expected
+    assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is tf32
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")  # readable: Inductor reads it
     assert r["tf32"] is tf32 and r["fp32_precision"] == {"matmul": expected, "conv": expected}
     assert r["tags"]["train.tf32"] == str(tf32).lower() and r["spec"]["train"]["tf32"] is tf32
     RunContext(spec_of("conventional"), device_data("cifar10"), 10, torch.device("cpu"))  # the next run's own choice
-    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cudnn.allow_tf32 is False
 
 
 def test_the_reports_stamp_says_what_fp32_ran_in():
@@ -328,3 +329,23 @@ def test_the_reports_stamp_says_what_fp32_ran_in():
     assert tf32_note(cuda).startswith("on in 1 of 2 CUDA runs")
     assert tf32_note(cuda.assign(tf32=False)).startswith("off in all 2 CUDA runs")
     assert tf32_note(cuda.drop(columns="tf32")).startswith("unknown")
+
+
+class FailingCapture(Rehearsal):
+    """A capture that fails as CUDA's does on an operation it cannot record (nothing executed)."""
+
+    def capture(self, fn):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_is_logged_and_its_phase_runs_eagerly(runs, caplog):
+    spec = spec_of("l2l_incremental_mutual_keep")
+    train(spec, runs, "l2l_incremental_mutual_keep-whole")
+    with caplog.at_level("ERROR", logger="l2l.graphs"):
+        r = train(spec, runs, "graphs-failed", cuda_graphs=True, graph_backend=FailingCapture())
+    same_run(runs / "l2l_incremental_mutual_keep-whole", runs / "graphs-failed")
+    g = r["cuda_graphs"]
+    assert not g["used"] and g["captures"] == 0 and list(g["failed_phases"]) == ["incremental"]
+    assert "stream is capturing" in g["failed_phases"]["incremental"]
+    assert [m for m in caplog.messages if "could not be captured" in m and spec.label in m]
+    assert r["tags"]["executor.cuda_graphs"] == "eager fallback"
