@@ -244,7 +244,9 @@ def test_engine_run_counts_two_updates_per_batch_tags_the_split_and_resumes_exac
     whole = train_run(spec, l2l, ctx, tmp_path / "whole")
     assert whole["updates"] == 2 * 2 * (64 // 16)  # = conventional training's at twice the epochs
     assert whole["tags"] == {"l2l.reading": "incremental", "l2l.split": "stage1@0>stage2@1",
-                             "l2l.split_index": "1>2", "train.compile": "false", "train.deterministic": "false"}
+                             "l2l.split_index": "1>2", "train.compile": "false", "train.deterministic": "false",
+                             "train.tf32": "false", "fp32_precision": "matmul=ieee,conv=ieee",
+                             "executor.cuda_graphs": "off"}
     assert whole["phase_metrics"]["incremental"]["final_split"] == 2
     assert train_run(spec, l2l, ctx, tmp_path / "cut", stop_after_epochs=1) == {"interrupted": True}
     resumed = train_run(spec, l2l, ctx, tmp_path / "cut")

@@ -349,3 +349,17 @@ def test_a_failed_capture_is_logged_and_its_phase_runs_eagerly(runs, caplog):
     assert "stream is capturing" in g["failed_phases"]["incremental"]
     assert [m for m in caplog.messages if "could not be captured" in m and spec.label in m]
     assert r["tags"]["executor.cuda_graphs"] == "eager fallback"
+
+
+def test_no_epoch_copies_validation_predictions_to_the_host(runs, monkeypatch):
+    """Each epoch's validation gives loss and metric; per-example predictions (a device-to-host copy) only
+    where something reads them (the evaluate stage)."""
+    calls = []
+    task = type(context(spec_of("conventional"), runs).task)
+    predictions = task.predictions
+    monkeypatch.setattr(task, "predictions", lambda self, logits: calls.append(len(logits)) or predictions(self, logits))
+    train(spec_of("conventional"), runs, "no-host-copies")
+    assert calls == []
+    ctx = context(spec_of("conventional"), runs)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    assert "pred" not in ctx.evaluate(linear, "val", predictions=False) and "pred" in ctx.evaluate(linear, "val")
