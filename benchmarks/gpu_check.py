@@ -200,7 +200,8 @@ def step_runner(cfg: dict, x, y, device: torch.device, batch: int, graphs: bool 
     graphs, captured and replayed as executor.cuda_graphs does: the first GRAPH_WARMUP eager, then one
     capture; l2l.graphs.Rehearsal on a CPU). x: whole batches only (one shape). run.phase: its modules."""
     spec = RunSpec("gpu_check", "conventional", cfg["arch"], "cifar10", 0, cfg,
-                   {**tp.TRAIN, "batch_size": batch, **train}, METHODS["conventional"].validate_options({}, "gpu_check"),
+                   {**tp.TRAIN, "batch_size": batch, **train},
+                   METHODS["conventional"].validate_options({}, "gpu_check"),
                    {"fingerprint": "gpu_check"})
     data = DeviceData({"train": (x, y)}, "cifar10", device, crop_padding=4, flip=True, channels_last=True)
     torch.manual_seed(0)
@@ -617,7 +618,8 @@ def cuda_graphs_markdown(sec: dict | None) -> list[str]:
     f = lambda v, fmt="{:.0f}": "-" if v is None else fmt.format(v)  # noqa: E731
     lines = ["", f"CUDA graphs ({sec['backend']}): the step eager and replayed", "",
              "| model (profile names) | batch | eager img/s | graphs img/s | speedup | graphs TFLOP/s | "
-             "graphs peak GiB | max param diff | checkpoint s | epoch s (50k) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "graphs peak GiB | max param diff | checkpoint s | epoch s (50k) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sec["models"].items():
         if "skipped" in r:
             lines.append(f"| {name} ({', '.join(r['names'])}) | skipped ({r['skipped']}) |")
@@ -631,8 +633,10 @@ def cuda_graphs_markdown(sec: dict | None) -> list[str]:
             lines.append(f"- graphs {label}: skipped ({r['skipped']})")
             continue
         g = r["graphs"]
+        eager = f", eager phases {','.join(g['eager_phases'])}" if g["eager_phases"] else ""
+        failed = f", failed captures {g['failed_phases']}" if g["failed_phases"] else ""
         lines.append(f"- graphs {label} (1 epoch, deterministic): {g['captures']} captures, {g['replayed_steps']} "
-                     f"replayed and {g['eager_steps']} eager steps{', eager phases ' + ','.join(g['eager_phases']) if g['eager_phases'] else ''}; "
+                     f"replayed and {g['eager_steps']} eager steps{eager}{failed}; "
                      f"max param diff vs eager {r['max_param_diff']:.3g}; {r['train_seconds_eager']:.2f} s eager, "
                      f"{r['train_seconds_graphs']:.2f} s graphs")
     return lines
@@ -642,7 +646,8 @@ def tf32_markdown(sec: dict | None) -> list[str]:
     if not sec:
         return []
     lines = ["", "TF32 on P3's fp32 networks (train.tf32; default false, IEEE as P3's code)", "",
-             "| model | batch | IEEE img/s | TF32 img/s | speedup | IEEE TFLOP/s | TF32 TFLOP/s | max rel. logit diff |",
+             "| model | batch | IEEE img/s | TF32 img/s | speedup | IEEE TFLOP/s | TF32 TFLOP/s | "
+             "max rel. logit diff |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in sec.items():
         if "skipped" in r:

@@ -26,8 +26,8 @@ import torch
 import yaml
 
 from l2l.checks import (ConfigError, Key, boolean, choice, config_error, deep_merge, integer, mapping,
-                        name_list, nonneg_float, nonneg_int, number, one_of_keys, optional_str, path_str, pos_float, pos_int,
-                        resolve, seeds)
+                        name_list, nonneg_float, nonneg_int, number, one_of_keys, optional_str, path_str, pos_float,
+                        pos_int, resolve, seeds)
 from l2l.datasets import DATASETS, DataSettings, resolve_data, resolve_experiment_split, resolve_split
 from l2l.methods import METHODS
 from l2l.io import read_json

@@ -338,7 +338,8 @@ def train_run(spec: RunSpec, method: PhaseSource, ctx: RunContext, run_dir: Path
     (no best.pt without a validation split: best-validation is then undefined, result["best"]["sha256"] None);
     returns the result dict. A resume state is saved at the end of every phase, and after an epoch when
     at least `checkpoint_every` epochs and `checkpoint_min_seconds` seconds have passed since the last
-    one (or since this process started the run): params' executor settings, no effect on results. stop_after_epochs simulates an interruption (tests): return after that many epochs.
+    one (or since this process started the run): params' executor settings, no effect on results.
+    stop_after_epochs simulates an interruption (tests): return after that many epochs.
     progress: the run's bar or epoch lines (default: a bar on a terminal, l2l.progress).
     """
     progress = progress or RunProgress(spec.label)

@@ -28,7 +28,8 @@ How (``torch.cuda.graph``, torch's whole-network capture; https://pytorch.org/do
 Fallback: on a device without CUDA graphs (a CPU), steps run eagerly and the run's result records
 ``used: false`` with the reason. A capture that fails (an operation CUDA cannot capture) is logged
 as an error naming the run and phase, and that phase runs eagerly from then on (a capture executes
-nothing, so the batch is then trained eagerly, once); the result lists it under ``failed_phases``. :class:`Rehearsal` replays by running the captured Python again on
+nothing, so the batch is then trained eagerly, once); the result lists it under ``failed_phases``.
+:class:`Rehearsal` replays by running the captured Python again on
 the static buffers: on a CPU it exercises everything above except the capture itself (warm-up,
 static buffers, reading outputs before the next step, eager odd batches, recapture per epoch),
 so the bookkeeping is tested where no GPU is (tests/test_rehearsal.py).

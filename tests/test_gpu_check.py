@@ -94,7 +94,8 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     val = 300  # the tiny scale's validation images: a predictor that ignores the image gets chance_val_acc at most
     for label in ("conventional", "layerwise", "l2l_alternating", "l2l_mutual", "generations", "distill"):
         correct = round(m[label]["val_acc"] * val / 100)
-        assert binomtest(correct, val, m["chance_val_acc"] / 100, alternative="greater").pvalue < 0.01, (label, m[label])
+        p = binomtest(correct, val, m["chance_val_acc"] / 100, alternative="greater").pvalue
+        assert p < 0.01, (label, m[label])
     assert m["l2l_alternating"]["updates"] == 2 * m["conventional"]["updates"]  # two updates per batch
     # the CPU promises the same numbers: a resumed run and the same seed twice are bit-identical
     assert m["resume"]["max_param_diff"] == 0
@@ -109,7 +110,8 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     assert set(res["tf32"]) == {"p3_k2_narrow"} and res["tf32"]["p3_k2_narrow"]["max_rel_logit_diff"] == 0  # CPU
     tp = load_throughput(out / "throughput.json")  # the format `l2l plan` reads
     assert tp.device == "cpu" and set(tp.models) == {"cnn", "resnet8"}
-    assert json.loads((out / "throughput.json").read_text())["measurements"][tp.device_name]["modes"] == {}  # not on a CPU
+    doc = json.loads((out / "throughput.json").read_text())
+    assert doc["measurements"][tp.device_name]["modes"] == {}  # no cuda_graphs mode from a CPU
     assert all(tp.images_per_s(n) > 0 for n in tp.models)
     md = (out / "gpu_check.md").read_text()
     assert "| model | batch | engine img/s |" in md and "| l2l_mutual |" in md
@@ -133,8 +135,10 @@ def test_the_cuda_graphs_mode_reaches_throughput_json_per_profile_model_name(mon
                                                                       "p5_resnet20": {"names": ["p5_resnet20"],
                                                                                       "skipped": "budget"}}}}
     mode = {"images_per_s": 9000.0, "peak_memory_gib": 1.5, "achieved_tflops": 13.7, "runs": 1}
-    assert gpu_check.cuda_graphs_modes(results) == {"p4_resnet": {"cuda_graphs": mode}, "p5_teacher": {"cuda_graphs": mode}}
+    assert gpu_check.cuda_graphs_modes(results) == {"p4_resnet": {"cuda_graphs": mode},
+                                                     "p5_teacher": {"cuda_graphs": mode}}
     assert gpu_check.cuda_graphs_modes({**results, "stamp": {"device": "cpu"}}) == {}
-    assert gpu_check.merge_modes({"a": {"separate": 1}}, {"a": {"cuda_graphs": 2}}) == {"a": {"separate": 1, "cuda_graphs": 2}}
+    merged = gpu_check.merge_modes({"a": {"separate": 1}}, {"a": {"cuda_graphs": 2}})
+    assert merged == {"a": {"separate": 1, "cuda_graphs": 2}}
     p3 = {k: v for k, v in gpu_check.paper_models().items() if k in gpu_check.P3_FP32}
     assert set(p3) == set(gpu_check.P3_FP32)  # the tf32 section's networks exist in the profile

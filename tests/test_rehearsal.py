@@ -36,7 +36,8 @@ TRAIN = resolve_train({"epochs": 2, "batch_size": 32, "eval_batch_size": 250,
                        "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}, "rehearsal.train")
 CNN = {"arch": "cnn", "width": 8}
 RESNET = {"arch": "cifar_resnet", "depth": 8, "width": 8}
-COMPRESS = {"arch": "layerwise_cnn", "preset": "compress", "M": 8, "M_tilde": 8, "final_M_tilde": 4, "downsample_at": [1]}
+COMPRESS = {"arch": "layerwise_cnn", "preset": "compress", "M": 8, "M_tilde": 8, "final_M_tilde": 4,
+            "downsample_at": [1]}
 VOC = {"task": {"kind": MULTI_LABEL, "ap_mode": "area", "difficult": "ignore"}}
 TEACHER = ("conventional", RESNET, {})  # the distill variants' teacher run (as p5_teacher)
 LATENCY = {"latency_batches": [1, 8], "latency_warmup": 1, "latency_repeats": 3}
@@ -357,7 +358,8 @@ def test_no_epoch_copies_validation_predictions_to_the_host(runs, monkeypatch):
     calls = []
     task = type(context(spec_of("conventional"), runs).task)
     predictions = task.predictions
-    monkeypatch.setattr(task, "predictions", lambda self, logits: calls.append(len(logits)) or predictions(self, logits))
+    monkeypatch.setattr(task, "predictions",
+                        lambda self, logits: calls.append(len(logits)) or predictions(self, logits))
     train(spec_of("conventional"), runs, "no-host-copies")
     assert calls == []
     ctx = context(spec_of("conventional"), runs)
