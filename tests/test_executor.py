@@ -75,7 +75,8 @@ def test_submitit_local_executor_same_results_as_local(tmp_path, monkeypatch, lo
 @pytest.mark.parametrize("executor, message", [
     ({"backend": "dask"}, "executor.backend: expected one of local, ray, slurm, got 'dask'"),
     ({"runs_per_gpu": 0}, "executor.runs_per_gpu: expected a positive integer, got 0"),
-    ({"gpus": 2}, "executor.gpus: unknown key; expected one of backend, checkpoint_every, cpu_threads, ray, runs_per_gpu, slurm"),
+    ({"gpus": 2}, "executor.gpus: unknown key; expected one of backend, checkpoint_every, cpu_threads, max_retries, ray, "
+                     "runs_per_gpu, slurm, tracking"),
     ({"ray": {"address": 5}}, "executor.ray.address: expected a name or null, got 5"),
     ({"cpu_threads": "all"}, "executor.cpu_threads: expected a positive integer, got 'all'"),
     ({"checkpoint_every": 0}, "executor.checkpoint_every: expected a positive integer, got 0"),
