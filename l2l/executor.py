@@ -468,7 +468,7 @@ def run_slurm(todo: list[RunSpec], config: Config, worker: Worker, progress: Sta
     groups = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
     with workers_tracking(profile, cfg["tracking"], worker.root, s["cluster"] == "slurm", "slurm") as uri:
         ex = submitit.AutoExecutor(folder=Path(worker.root) / s["folder"], cluster=s["cluster"],
-                                   slurm_max_num_timeout=s["max_requeue"])
+                                   slurm_max_num_timeout=s["max_requeue"], local_max_num_timeout=s["max_requeue"])
         ex.update_parameters(name="l2l-train", timeout_min=s["timeout_min"], gpus_per_node=s["gpus_per_task"],
                              cpus_per_task=s["cpus_per_task"], mem_gb=s["mem_gb"], slurm_partition=s["partition"],
                              slurm_account=s["account"], slurm_array_parallelism=s["array_parallelism"])
