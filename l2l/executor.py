@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import re
 import signal
 import sys
 import time
@@ -166,9 +167,10 @@ def stop_on_signals() -> None:
 
 
 def _die_with_parent() -> None:
-    # A worker whose train stage was killed (even by SIGKILL) gets SIGTERM instead of training on alone.
+    # A worker whose train stage was killed (even by SIGKILL) gets SIGINT instead of training on alone
+    # (SIGINT, as the pool stops its workers: a worker of a Slurm job ignores SIGTERM, _slot_worker).
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
 
 
 class _LogToParent(logging.handlers.QueueHandler):
@@ -184,12 +186,15 @@ def _slot_worker(gpu: int | None, threads: int, tasks, results, job: tuple, firs
     each start and outcome, and its log records, on `results`."""
     _die_with_parent()
     stop_on_signals()
-    # Slurm signals every process of a job (USR2 before its time limit or on preemption); the pool's
-    # process requeues the job and stops its workers (their runs marked KILLED, resumed after the
-    # requeue). USR2's default action would kill this worker first (a run "failed"). The parent started
-    # this process with USR2 blocked, so none was lost or acted on before this line.
+    # Slurm signals every process of a job: USR2 before its time limit, SIGTERM and USR2 when it is
+    # preempted. The job's own process (submitit) requeues the job and stops its workers with SIGINT
+    # (their runs marked KILLED, resumed after the requeue); acting on either signal here first (USR2's
+    # default action kills) would fail the runs instead. The parent started this process with both
+    # blocked (_job_signals_blocked), so none was lost or acted on before these lines.
+    if os.environ.get("SUBMITIT_EXECUTOR"):  # in a submitit job
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
     setup_logging()
     logging.getLogger().handlers[:] = [_LogToParent(results)]
     if gpu is not None:
@@ -214,12 +219,15 @@ def _slot_worker(gpu: int | None, threads: int, tasks, results, job: tuple, firs
                 return
 
 
+JOB_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}  # what Slurm sends every process of a job it preempts
+
+
 @contextlib.contextmanager
-def _usr2_blocked() -> Iterator[None]:
-    """USR2 held back in this process meanwhile (a pending one is acted on after), and blocked in the
-    processes it starts meanwhile: a worker ignores it once it can (_slot_worker), a helper process
-    (multiprocessing's resource tracker) never sees it. Slurm sends USR2 to every process of a job."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+def _job_signals_blocked() -> Iterator[None]:
+    """Slurm's signals held back in this process meanwhile (a pending one is acted on after), and
+    blocked in the processes it starts meanwhile: a worker handles them once it can (_slot_worker), a
+    helper process (multiprocessing's resource tracker) never sees them."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
     try:
         yield
     finally:
@@ -244,7 +252,7 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
     `progress`: the stage's count (default: this pool's own)."""
     progress = progress or StageProgress([s.hash for s in todo], bars=False)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with _usr2_blocked():  # the queues start multiprocessing's resource tracker, a process Slurm signals too
+    with _job_signals_blocked():  # the queues start multiprocessing's resource tracker, which Slurm signals too
         tasks, results = ctx.Queue(), ctx.Queue()
     for i, s in enumerate(todo):
         tasks.put((i, s.to_dict()))
@@ -255,7 +263,7 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
     def start(gpu, first=None):
         p = ctx.Process(target=_slot_worker, args=(gpu, threads, tasks, results, (profile, data, worker), first),
                         daemon=False)
-        with _usr2_blocked():
+        with _job_signals_blocked():
             p.start()
         return p
 
@@ -311,7 +319,7 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
                 out.append(value)
     except BaseException:
         for p in procs:
-            p.terminate()  # SIGTERM: the worker marks its run KILLED and exits
+            os.kill(p.pid, signal.SIGINT)  # the worker marks its run KILLED and exits (not SIGTERM: see _slot_worker)
         for p in procs:
             p.join(timeout=120)
             if p.is_alive():
@@ -365,7 +373,7 @@ def _probe_ray_nodes(ray, root: str, uri: str, profile: str) -> None:
     shared folder, the prepared data is there, MLflow answers); the first problem in one line."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    probe = ray.remote(probe_node).options(num_cpus=0, max_retries=0)
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
     with probe_file(root) as token:
         refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(root, token, uri, f"l2l-{profile}"): n["NodeManagerAddress"]
@@ -488,7 +496,9 @@ def run_slurm(todo: list[RunSpec], config: Config, worker: Worker, progress: Sta
                 left = [sp for sp in group if not (Path(worker.root) / RUNS / sp.hash / "result.json").exists()]
                 line = None if error is None and not left else \
                     job_error(error) if error is not None else "finished without training every run"
-                dead = error is not None and "has not produced any output" in str(error)
+                # ended without a result (killed, node failure, out of memory), not cancelled by a person
+                ended = re.search(r"has not produced any output \(state: ([^)]*)\)", str(error or ""))
+                dead = ended is not None and "CANCELLED" not in ended.group(1)
                 if left and dead and tries.get(job.job_id, 0) < worker.max_retries:
                     again = ex.submit(SlurmJob(), [sp.to_dict() for sp in left], *shared)
                     tries[again.job_id] = tries.get(job.job_id, 0) + 1

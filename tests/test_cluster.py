@@ -39,7 +39,7 @@ from l2l.cluster import (allowed_hosts, is_loopback, job_error, ray_slots, spans
                          tracking_problem, workers_tracking)
 from l2l.config import EXECUTOR, prepared_plan, resolve_config
 from l2l.checks import resolve
-from l2l.executor import Worker, _pool
+from l2l.executor import JOB_SIGNALS, Worker, _pool
 from l2l import tracking
 from tests.conftest import REPO, smoke_params, write_npz
 from tests.test_pipeline import mlflow_runs, run_stage
@@ -322,8 +322,8 @@ def job_process(stage: subprocess.Popen, exclude=()) -> psutil.Process | None:
     return None
 
 
-def slurm_signal_job(ws, specs, stage, log, sig=signal.SIGUSR2, exclude=()) -> psutil.Process:
-    """Slurm's way: `sig` to every process of the running job (its main process, the workers training
+def slurm_signal_job(ws, specs, stage, log, sigs=(signal.SIGUSR2,), exclude=()) -> psutil.Process:
+    """Slurm's way: `sigs` to every process of the running job (its main process, the workers training
     its runs, their helpers), caught while a run it trains is mid-run. Returns the job's main process."""
     def training():
         job = job_process(stage, exclude)
@@ -331,9 +331,21 @@ def slurm_signal_job(ws, specs, stage, log, sig=signal.SIGUSR2, exclude=()) -> p
 
     procs, _ = caught(lambda: tree(job.pid) if (job := job_process(stage, exclude)) else [], training,
                       "a job mid-run", stage, log)
-    send(procs, sig)
+    if signal.SIGKILL not in sigs:  # only the job's own process acts on Slurm's signals (submitit's handler)
+        helpers = [(p.pid, " ".join(p.cmdline())[-60:]) for p in procs[1:] for sig in JOB_SIGNALS if acts_on(p, sig)]
+        assert len(procs) >= 3 and not helpers, helpers  # the job, its two workers (and their helpers)
+    for sig in sigs:
+        send(procs, sig)
     send(procs, signal.SIGCONT)
     return procs[0]
+
+
+def acts_on(p: psutil.Process, sig: int) -> bool:
+    """Whether signal `sig` delivered to `p` now would be acted on (neither ignored nor blocked): read
+    from the kernel's masks (/proc/<pid>/status), not from timing."""
+    status = Path(f"/proc/{p.pid}/status").read_text()
+    masks = {k: int(v, 16) for k, v in re.findall(r"^(SigBlk|SigIgn):\s+([0-9a-f]+)$", status, re.M)}
+    return not (masks["SigBlk"] | masks["SigIgn"]) & (1 << (sig - 1))
 
 
 def job_logs(ws: Path) -> str:
@@ -345,14 +357,15 @@ SLURM = {"backend": "slurm", "runs_per_gpu": 2, "slurm": {"cluster": "local", "g
 
 @pytest.mark.slow
 def test_slurm_multi_run_job_preempted_requeues_and_every_run_resumes(tmp_path, monkeypatch, reference):
-    """USR2 to every process of a job training two runs (Slurm preempting it): the job requeues itself
-    (submitit: "preempted"), its workers ignore the signal and are stopped by the job (runs KILLED, not
-    failed), both runs resume into their MLflow runs and end as the local backend's."""
+    """SIGTERM then USR2 to every process of a job training two runs (Slurm preempting it; submitit's own
+    rehearsal of a preemption sends the same): the job requeues itself (submitit: "preempted"), its
+    workers act on neither signal and are stopped by the job (runs KILLED, not failed), both runs
+    resume into their MLflow runs and end as the local backend's."""
     pytest.importorskip("submitit")
     specs = workspace(tmp_path, monkeypatch, seeds=(0, 1), **SLURM)
     log = tmp_path / "stage.log"
     stage = start_stage(tmp_path, log)
-    slurm_signal_job(tmp_path, specs, stage, log)
+    slurm_signal_job(tmp_path, specs, stage, log, sigs=(signal.SIGTERM, signal.SIGUSR2))
     text = finish(stage, log)
     assert stage.returncode == 0, text[-5000:]
     logs = job_logs(tmp_path)
@@ -399,8 +412,8 @@ def test_slurm_job_killed_is_resubmitted_then_fails_for_good_in_one_line(tmp_pat
     specs = workspace(tmp_path, monkeypatch, seeds=(0, 1), max_retries=1, **SLURM)
     log = tmp_path / "stage.log"
     stage = start_stage(tmp_path, log)
-    first = slurm_signal_job(tmp_path, specs, stage, log, sig=signal.SIGKILL)
-    slurm_signal_job(tmp_path, specs, stage, log, sig=signal.SIGKILL, exclude={first.pid})
+    first = slurm_signal_job(tmp_path, specs, stage, log, sigs=(signal.SIGKILL,))
+    slurm_signal_job(tmp_path, specs, stage, log, sigs=(signal.SIGKILL,), exclude={first.pid})
     text = finish(stage, log)
     assert re.search(r"slurm job \d+ \(2 runs\): ended without a result \(state [A-Z]+\); its log ends: .*; "
                      r"resubmitted as job \d+ with its [12] unfinished runs \(retry 1 of 1\)", text), text[-5000:]
@@ -431,3 +444,101 @@ def test_job_error_lines():
                                "FAILURE ***\n")
     assert job_error(dead) == ("ended without a result (state NODE_FAIL); its log ends: slurmstepd: error: *** JOB 7 "
                                "ON n1 CANCELLED DUE TO NODE FAILURE ***")
+
+
+# --- Ray: two nodes on this machine, each its own process tree -------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_ray_nodes(tmp_path):
+    """A Ray head and a second node (`ray start --address`) on 127.0.0.1, one CPU each, token
+    authentication; yields (address, environment, the second node's `ray start` process)."""
+    pytest.importorskip("ray")
+    temp = tempfile.mkdtemp(prefix="l2lray-")  # short: Ray's socket paths live below it
+    ray_env = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
+                  RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5")
+    port = free_port()
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
+              f"--temp-dir={temp}"]
+    nodes = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        log = tmp_path / f"ray-{name}.log"
+        with open(log, "w") as f:
+            nodes.append((subprocess.Popen(["ray", "start", *common, *args, f"--dashboard-agent-listen-port={free_port()}"],
+                                           env=ray_env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True), log))
+        proc = nodes[-1][0]
+        deadline = time.monotonic() + CEILING_S
+        while "Ray runtime started" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray {name} did not start; its log:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        return proc
+
+    try:
+        start("head", "--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={free_port()}",
+              f"--ray-client-server-port={free_port()}")
+        second = start("node", f"--address=127.0.0.1:{port}")
+        out = subprocess.run([sys.executable, "-c", (
+            "import ray, time\n"
+            f"ray.init(address='127.0.0.1:{port}', logging_level='ERROR')\n"
+            "t = time.monotonic() + 300\n"
+            "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.monotonic() < t: time.sleep(0.5)\n"
+            "print(sum(n['Alive'] for n in ray.nodes()))\n")], env=ray_env, capture_output=True, text=True,
+            timeout=CEILING_S)
+        assert out.stdout.strip().splitlines()[-1:] == ["2"], out.stdout + out.stderr
+        yield f"127.0.0.1:{port}", ray_env, second
+    finally:
+        for proc, _ in reversed(nodes):
+            send(tree(proc.pid), signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_on(ws: Path, specs, node_procs, since: float = 0.0):
+    """A run mid-run whose trainer (the PID its folder's lock names) is a process of `node_procs`:
+    (its spec, that process), or None."""
+    pids = {p.pid for p in node_procs}
+    for s in mid_run(ws, specs, since):
+        holder = (ws / "runs" / s.hash / ".lock").read_text().split()
+        if holder[:1] == ["PID"] and int(holder[1]) in pids:
+            return s, psutil.Process(int(holder[1]))
+    return None
+
+
+@pytest.mark.slow
+def test_ray_two_nodes_lose_a_worker_then_a_node_and_every_run_ends_as_local(tmp_path, monkeypatch, reference,
+                                                                              two_ray_nodes):
+    """Four runs on a head and a second node (one CPU each). The worker training a run on the second
+    node is killed -9 mid-run: that run is retried first (before the queue's next) and resumes; then
+    the whole second node is killed mid-run (raylet, agents, workers): its run is retried first on the
+    head. Every run ends with the local backend's final.pt, one MLflow run each, each epoch once."""
+    address, ray_env, second = two_ray_nodes
+    specs = workspace(tmp_path, monkeypatch, seeds=(0, 1, 2, 3), backend="ray", ray={"address": address})
+    log = tmp_path / "stage.log"
+    stage = start_stage(tmp_path, log, **{k: v for k, v in ray_env.items() if k.startswith("RAY_")})
+
+    stopped, (victim, worker) = caught(lambda: [found[1]] if (found := run_on(tmp_path, specs, tree(second.pid)))
+                                       else [], lambda: run_on(tmp_path, specs, tree(second.pid)),
+                                       "a run training on the second node", stage, log)
+    send(stopped, signal.SIGKILL)  # the worker process alone
+    killed_at = time.time()
+    stopped, (lost, _) = caught(lambda: tree(second.pid),
+                                lambda: run_on(tmp_path, specs, tree(second.pid), since=killed_at),
+                                "a run training on the second node after the worker kill", stage, log)
+    send(stopped, signal.SIGKILL)  # the node: every process of its tree
+    text = finish(stage, log)
+    assert stage.returncode == 0, text[-5000:]
+    retries = re.findall(r"WARNING l2l.executor: (\w+) \(\S+\): (\w+): .*; retry (\d) of 2, first in the queue", text)
+    assert [(h, n) for h, _, n in retries] == [(victim.hash, "1"), (lost.hash, "1")], retries
+    assert retries[0][1] == "WorkerCrashedError" and retries[1][1] in ("NodeDiedError", "WorkerCrashedError"), retries
+    # a retried run is the next one submitted ("[k/4] <hash>: ..." lines as runs go out)
+    for h, _, _ in retries:
+        after = text[text.index(f"WARNING l2l.executor: {h} "):]
+        assert re.search(r"INFO l2l.progress: \[\d/4\] (\w+):", after).group(1) == h, after[:3000]
+    assert_trained_once_as_local(tmp_path, specs, reference)
