@@ -68,11 +68,12 @@ def allowed_hosts(host: str) -> list[str]:
     return out + [bracketed, bracketed.replace("[", "[[]", 1) + ":*"]
 
 
-def tracking_problem(uri: str, experiment: str, root: str | None = None, timeout_s: float = 10) -> str | None:
+def tracking_problem(uri: str, experiment: str, root: str | None = None, timeout_s: float = 10,
+                     exists: bool = True) -> str | None:
     """Why workers could not log to the MLflow server at `uri` (None: they can). Asks it for the
     experiment through the REST API (not /health, which MLflow answers whatever the Host header):
-    unreachable, refusing the Host header, not serving the experiment, or keeping its artifacts
-    outside the checkout `root` (a path other nodes do not share)."""
+    unreachable, refusing the Host header, not serving the experiment (if it should `exist` by now),
+    or keeping its artifacts outside the checkout `root` (a path other nodes do not share)."""
     query = urllib.parse.urlencode({"experiment_name": experiment})
     url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
     for attempt in range(3):
@@ -85,7 +86,8 @@ def tracking_problem(uri: str, experiment: str, root: str | None = None, timeout
                 return (f"MLflow at {uri} refuses this Host header ({e.code}): start it with --allowed-hosts "
                         f"{urllib.parse.urlsplit(uri).netloc}")
             if e.code == 404:
-                return f"MLflow at {uri} has no experiment {experiment} (not the store the train stage serves?)"
+                return f"MLflow at {uri} has no experiment {experiment} (not the store the train stage serves?)" \
+                    if exists else None
             return f"MLflow at {uri} answers {e.code} {e.reason}"
         except (OSError, ValueError, KeyError) as e:
             if attempt == 2:
@@ -124,6 +126,10 @@ def workers_tracking(profile: str, tracking: dict, root: str, remote: bool, back
         if remote and not tracking["worker_uri"] and is_loopback(urllib.parse.urlsplit(given).hostname or ""):
             raise ConfigError(f"MLFLOW_TRACKING_URI: {given} is this machine's loopback: {backend} workers on "
                               "other machines cannot reach it; expected a server address they reach")
+        problem = remote and given.startswith(("http://", "https://")) and \
+            tracking_problem(given, f"l2l-{profile}", exists=False)  # before MLflow's client waits minutes on it
+        if problem:
+            raise ClusterError(f"{backend}: MLFLOW_TRACKING_URI: {problem}; nothing submitted")
         cm = single_writer(profile)
     with cm as here:
         uri = tracking["worker_uri"] or (http_uri(host, urllib.parse.urlsplit(here).port) if served else here)

@@ -212,6 +212,22 @@ def test_an_unreachable_tracking_uri_is_one_line():
     assert "\n" not in problem
 
 
+def test_an_unreachable_tracking_server_fails_remote_workers_in_one_line_before_any_client_waits(monkeypatch, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = next(a for a in sorted(this_machine()) if a.count(".") == 3 and not is_loopback(a))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{address}:{port}")
+    monkeypatch.setattr(tracking, "client", lambda: pytest.fail("MLflow's client was asked"))
+    with pytest.raises(ClusterError) as e:
+        with workers_tracking("smoke", TRACKING, str(tmp_path), remote=True, backend="slurm"):
+            pytest.fail("workers were given a URI")
+    assert str(e.value).startswith(f"slurm: MLFLOW_TRACKING_URI: MLflow at http://{address}:{port} does not answer "
+                                   "(ConnectionRefusedError") and str(e.value).endswith("; nothing submitted")
+    assert "\n" not in str(e.value)
+
+
 def _answering_server() -> http.server.HTTPServer:
     """Another HTTP server, answering 200 to everything (as a stranger on a port would)."""
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -454,11 +470,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def two_ray_nodes(tmp_path):
+@pytest.fixture(scope="module")
+def two_ray_nodes(tmp_path_factory):
     """A Ray head and a second node (`ray start --address`) on 127.0.0.1, one CPU each, token
-    authentication; yields (address, environment, the second node's `ray start` process)."""
+    authentication; yields (address, environment, the second node's `ray start` process). The
+    rehearsal kills the second node: it comes last."""
     pytest.importorskip("ray")
+    tmp_path = tmp_path_factory.mktemp("ray")
     temp = tempfile.mkdtemp(prefix="l2lray-")  # short: Ray's socket paths live below it
     ray_env = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
                   RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5")
@@ -509,6 +527,22 @@ def run_on(ws: Path, specs, node_procs, since: float = 0.0):
         if holder[:1] == ["PID"] and int(holder[1]) in pids:
             return s, psutil.Process(int(holder[1]))
     return None
+
+
+@pytest.mark.slow
+def test_ray_nodes_that_cannot_reach_mlflow_fail_in_one_line_before_any_run(tmp_path, monkeypatch, two_ray_nodes):
+    """Before any run is submitted, a probe on every node checks it can train (this checkout's l2l,
+    runs/ shared, the prepared data, MLflow answering): a worker URI nothing answers is one line."""
+    address, ray_env, _ = two_ray_nodes
+    port = free_port()
+    workspace(tmp_path, monkeypatch, seeds=(0,), backend="ray", ray={"address": address},
+              tracking={"worker_uri": f"http://127.0.0.1:{port}"})
+    log = tmp_path / "stage.log"
+    stage = start_stage(tmp_path, log, **{k: v for k, v in ray_env.items() if k.startswith("RAY_")})
+    line = one_line_error(finish(stage, log) and stage.returncode, log.read_text())
+    assert re.fullmatch(rf"l2l: error: ray: node \S+: MLflow at http://127.0.0.1:{port} does not answer "
+                        r"\(ConnectionRefusedError: .*\); nothing submitted", line), line
+    assert list((tmp_path / "runs").iterdir()) == []  # no run started, the probe's file removed
 
 
 @pytest.mark.slow
