@@ -319,7 +319,9 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
                 out.append(value)
     except BaseException:
         for p in procs:
-            os.kill(p.pid, signal.SIGINT)  # the worker marks its run KILLED and exits (not SIGTERM: see _slot_worker)
+            if p.exitcode is None:  # the worker marks its run KILLED and exits (SIGINT, not SIGTERM: _slot_worker)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
         for p in procs:
             p.join(timeout=120)
             if p.is_alive():
@@ -401,7 +403,9 @@ def run_ray(todo: list[RunSpec], config: Config, worker: Worker, progress: Stage
     if started:  # workers import this checkout of l2l: the same path on every node of a cluster
         code = str(Path(__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
-        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        # address null: a new local instance ("local"; None would join the cluster `ray start` last
+        # started on this machine, or fail on the address file it left behind)
+        ray.init(address=address or "local", runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpus = bool(gpus) if rc["use_gpus"] == "auto" else rc["use_gpus"]

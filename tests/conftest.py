@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,16 @@ def smoke_params(npz: Path, seeds=(0, 1), experiments=None) -> dict:
     # smoke extends paper, whose experiments would merge in (at paper model sizes): only these train
     params["profiles"]["paper"]["experiments"] = {}
     return params
+
+
+# Tests of an optional backend carry its marker; without the extra installed they are skipped before
+# their fixtures run (the README's test command stays lean). CI installs the extras and runs them
+# (`pytest -m "ray or slurm"`), failing on any skip (.ci/run).
+EXTRAS = {"ray": "ray", "slurm": "submitit"}  # marker (and extra) -> the package it needs
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker, package in EXTRAS.items():
+            if item.get_closest_marker(marker) and importlib.util.find_spec(package) is None:
+                item.add_marker(pytest.mark.skip(reason=f"needs the {marker} extra: pip install -e '.[{marker}]'"))

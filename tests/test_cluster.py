@@ -279,9 +279,9 @@ def test_the_stage_server_is_its_own_and_workers_on_other_nodes_pass_its_checks(
     assert allowed_hosts("node1")[-2:] == ["node1", "node1:*"]
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_remote_slurm_with_a_loopback_tracking_uri_fails_in_one_line_before_submitting(tmp_path, monkeypatch):
-    pytest.importorskip("submitit")
     workspace(tmp_path, monkeypatch, seeds=(0,), backend="slurm")  # slurm.cluster: slurm, tracking: defaults
     out = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path, env=env(),
                          capture_output=True, text=True, timeout=CEILING_S)
@@ -371,13 +371,13 @@ def job_logs(ws: Path) -> str:
 SLURM = {"backend": "slurm", "runs_per_gpu": 2, "slurm": {"cluster": "local", "gpus_per_task": 1}}
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_multi_run_job_preempted_requeues_and_every_run_resumes(tmp_path, monkeypatch, reference):
     """SIGTERM then USR2 to every process of a job training two runs (Slurm preempting it; submitit's own
     rehearsal of a preemption sends the same): the job requeues itself (submitit: "preempted"), its
     workers act on neither signal and are stopped by the job (runs KILLED, not failed), both runs
     resume into their MLflow runs and end as the local backend's."""
-    pytest.importorskip("submitit")
     specs = workspace(tmp_path, monkeypatch, seeds=(0, 1), **SLURM)
     log = tmp_path / "stage.log"
     stage = start_stage(tmp_path, log)
@@ -391,6 +391,7 @@ def test_slurm_multi_run_job_preempted_requeues_and_every_run_resumes(tmp_path, 
     assert_trained_once_as_local(tmp_path, specs, reference)
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_multi_run_job_timed_out_requeues_then_dies_for_good_in_one_line(tmp_path, monkeypatch, reference):
     """A job of two runs timed out (USR2 to every process, as Slurm signals a job near its time limit;
@@ -398,7 +399,6 @@ def test_slurm_multi_run_job_timed_out_requeues_then_dies_for_good_in_one_line(t
     (slurm.max_requeue 1) and its runs resume; timed out again: the job is done for, and the stage says
     so in one line with the job's error, not a log path. The next stage resumes both runs to the local
     backend's result."""
-    pytest.importorskip("submitit")
     specs = workspace(tmp_path, monkeypatch, seeds=(0, 1), **{**SLURM, "slurm": {
         **SLURM["slurm"], "timeout_min": 10, "max_requeue": 1}})
     log = tmp_path / "stage.log"
@@ -419,12 +419,12 @@ def test_slurm_multi_run_job_timed_out_requeues_then_dies_for_good_in_one_line(t
     assert_trained_once_as_local(tmp_path, specs, reference)
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_job_killed_is_resubmitted_then_fails_for_good_in_one_line(tmp_path, monkeypatch, reference):
     """Every process of a two-run job killed -9 (its node lost): the job is resubmitted with its
     unfinished runs (max_retries 1), which resume; killed again: the stage fails in one line naming the
     job's end, not its log path, and the runs left RUNNING are marked FAILED. The next stage resumes them."""
-    pytest.importorskip("submitit")
     specs = workspace(tmp_path, monkeypatch, seeds=(0, 1), max_retries=1, **SLURM)
     log = tmp_path / "stage.log"
     stage = start_stage(tmp_path, log)
@@ -444,9 +444,9 @@ def test_slurm_job_killed_is_resubmitted_then_fails_for_good_in_one_line(tmp_pat
     assert_trained_once_as_local(tmp_path, specs, reference)
 
 
+@pytest.mark.slurm
 def test_job_error_lines():
-    utils = pytest.importorskip("submitit.core.utils")
-    FailedJobError, UncompletedJobError = utils.FailedJobError, utils.UncompletedJobError
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     failed = FailedJobError("Job (task=0) failed during processing with trace:\n----------------------\n"
                             "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
@@ -475,7 +475,6 @@ def two_ray_nodes(tmp_path_factory):
     """A Ray head and a second node (`ray start --address`) on 127.0.0.1, one CPU each, token
     authentication; yields (address, environment, the second node's `ray start` process). The
     rehearsal kills the second node: it comes last."""
-    pytest.importorskip("ray")
     tmp_path = tmp_path_factory.mktemp("ray")
     temp = tempfile.mkdtemp(prefix="l2lray-")  # short: Ray's socket paths live below it
     ray_env = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
@@ -488,7 +487,8 @@ def two_ray_nodes(tmp_path_factory):
     def start(name: str, *args: str) -> subprocess.Popen:
         log = tmp_path / f"ray-{name}.log"
         with open(log, "w") as f:
-            nodes.append((subprocess.Popen(["ray", "start", *common, *args, f"--dashboard-agent-listen-port={free_port()}"],
+            nodes.append((subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *common, *args,
+                                            f"--dashboard-agent-listen-port={free_port()}"],
                                            env=ray_env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True), log))
         proc = nodes[-1][0]
         deadline = time.monotonic() + CEILING_S
@@ -529,6 +529,7 @@ def run_on(ws: Path, specs, node_procs, since: float = 0.0):
     return None
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_nodes_that_cannot_reach_mlflow_fail_in_one_line_before_any_run(tmp_path, monkeypatch, two_ray_nodes):
     """Before any run is submitted, a probe on every node checks it can train (this checkout's l2l,
@@ -545,6 +546,7 @@ def test_ray_nodes_that_cannot_reach_mlflow_fail_in_one_line_before_any_run(tmp_
     assert list((tmp_path / "runs").iterdir()) == []  # no run started, the probe's file removed
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_two_nodes_lose_a_worker_then_a_node_and_every_run_ends_as_local(tmp_path, monkeypatch, reference,
                                                                               two_ray_nodes):
