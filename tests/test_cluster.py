@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from l2l.checks import ClusterError, ConfigError, RunsFailed
@@ -67,10 +68,19 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A train stage run in this process sets torch's threads (executor.cpu_threads 1): restored after,
+    so tests after these train their references with this process's own count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, str]:
     """Run hash -> sha256 of final.pt, trained by the local backend (seeds 0-3)."""
-    mp = pytest.MonkeyPatch()
+    mp, threads = pytest.MonkeyPatch(), torch.get_num_threads()
     try:
         ws = tmp_path_factory.mktemp("local")
         specs = workspace(ws, mp, seeds=(0, 1, 2, 3))
@@ -78,6 +88,7 @@ def reference(tmp_path_factory) -> dict[str, str]:
         return {s.hash: sha256(ws / "runs" / s.hash / "final.pt") for s in specs}
     finally:
         mp.undo()
+        torch.set_num_threads(threads)
 
 
 def assert_trained_once_as_local(ws: Path, specs, reference) -> None:
