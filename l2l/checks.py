@@ -37,6 +37,11 @@ class RunsFailed(RuntimeError):
     """Runs of the plan failed; the message names the first and why (one line)."""
 
 
+class ClusterError(RuntimeError):
+    """Remote workers cannot train here (a node that does not see the checkout or cannot reach MLflow):
+    one line naming the node and what to fix, before any run is submitted."""
+
+
 def config_error(path: str, expected: str | None = None, got: Any = _NOT_GIVEN, problem: str | None = None,
                  source: str = SOURCE) -> ConfigError:
     """The one message form: ``<source>: <path>: [<problem>; ]expected <form>[, got <value>]``."""

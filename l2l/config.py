@@ -43,6 +43,24 @@ RUN_KEYS = ("profile", "papers", "data")  # run.yaml's keys: the workspace's sel
 
 # --- the sections resolved here (the others live beside the code that uses them) ------------
 
+def _host(v: Any, path: str) -> str:
+    if not isinstance(v, str) or not v or "/" in v or " " in v:
+        raise config_error(path, "a host name or address (127.0.0.1, 0.0.0.0, a node's address)", v)
+    return v
+
+
+def _http_uri(v: Any, path: str) -> str | None:
+    if v is not None and not (isinstance(v, str) and v.startswith(("http://", "https://"))):
+        raise config_error(path, "null or an http(s):// URI", v)
+    return v
+
+
+def _auto_bool(v: Any, path: str) -> str | bool:
+    if v != "auto" and not isinstance(v, bool):
+        raise config_error(path, "auto, true or false", v)
+    return v
+
+
 BACKENDS = ("local", "ray", "slurm")
 EXECUTOR: dict[str, Key] = {
     "backend": Key(lambda v, p: choice(v, p, BACKENDS), "local"),
@@ -55,9 +73,23 @@ EXECUTOR: dict[str, Key] = {
                                                       "ends): bounds the saving's share of a fast GPU epoch"),
     "cuda_graphs": Key(boolean, False, "each epoch's training step captured once as a CUDA graph and replayed "
                                        "(l2l/graphs.py; same numbers, eager on a CPU); not part of a run's identity"),
+    "max_retries": Key(nonneg_int, 2, "times a run whose worker process, node or job died is retried, first in "
+                                      "the queue (a run that raises an error is not retried)"),
+    "tracking": Key({  # where workers log to MLflow (l2l/tracking.py single_writer; docs/cluster.md)
+        "host": Key(_host, "127.0.0.1", "where the train stage's own mlflow server listens: 127.0.0.1 on one "
+                                        "machine; 0.0.0.0 or this node's cluster address for other nodes' workers"),
+        "port": Key(lambda v, p: v if v is None else integer(v, p, 1), None, "that server's port; null: a free one"),
+        "worker_uri": Key(_http_uri, None, "the URI workers log to; null: that server's (this node's name for "
+                                           "host 0.0.0.0)"),
+    }),
     "ray": Key({
         "address": Key(optional_str, None, "null: a local Ray instance; 'auto' or ray://host:port: a cluster"),
         "cpus_per_run": Key(pos_float, 1),
+        "use_gpus": Key(_auto_bool, "auto", "auto: 1/runs_per_gpu GPU per run if the cluster has GPUs when the "
+                                            "stage starts; true: always (an autoscaling cluster whose GPU nodes "
+                                            "are not up yet); false: CPU"),
+        "queue_ahead": Key(nonneg_int, 0, "runs submitted beyond the cluster's slots (0: a retried run goes "
+                                          "first; an autoscaling cluster grows on pending runs)"),
     }),
     "slurm": Key({
         "cluster": Key(lambda v, p: choice(v, p, ("slurm", "local")), "slurm"),

@@ -24,16 +24,20 @@ import multiprocessing
 import os
 import pickle
 import queue
+import re
 import signal
 import sys
+import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from l2l.checks import ConfigError, DataError, IntegrityError, LockedError, RunsFailed
+from l2l.checks import ClusterError, ConfigError, DataError, IntegrityError, LockedError, RunsFailed
+from l2l.cluster import job_error, probe_file, probe_node, ray_slots, spans_machines, workers_tracking
 from l2l.config import Config, required_hashes
 from l2l.data import DeviceDataCache
 from l2l.datasets import DataSettings, val_joins_train
@@ -80,6 +84,7 @@ class Worker:
     checkpoint_min_seconds: float = 0.0  # and seconds at least (executor.checkpoint_min_seconds)
     cuda_graphs: bool = False  # executor.cuda_graphs (l2l/graphs.py)
     progress_bars: bool = False  # a bar per run (the stage's own process on a terminal); else epoch log lines
+    max_retries: int = 0  # a run whose process died is retried this often, first (params' executor.max_retries)
 
 
 def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> dict:
@@ -141,8 +146,9 @@ def train_group(specs: list[dict], profile: str, data: DataSettings, worker: Wor
     """Several runs sharing this process's GPU concurrently (one worker process each); one run: in process."""
     if len(specs) == 1:
         return [train_one(specs[0], profile, data, worker)]
-    return _pool([RunSpec.from_dict(s) for s in specs], profile, data, worker, slots=[None] * len(specs),
-                 progress=StageProgress([s["hash"] for s in specs], bars=False))
+    todo = [RunSpec.from_dict(s) for s in specs]  # a spec's dict holds its fields, not its hash
+    return _pool(todo, profile, data, worker, slots=[None] * len(specs),
+                 progress=StageProgress([s.hash for s in todo], bars=False))
 
 
 # --- local ------------------------------------------------------------------------------
@@ -165,9 +171,10 @@ def stop_on_signals() -> None:
 
 
 def _die_with_parent() -> None:
-    # A worker whose train stage was killed (even by SIGKILL) gets SIGTERM instead of training on alone.
+    # A worker whose train stage was killed (even by SIGKILL) gets SIGINT instead of training on alone
+    # (SIGINT, as the pool stops its workers: a worker of a Slurm job ignores SIGTERM, _slot_worker).
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
 
 
 class _LogToParent(logging.handlers.QueueHandler):
@@ -177,19 +184,29 @@ class _LogToParent(logging.handlers.QueueHandler):
         self.queue.put(("log", -1, record))
 
 
-def _slot_worker(gpu: int | None, threads: int, tasks, results, job: tuple) -> None:
-    """One worker process of the local pool: pinned to its GPU before CUDA starts, trains the runs it
-    takes from `tasks` until it takes None, reporting each start and outcome, and its log records, on
-    `results`."""
+def _slot_worker(gpu: int | None, threads: int, tasks, results, job: tuple, first: tuple | None = None) -> None:
+    """One worker process of the local pool: pinned to its GPU before CUDA starts, trains `first` (a
+    retried run keeps its slot) and then the runs it takes from `tasks` until it takes None, reporting
+    each start and outcome, and its log records, on `results`."""
     _die_with_parent()
     stop_on_signals()
+    # Slurm signals every process of a job: USR2 before its time limit, SIGTERM and USR2 when it is
+    # preempted. The job's own process (submitit) requeues the job and stops its workers with SIGINT
+    # (their runs marked KILLED, resumed after the requeue); acting on either signal here first (USR2's
+    # default action kills) would fail the runs instead. The parent started this process with both
+    # blocked (_job_signals_blocked), so none was lost or acted on before these lines.
+    if os.environ.get("SUBMITIT_EXECUTOR"):  # in a submitit job
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
     setup_logging()
     logging.getLogger().handlers[:] = [_LogToParent(results)]
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # read when CUDA initialises, after the import of torch
     torch.set_num_threads(threads)
     profile, data, worker = job
-    while (item := tasks.get()) is not None:
+    while (item := first or tasks.get()) is not None:
+        first = None
         i, spec = item
         results.put(("start", i, os.getpid()))
         try:
@@ -206,6 +223,21 @@ def _slot_worker(gpu: int | None, threads: int, tasks, results, job: tuple) -> N
                 return
 
 
+JOB_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}  # what Slurm sends every process of a job it preempts
+
+
+@contextlib.contextmanager
+def _job_signals_blocked() -> Iterator[None]:
+    """Slurm's signals held back in this process meanwhile (a pending one is acted on after), and
+    blocked in the processes it starts meanwhile: a worker handles them once it can (_slot_worker), a
+    helper process (multiprocessing's resource tracker) never sees them."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _report(outcomes: list[tuple[RunSpec, BaseException | None]]) -> None:
     failed = [(s, e) for s, e in outcomes if e is not None]
     if failed:
@@ -217,28 +249,32 @@ def _report(outcomes: list[tuple[RunSpec, BaseException | None]]) -> None:
 def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker, slots: list[int | None],
           progress: StageProgress | None = None) -> list:
     """The runs of `todo` on one worker process per slot. A worker that dies (killed, out of memory)
-    fails only the run it was training (marked FAILED in MLflow) and is replaced; the other workers'
-    runs go on. Interrupted itself (SIGTERM, Ctrl-C), the pool stops its workers (their runs are
-    marked KILLED) before it re-raises. `progress`: the stage's count (default: this pool's own)."""
+    is replaced, and the run it was training is retried first by its replacement (it keeps its slot;
+    worker.max_retries times, resuming from its last resume state); then that run alone fails (marked
+    FAILED in MLflow) and the other workers' runs go on. Interrupted itself (SIGTERM, Ctrl-C, a Slurm
+    requeue), the pool stops its workers (their runs are marked KILLED) before it re-raises.
+    `progress`: the stage's count (default: this pool's own)."""
     progress = progress or StageProgress([s.hash for s in todo], bars=False)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    tasks, results = ctx.Queue(), ctx.Queue()
+    with _job_signals_blocked():  # the queues start multiprocessing's resource tracker, which Slurm signals too
+        tasks, results = ctx.Queue(), ctx.Queue()
     for i, s in enumerate(todo):
         tasks.put((i, s.to_dict()))
     for _ in slots:
         tasks.put(None)
     threads = max(1, (os.cpu_count() or 1) // len(slots))
 
-    def start(gpu):
-        p = ctx.Process(target=_slot_worker, args=(gpu, threads, tasks, results, (profile, data, worker)),
+    def start(gpu, first=None):
+        p = ctx.Process(target=_slot_worker, args=(gpu, threads, tasks, results, (profile, data, worker), first),
                         daemon=False)
-        p.start()
+        with _job_signals_blocked():
+            p.start()
         return p
 
     procs = [start(g) for g in slots]
     running: dict[int, int] = {}  # worker PID -> index of the run it trains
     outcome: dict[int, BaseException | None] = {}
-    out, ended, restarts = [], set(), 0
+    out, ended, restarts, retries = [], set(), 0, {}
 
     def record(i: int, err: BaseException | None) -> None:
         outcome[i] = err
@@ -254,15 +290,22 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
                         continue
                     ended.add(p.pid)
                     i = running.pop(p.pid, None)
-                    if i is not None:  # died while training a run: that run alone fails
+                    retry = None
+                    if i is not None:  # died while training a run: retried first, or that run alone fails
                         how = (f"signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
                                else f"exit status {p.exitcode}")
                         err = RuntimeError(f"worker process {p.pid} died ({how}) while training this run")
-                        mark_failed(profile, todo[i].hash, str(err))
-                        record(i, err)
-                    if p.exitcode != 0 and restarts < len(todo):
+                        if retries.get(i, 0) < worker.max_retries:
+                            retries[i] = retries.get(i, 0) + 1
+                            retry = (i, todo[i].to_dict())
+                            log.warning("%s: %s; retry %d of %d, first on its slot", _describe(todo[i]), err,
+                                        retries[i], worker.max_retries)
+                        else:
+                            mark_failed(profile, todo[i].hash, str(err))
+                            record(i, err)
+                    if p.exitcode != 0 and (retry or restarts < len(todo)):
                         restarts += 1
-                        procs[k] = start(slots[k])  # takes the dead worker's share of the queue
+                        procs[k] = start(slots[k], retry)  # takes the dead worker's share of the queue
                 if not any(p.is_alive() for p in procs) and results.empty():
                     for i in sorted(set(range(len(todo))) - set(outcome)):
                         record(i, RuntimeError("not trained: every worker process ended before it"))
@@ -280,7 +323,9 @@ def _pool(todo: list[RunSpec], profile: str, data: DataSettings, worker: Worker,
                 out.append(value)
     except BaseException:
         for p in procs:
-            p.terminate()  # SIGTERM: the worker marks its run KILLED and exits
+            if p.exitcode is None:  # the worker marks its run KILLED and exits (SIGINT, not SIGTERM: _slot_worker)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
         for p in procs:
             p.join(timeout=120)
             if p.is_alive():
@@ -320,49 +365,91 @@ def _import(name: str, extra: str):
                           f"(pip install 'l2l-bench[{extra}]')") from None
 
 
-def _remote_workers_note(backend: str) -> None:
-    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
-        log.warning("%s: workers log to an MLflow server on 127.0.0.1 of this machine; workers on other nodes "
-                    "need MLFLOW_TRACKING_URI set to a server they can reach (and runs/, data/ on a shared "
-                    "file system)", backend)
-
-
 def _ray_task(*args) -> dict:
     setup_logging()  # progress lines reach the driver's log
     return train_one(*args)
 
 
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _probe_ray_nodes(ray, root: str, uri: str, profile: str) -> None:
+    """Before any run: a probe on every alive node (this checkout's l2l imports there, runs/ is the same
+    shared folder, the prepared data is there, MLflow answers); the first problem in one line."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
+    with probe_file(root) as token:
+        refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(root, token, uri, f"l2l-{profile}"): n["NodeManagerAddress"]
+                for n in ray.nodes() if n["Alive"]}
+        for ref, address in refs.items():
+            try:
+                problem = ray.get(ref, timeout=600)
+            except Exception as e:  # noqa: BLE001 (e.g. l2l not importable from this checkout's path there)
+                problem = (f"node {address} cannot run l2l from {root} (the same checkout at the same path on "
+                           f"every node): {_one_line(getattr(e, 'cause', None) or e)}")
+            if problem:
+                raise ClusterError(f"ray: {problem}; nothing submitted")
+
+
 def run_ray(todo: list[RunSpec], config: Config, worker: Worker, progress: StageProgress) -> None:
+    """One Ray task per run, at most as many in flight as the cluster has slots now (+ ray.queue_ahead):
+    the queue stays here, so a run whose worker or node died goes back to its front (worker.max_retries
+    times; Ray's own retries, which queue behind every pending run, are off) and resumes from its last
+    resume state on the next free slot. A run that raised fails for good, named with its error."""
     cfg, profile = config.executor, config.profile.name
+    rc = cfg["ray"]
     ray = _import("ray", "ray")
-    address = cfg["ray"]["address"]
+    address = rc["address"]
     started = not ray.is_initialized()
-    if started and address is None:  # a local instance: its workers import this checkout of l2l
+    if started:  # workers import this checkout of l2l: the same path on every node of a cluster
         code = str(Path(__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}})
-    elif started:
-        ray.init(address=address)  # the cluster's nodes need l2l installed
-    if address is not None:
-        _remote_workers_note("ray")
+        # address null: a new local instance ("local"; None would join the cluster `ray start` last
+        # started on this machine, or fail on the address file it left behind)
+        ray.init(address=address or "local", runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
-        task = ray.remote(_ray_task).options(num_cpus=cfg["ray"]["cpus_per_run"],
-                                             num_gpus=1 / cfg["runs_per_gpu"] if gpus else 0)
-        log.info("ray: %d runs on %s (%s GPUs)", len(todo), address or "a local instance", gpus)
-        with single_writer(profile) as uri:
+        use_gpus = bool(gpus) if rc["use_gpus"] == "auto" else rc["use_gpus"]
+        if address is not None and not use_gpus and rc["use_gpus"] == "auto":
+            log.warning("ray: the cluster has no GPU now, so every run trains on CPU (executor.ray.use_gpus: "
+                        "true waits for GPU nodes, e.g. of an autoscaling cluster)")
+        share = 1 / cfg["runs_per_gpu"] if use_gpus else 0
+        remote = address is not None and spans_machines([n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]])
+        task = ray.remote(_ray_task).options(num_cpus=rc["cpus_per_run"], num_gpus=share, max_retries=0)
+        with workers_tracking(profile, cfg["tracking"], worker.root, remote, "ray") as uri:
+            if address is not None:
+                _probe_ray_nodes(ray, worker.root, uri, profile)
+            log.info("ray: %d runs on %s (%s GPUs, %s per run)", len(todo), address or "a local instance", gpus,
+                     share or "no GPU")
             w = replace(worker, tracking_uri=uri)
-            refs = {task.remote(s.to_dict(), profile, config.data, w): s for s in todo}
-            outcomes, pending = [], list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                spec = refs[done[0]]
-                try:
-                    ray.get(done[0])
-                    outcomes.append((spec, None))
-                except Exception as e:  # noqa: BLE001 (reported below with the run's identity)
-                    outcomes.append((spec, getattr(e, "cause", None) or e))
-                progress.finished(spec.hash, spec.label, outcomes[-1][1])
+            queue, in_flight, tries, outcomes = deque(todo), {}, {}, []
+            while queue or in_flight:
+                room = max(1, ray_slots(ray.cluster_resources(), rc["cpus_per_run"], share)) + rc["queue_ahead"]
+                while queue and len(in_flight) < room:
+                    spec = queue.popleft()
+                    in_flight[task.remote(spec.to_dict(), profile, config.data, w)] = spec
+                    progress.started(spec.hash, spec.label)
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=10)  # slots change as nodes come and go
+                for ref in done:
+                    spec, err = in_flight.pop(ref), None
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:  # the run raised: the same error again if retried
+                        err = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+                    except ray.exceptions.RayError as e:  # its worker process or node died
+                        if tries.get(spec.hash, 0) < worker.max_retries:
+                            tries[spec.hash] = tries.get(spec.hash, 0) + 1
+                            log.warning("%s: %s; retry %d of %d, first in the queue", _describe(spec), _one_line(e),
+                                        tries[spec.hash], worker.max_retries)
+                            queue.appendleft(spec)
+                            continue
+                        err = e
+                        mark_failed(profile, spec.hash, _one_line(e))  # its process could not say so
+                    outcomes.append((spec, err))
+                    progress.finished(spec.hash, spec.label, err)
         _report(outcomes)
     finally:
         if started:
@@ -386,33 +473,57 @@ class SlurmJob:
 
 
 def run_slurm(todo: list[RunSpec], config: Config, worker: Worker, progress: StageProgress) -> None:
+    """A job array, one job per GPU training runs_per_gpu runs. A job that times out or is preempted is
+    requeued by submitit (slurm.max_requeue times) and its runs resume. A job that ended without a
+    result (killed, node failure) is resubmitted with its unfinished runs (worker.max_retries times); a
+    job that failed for good fails its unfinished runs, named with the job's error in one line."""
     submitit = _import("submitit", "slurm")
     cfg, profile = config.executor, config.profile.name
     s = cfg["slurm"]
-    ex = submitit.AutoExecutor(folder=Path(worker.root) / s["folder"], cluster=s["cluster"],
-                               slurm_max_num_timeout=s["max_requeue"])
-    ex.update_parameters(name="l2l-train", timeout_min=s["timeout_min"], gpus_per_node=s["gpus_per_task"],
-                         cpus_per_task=s["cpus_per_task"], mem_gb=s["mem_gb"], slurm_partition=s["partition"],
-                         slurm_account=s["account"], slurm_array_parallelism=s["array_parallelism"])
-    if s["cluster"] == "slurm":
-        _remote_workers_note("slurm")
     per_job = cfg["runs_per_gpu"] if s["gpus_per_task"] else 1
     groups = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
-    with single_writer(profile) as uri:
+    with workers_tracking(profile, cfg["tracking"], worker.root, s["cluster"] == "slurm", "slurm") as uri:
+        ex = submitit.AutoExecutor(folder=Path(worker.root) / s["folder"], cluster=s["cluster"],
+                                   slurm_max_num_timeout=s["max_requeue"], local_max_num_timeout=s["max_requeue"])
+        ex.update_parameters(name="l2l-train", timeout_min=s["timeout_min"], gpus_per_node=s["gpus_per_task"],
+                             cpus_per_task=s["cpus_per_task"], mem_gb=s["mem_gb"], slurm_partition=s["partition"],
+                             slurm_account=s["account"], slurm_array_parallelism=s["array_parallelism"])
         shared = (profile, config.data, replace(worker, tracking_uri=uri))
         jobs = ex.map_array(SlurmJob(), [[sp.to_dict() for sp in g] for g in groups],
                             *([x] * len(groups) for x in shared))
         log.info("slurm: %d jobs for %d runs, logs in %s", len(jobs), len(todo), s["folder"])
-        outcomes = []
-        for job, group in zip(jobs, groups):
-            try:
-                job.result()
-                outcomes += [(sp, None) for sp in group]
-            except Exception as e:  # noqa: BLE001 (reported below with the run's identity)
-                outcomes += [(sp, e) for sp in group]
-                log.error("job %s failed: %s", job.job_id, str(e).strip().splitlines()[-1:] or e)
-            for sp, err in outcomes[-len(group):]:
-                progress.finished(sp.hash, sp.label, err)
+        pending, tries, outcomes = dict(zip(jobs, groups)), {}, []
+        while pending:
+            finished = [j for j in pending if j.done()]
+            if not finished:
+                time.sleep(1 if s["cluster"] == "local" else 15)
+                continue
+            for job in finished:
+                group = pending.pop(job)
+                error = job.exception()  # None, or what submitit says went wrong
+                left = [sp for sp in group if not (Path(worker.root) / RUNS / sp.hash / "result.json").exists()]
+                line = None if error is None and not left else \
+                    job_error(error) if error is not None else "finished without training every run"
+                # ended without a result (killed, node failure, out of memory), not cancelled by a person
+                ended = re.search(r"has not produced any output \(state: ([^)]*)\)", str(error or ""))
+                dead = ended is not None and "CANCELLED" not in ended.group(1)
+                if left and dead and tries.get(job.job_id, 0) < worker.max_retries:
+                    again = ex.submit(SlurmJob(), [sp.to_dict() for sp in left], *shared)
+                    tries[again.job_id] = tries.get(job.job_id, 0) + 1
+                    log.warning("slurm job %s (%d runs): %s; resubmitted as job %s with its %d unfinished runs "
+                                "(retry %d of %d)", job.job_id, len(group), line, again.job_id, len(left),
+                                tries[again.job_id], worker.max_retries)
+                    pending[again] = left
+                    group = [sp for sp in group if sp not in left]
+                    left = []
+                elif line:
+                    log.error("slurm job %s (%d runs): %s", job.job_id, len(group), line)
+                for sp in group:
+                    err = RuntimeError(f"slurm job {job.job_id}: {line}") if sp in left else None
+                    if err is not None:
+                        mark_failed(profile, sp.hash, str(err))  # a killed job's runs stayed RUNNING
+                    outcomes.append((sp, err))
+                    progress.finished(sp.hash, sp.label, err)
     _report(outcomes)
 
 
@@ -466,7 +577,7 @@ def _run_waves(todo: list[RunSpec], config: Config, root: str | Path, progress: 
     cfg = config.executor
     worker = Worker(str(Path(root).resolve()), cpu_threads=cfg["cpu_threads"] or torch.get_num_threads(),
                     checkpoint_every=cfg["checkpoint_every"], checkpoint_min_seconds=cfg["checkpoint_min_seconds"],
-                    cuda_graphs=cfg["cuda_graphs"])
+                    cuda_graphs=cfg["cuda_graphs"], max_retries=cfg["max_retries"])
     by_hash = {s.hash: s for s in todo}
 
     def finished(h: str) -> bool:

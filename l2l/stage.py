@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from l2l.checks import ConfigError, DataError, IntegrityError, LockedError, RunsFailed
+from l2l.checks import ClusterError, ConfigError, DataError, IntegrityError, LockedError, RunsFailed
 
 RUNS = Path("runs")
 EVALS = Path("evals")
@@ -25,8 +25,9 @@ def setup_logging() -> None:
 
 # Expected failures: bad params or data, a result file that fails verification (invalid, truncated,
 # not its recorded sha256), a run folder another trainer holds, runs that failed (their tracebacks, if
-# any, are in the log above), a file the OS refuses (missing, no space...). Anything else is a bug: traceback.
-EXPECTED = (ConfigError, DataError, IntegrityError, LockedError, RunsFailed, OSError)
+# any, are in the log above), remote workers that cannot train (a node without the checkout or MLflow),
+# a file the OS refuses (missing, no space...). Anything else is a bug: traceback.
+EXPECTED = (ConfigError, DataError, IntegrityError, LockedError, RunsFailed, ClusterError, OSError)
 
 
 def main(stage: Callable[[], None]) -> None:

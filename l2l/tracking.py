@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psutil
+
 from l2l.tasks import task_of
 
 log = logging.getLogger(__name__)
@@ -407,43 +409,109 @@ def log_figure(run_id: str, fig, name: str) -> None:
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
+def local_address(host: str) -> str:
+    """Where this machine reaches a server listening on `host` (a wildcard: its loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def http_uri(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _listens(proc: subprocess.Popen, port: int) -> bool:
+    """Whether `proc`, or a process it started (mlflow server starts uvicorn), listens on `port`: the
+    server that answers there is the one started here, not another that took the port meanwhile."""
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for p in tree:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in p.net_connections(kind="tcp")):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return False
+
+
+def _answers(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def mlflow_server(store_uri: str, timeout_s: float = 300) -> Iterator[str]:
-    """`mlflow server` bound to 127.0.0.1 on a free port over `store_uri` (one server worker: the
-    single writer to the database) while the context lasts; yields its http URI. Readiness is polled
-    until the server answers or its process exits (a loaded machine starts it slowly: `timeout_s` is
-    only a ceiling); giving up, the error carries the server's log."""
-    port = _free_port()
+def mlflow_server(store_uri: str, host: str = "127.0.0.1", port: int | None = None,
+                  allowed_hosts: list[str] | None = None, timeout_s: float = 300) -> Iterator[str]:
+    """`mlflow server` over `store_uri` (one server worker: the single writer to the database) on
+    `host` (127.0.0.1 unless a named setting opens it to a cluster's network, params' executor.tracking)
+    and `port` (None: a free one) while the context lasts; yields the http URI this machine reaches it at.
+    `allowed_hosts`: the Host headers it accepts (MLflow's --allowed-hosts; default loopback and private
+    addresses), e.g. the node name workers on other machines reach it by.
+
+    Ready when it answers /health *and* its own process tree listens on the port: another server that
+    took the port between choosing it and binding it is never mistaken for this one (a free port taken
+    meanwhile is chosen again, twice at most). Readiness is polled until then or until the process exits
+    (a loaded machine starts it slowly: `timeout_s` is only a ceiling); giving up, the error carries the
+    server's log."""
+    for attempt in range(1 if port is not None else 3):
+        chosen = port if port is not None else _free_port(host)
+        with _server_process(store_uri, host, chosen, allowed_hosts) as (proc, log_text):
+            uri = http_uri(local_address(host), chosen)
+            deadline = time.monotonic() + timeout_s
+            while not (_answers(uri) and _listens(proc, chosen)):
+                if proc.poll() is not None:
+                    taken = "address already in use" in log_text().lower()
+                    if taken and port is None and attempt < 2:
+                        break  # the free port was taken before the server bound it: choose another
+                    raise RuntimeError(f"mlflow server over {store_uri} on {host}:{chosen} exited with status "
+                                       f"{proc.returncode}" + ("; the port is taken by another process" if taken
+                                                               else "") + f"; its log: {_tail(log_text())}")
+                if time.monotonic() > deadline:
+                    other = "; another process answers on that port" if _answers(uri) else ""
+                    raise RuntimeError(f"mlflow server over {store_uri} on {host}:{chosen} did not answer within "
+                                       f"{timeout_s:.0f} s{other}; its log: {_tail(log_text())}")
+                time.sleep(0.5)
+            else:
+                log.info("MLflow: server %s over %s (single writer; its UI too)", http_uri(host, chosen), store_uri)
+                yield uri
+                return
+            log.warning("MLflow: port %d was taken before the server bound it; choosing another", chosen)
+
+
+def _tail(text: str) -> str:
+    return " | ".join(text.strip().splitlines()[-20:])
+
+
+@contextlib.contextmanager
+def _server_process(store_uri: str, host: str, port: int, allowed_hosts: list[str] | None
+                    ) -> Iterator[tuple[subprocess.Popen, Callable[[], str]]]:
+    """The `mlflow server` process while the context lasts, and a reader of its log; stopped after."""
     log_file = tempfile.NamedTemporaryFile("w+", prefix="l2l-mlflow-server-", suffix=".log", delete=False)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner needed
     env.pop("MLFLOW_TRACKING_URI", None)
     # Its own session, so stopping it stops the uvicorn process it starts too.
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", store_uri, "--workers", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+                             "--backend-store-uri", store_uri, "--workers", "1"]
+                            + (["--allowed-hosts", ",".join(allowed_hosts)] if allowed_hosts else []),
                             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+
+    def read() -> str:
+        log_file.seek(0)
+        return log_file.read()
+
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log_file.seek(0)
-                    tail = " | ".join(log_file.read().strip().splitlines()[-20:])
-                    why = f"exited with status {proc.returncode}" if proc.poll() is not None else \
-                        f"did not answer within {timeout_s:.0f} s"
-                    raise RuntimeError(f"mlflow server over {store_uri} {why}; its log: {tail}") from None
-                time.sleep(0.5)
-        log.info("MLflow: server %s over %s (single writer)", uri, store_uri)
-        yield uri
+        yield proc, read
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -457,13 +525,16 @@ def mlflow_server(store_uri: str, timeout_s: float = 300) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def single_writer(profile: str) -> Iterator[str]:
+def single_writer(profile: str, host: str = "127.0.0.1", port: int | None = None,
+                  allowed_hosts: list[str] | None = None) -> Iterator[str]:
     """Tracking for several worker processes: nothing lost, nothing duplicated.
 
     A server given in MLFLOW_TRACKING_URI (http/https/databricks) is used as it is; otherwise
-    an :func:`mlflow_server` on 127.0.0.1 serves this store (``./mlflow.db`` or the database that
-    MLFLOW_TRACKING_URI names) for the duration, and MLFLOW_TRACKING_URI points at it. The
-    profile's experiment is created before any worker starts. Yields the URI workers log to.
+    an :func:`mlflow_server` on `host`:`port` (accepting `allowed_hosts`) serves this store
+    (``./mlflow.db`` or the database that MLFLOW_TRACKING_URI names) for the duration, and
+    MLFLOW_TRACKING_URI points at it. The
+    profile's experiment is created before any worker starts. Yields the URI this machine logs to
+    (workers on other nodes: l2l.cluster.workers_tracking).
     """
     uri = tracking_uri()
     if uri.startswith(REMOTE_SCHEMES):
@@ -471,7 +542,7 @@ def single_writer(profile: str) -> Iterator[str]:
         yield uri
         return
     previous = os.environ.get("MLFLOW_TRACKING_URI")
-    with mlflow_server(uri) as server:
+    with mlflow_server(uri, host, port, allowed_hosts) as server:
         os.environ["MLFLOW_TRACKING_URI"] = server
         try:
             experiment_id(client(), f"l2l-{profile}")

@@ -50,10 +50,12 @@ def _same_as_local(ws, local_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_local_instance_same_results_as_local(tmp_path, monkeypatch, local_runs):
-    ray = pytest.importorskip("ray")
+    import ray
+
     ws = _workspace(tmp_path, monkeypatch, {"backend": "ray"}, seeds=(0, 1, 2))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # workers import this checkout
     try:
         _same_as_local(ws, local_runs)
@@ -62,8 +64,8 @@ def test_ray_local_instance_same_results_as_local(tmp_path, monkeypatch, local_r
 
 
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_submitit_local_executor_same_results_as_local(tmp_path, monkeypatch, local_runs):
-    pytest.importorskip("submitit")
     # 3 runs, 2 per job: a job array of 2 jobs, one of them training 2 runs side by side (worker processes).
     executor = {"backend": "slurm", "runs_per_gpu": 2, "slurm": {"cluster": "local", "gpus_per_task": 1}}
     monkeypatch.setenv("PYTHONPATH", str(REPO))
@@ -75,7 +77,8 @@ def test_submitit_local_executor_same_results_as_local(tmp_path, monkeypatch, lo
 @pytest.mark.parametrize("executor, message", [
     ({"backend": "dask"}, "executor.backend: expected one of local, ray, slurm, got 'dask'"),
     ({"runs_per_gpu": 0}, "executor.runs_per_gpu: expected a positive integer, got 0"),
-    ({"gpus": 2}, "executor.gpus: unknown key; expected one of backend, checkpoint_every, checkpoint_min_seconds, cpu_threads, cuda_graphs, ray, runs_per_gpu, slurm"),
+    ({"gpus": 2}, "executor.gpus: unknown key; expected one of backend, checkpoint_every, checkpoint_min_seconds, "
+                  "cpu_threads, cuda_graphs, max_retries, ray, runs_per_gpu, slurm, tracking"),
     ({"ray": {"address": 5}}, "executor.ray.address: expected a name or null, got 5"),
     ({"cpu_threads": "all"}, "executor.cpu_threads: expected a positive integer, got 'all'"),
     ({"checkpoint_every": 0}, "executor.checkpoint_every: expected a positive integer, got 0"),
@@ -95,10 +98,10 @@ def test_defaults_local_one_run_per_gpu():
     assert cfg["backend"] == "local" and cfg["runs_per_gpu"] == 1 and cfg["ray"]["address"] is None
 
 
+@pytest.mark.slurm
 def test_requeued_slurm_job_resumes_its_runs(tmp_path, monkeypatch):
     """Preemption: submitit calls the job's checkpoint(), which resubmits the same runs; an
     interrupted run resumes from its last epoch into the same MLflow run."""
-    pytest.importorskip("submitit")
     import torch
 
     from l2l.config import prepared_plan
