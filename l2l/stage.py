@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from l2l import workspace
 from l2l.checks import ConfigError, DataError, IntegrityError, LockedError, RunsFailed
 
 RUNS = Path("runs")
@@ -31,10 +32,21 @@ EXPECTED = (ConfigError, DataError, IntegrityError, LockedError, RunsFailed, OSE
 
 def main(stage: Callable[[], None]) -> None:
     """Run a stage; an expected failure ends in one line on stderr and exit status 2; a stop by
-    signal (SIGTERM, Ctrl-C) in one line and 130."""
+    signal (SIGTERM, Ctrl-C) in one line and 130. Run by DVC, the stage holds the workspace's selection
+    while it runs, and fails if params.yaml or run.yaml changed meanwhile (l2l.workspace)."""
     setup_logging()
+    name = Path(sys.argv[0]).stem
     try:
-        stage()
+        with workspace.hold(name):
+            if workspace.run_by_dvc():
+                workspace.let_git_see()
+            before = workspace.snapshot()
+            stage()
+            changed = workspace.changes(before)
+            if changed:
+                raise ConfigError(f"{changed}: changed while stage {name} ran; its outputs follow the selection it "
+                                  "started with and DVC records nothing of them: run the pipeline again for the "
+                                  "selection the files hold now")
     except EXPECTED as e:
         print(f"l2l: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
