@@ -94,7 +94,7 @@ def snapshot(paths=SELECTION_FILES) -> dict[Path, bytes | None]:
 
 def changes(before: dict[Path, bytes | None]) -> str | None:
     """What changed in the files of `before` since it was taken: "<file>: <key> <old> -> <new>, ..."
-    for every top-level key that differs (any key, whatever the schema), or None."""
+    for every top-level key whose value differs (any key, whatever the schema), or None."""
     after = snapshot(tuple(before))
     parts = []
     for p, old in before.items():
@@ -107,8 +107,8 @@ def changes(before: dict[Path, bytes | None]) -> str | None:
             a = b = None
         if isinstance(a, dict) and isinstance(b, dict):
             keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
-            parts.append(f"{p}: " + ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys)
-                         if keys else f"{p}: rewritten")
+            if keys:  # else the same values (a comment, the layout): nothing a stage reads
+                parts.append(f"{p}: " + ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys))
         else:
             parts.append(f"{p}: {'created' if old is None else 'removed' if new is None else 'rewritten'}")
     return "; ".join(parts) or None

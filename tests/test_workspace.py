@@ -28,10 +28,30 @@ def test_changes_names_every_key_that_changed_whatever_the_schema(tmp_path, monk
     Path("run.yaml").write_text("profile: smoke\npapers: all\n")
     before = workspace.snapshot()
     assert workspace.changes(before) is None
+    Path("run.yaml").write_text("# a comment\nprofile: smoke\npapers: all\n")  # the same values
+    assert workspace.changes(before) is None
     Path("run.yaml").write_text("profile: smoke\npapers: [P3]\nlook_seeds: [0, 1]\n")  # a key of tomorrow too
     assert workspace.changes(before) == "run.yaml: papers 'all' -> ['P3'], look_seeds None -> [0, 1]"
     Path("params.yaml").write_text("stats: {}\n")
     assert workspace.changes(before).startswith("params.yaml: created; run.yaml: papers")
+
+
+def test_a_selection_changed_while_a_stage_runs_fails_the_stage_in_one_line(tmp_path, monkeypatch, capsys):
+    """DVC records a stage's params when the stage ends: had run.yaml changed meanwhile, it would record a
+    selection the stage did not run. The stage fails instead (DVC then records nothing of it)."""
+    from l2l import stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stages/claims.py"])
+    Path("run.yaml").write_text("profile: smoke\npapers: all\n")
+    with pytest.raises(SystemExit) as e:
+        stage.main(lambda: Path("run.yaml").write_text("profile: smoke\npapers: [PY]\n"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "l2l: error: run.yaml: papers 'all' -> ['PY']: changed while stage claims ran; its outputs follow the "
+        "selection it started with and DVC records nothing of them: run the pipeline again for the selection the "
+        "files hold now")
+    stage.main(lambda: None)  # unchanged: nothing to say
 
 
 def _dvc_workspace(tmp_path: Path, monkeypatch) -> None:
