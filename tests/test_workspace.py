@@ -15,6 +15,7 @@ import yaml
 from l2l import config, workspace
 from l2l.checks import LockedError
 from tests.conftest import REPO, smoke_params, write_npz
+from tests.test_pipeline import CLAIMS as PIPELINE_CLAIMS
 
 CEILING_S = 600  # a guard against hanging, not a timing: the machine may be loaded
 
@@ -126,13 +127,10 @@ def test_git_sees_a_same_size_rewrite_in_the_same_second(tmp_path, monkeypatch):
 
 # --- real `dvc exp run` in a copy of the repository --------------------------------------------------
 
-CLAIMS = {"papers": {"PX": "A. Author. 2020.", "PY": "B. Author. 2021."}, "claims": [
-    {"id": "PX-C1", "paper": "PX", "claim": "The CNN reaches 90%.", "kind": "reported_value",
-     "metric": "final_test_acc", "dataset": "cifar10", "arms": {"a": {"experiment": "conventional", "model": "cnn"}},
-     "reported": {"value": 90.0, "source": "Table 1"}, "tolerance": 1.0, "protocol": "as params.yaml"},
-    {"id": "PY-C1", "paper": "PY", "claim": "The other CNN reaches 50%.", "kind": "reported_value",
-     "metric": "final_test_acc", "dataset": "cifar10", "arms": {"a": {"experiment": "other", "model": "cnn"}},
-     "reported": {"value": 50.0, "source": "Table 1"}, "tolerance": 1.0, "protocol": "as params.yaml"}]}
+# two papers, each one claim on an experiment of its own: selecting PY drops PX's claim and runs
+CLAIMS = {"papers": {**PIPELINE_CLAIMS["papers"], "PY": "B. Author. 2021."}, "claims": [
+    PIPELINE_CLAIMS["claims"][0],
+    {**PIPELINE_CLAIMS["claims"][0], "id": "PY-C1", "paper": "PY", "arms": {"a": {"experiment": "other", "model": "cnn"}}}]}
 
 # A train stage held in its first batch until the file $L2L_TEST_GATE exists (a long run, for a test).
 GATE = """
