@@ -295,8 +295,8 @@ def _check_metric(cid: str, metric: Any, arms: list[Arm], measures: dict[str, di
     for arm in arms:
         if arm.phase is None:
             if metric not in RUN_METRICS:
-                raise _err(cid, "metric", f"expected a metric column of results/runs.csv{_did_you_mean(metric, RUN_METRICS)}"
-                                          f" ({', '.join(RUN_METRICS)}), got {metric!r}")
+                raise _err(cid, "metric", "expected a metric column of results/runs.csv"
+                                          f"{_did_you_mean(metric, RUN_METRICS)} ({', '.join(RUN_METRICS)}), got {metric!r}")
             continue
         phases = measures.get(arm.experiment, {})
         if arm.phase not in phases:

@@ -179,11 +179,12 @@ def _split(y: np.ndarray, has_test: bool, cfg: SplitConfig, k: int, where: str =
     if test + cfg.val_size + sub > n or (cfg.train_subset is None and test + cfg.val_size >= n):
         parts = {"test_size": test, "val_size": cfg.val_size, "train_subset": cfg.train_subset}
         keys = [key for key, v in parts.items() if v]
-        total = " + ".join(f"{key} {parts[key]}" + (" (carved: the source has no test set)" if key == "test_size" else "")
-                           for key in keys)
+        carved = {"test_size": " (carved: the source has no test set)"}
+        total = " + ".join(f"{key} {parts[key]}{carved.get(key, '')}" for key in keys)
         need = (f"= {test + cfg.val_size + sub} > the {n} training images of {where}" if sub else
                 f"leave no training image of the {n} of {where}")
-        raise DataError(f"params.yaml: {cfg.key}: {total} {need}; lower " + ", ".join(reversed(keys)))
+        raise DataError(f"params.yaml: {cfg.key}: split sizes too large: {total} {need}; lower "
+                        + ", ".join(reversed(keys)))
     rng = np.random.default_rng(cfg.seed)
     rest = np.arange(n, dtype=np.int64)
     out = {}

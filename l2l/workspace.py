@@ -68,17 +68,14 @@ def hold(stage: str) -> Iterator[None]:
     hardlink = Config.from_cwd()["core"].get("hardlink_lock", False)
     cmd = (f"l2l stage {stage} of the pipeline running in this workspace (it reads run.yaml): "
            "wait for that run to end, then start this one")
-    try:
-        lock = rwlock(str(EXPERIMENTS_LOCK_DIR), localfs, cmd, [WORKSPACE], [], hardlink)
-        lock.__enter__()
-    except LockError as e:
-        holders = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("(PID"))
-        raise LockedError(f"{SELECTION_FILES[1]}: being rewritten by another dvc exp run ({holders or 'unknown'}); "
-                          "wait for it to finish, then re-run") from None
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(rwlock(str(EXPERIMENTS_LOCK_DIR), localfs, cmd, [WORKSPACE], [], hardlink))
+        except LockError as e:
+            holders = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("(PID"))
+            raise LockedError(f"{SELECTION_FILES[1]}: being rewritten by another dvc exp run "
+                              f"({holders or 'unknown'}); wait for it to finish, then re-run") from None
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def snapshot(paths=SELECTION_FILES) -> dict[Path, bytes | None]:

@@ -125,7 +125,7 @@ def test_a_key_set_in_run_yaml_is_named_as_run_yaml(tmp_path, monkeypatch, capsy
 def test_split_sizes_too_large_name_their_keys(tmp_path, monkeypatch, capsys):
     ws = workspace(tmp_path / "ws", monkeypatch, split={"val_size": 50, "test_size": 100, "train_subset": 500})
     assert main_line("data", capsys) == (
-        "l2l: error: params.yaml: profiles.smoke.split: test_size 100 (carved: the source has no test set) + val_size "
+        "l2l: error: params.yaml: profiles.smoke.split: split sizes too large: test_size 100 (carved: the source has no test set) + val_size "
         f"50 + train_subset 500 = 650 > the 600 training images of {ws / 'arrays.npz'}; lower train_subset, val_size, "
         "test_size")
     assert not [p for p in (ws / "data").rglob("*") if p.is_file()]

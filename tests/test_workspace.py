@@ -130,7 +130,8 @@ def test_git_sees_a_same_size_rewrite_in_the_same_second(tmp_path, monkeypatch):
 # two papers, each one claim on an experiment of its own: selecting PY drops PX's claim and runs
 CLAIMS = {"papers": {**PIPELINE_CLAIMS["papers"], "PY": "B. Author. 2021."}, "claims": [
     PIPELINE_CLAIMS["claims"][0],
-    {**PIPELINE_CLAIMS["claims"][0], "id": "PY-C1", "paper": "PY", "arms": {"a": {"experiment": "other", "model": "cnn"}}}]}
+    {**PIPELINE_CLAIMS["claims"][0], "id": "PY-C1", "paper": "PY",
+     "arms": {"a": {"experiment": "other", "model": "cnn"}}}]}
 
 # A train stage held in its first batch until the file $L2L_TEST_GATE exists (a long run, for a test).
 GATE = """
@@ -194,7 +195,9 @@ def test_two_experiments_at_once_the_first_keeps_its_selection(tmp_path):
     gate = tmp_path / "release"
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as log:
-        first = subprocess.Popen(["dvc", "exp", "run", "-n", "first", "claims"], cwd=ws,  # the report adds nothing here stdout=log, stderr=subprocess.STDOUT,
+        # up to the claims stage (the report adds nothing here)
+        first = subprocess.Popen(["dvc", "exp", "run", "-n", "first", "claims"], cwd=ws, stdout=log,
+                                 stderr=subprocess.STDOUT,
                                  env={**dvc_env(ws, tmp_path / "gate"), "L2L_TEST_GATE": str(gate)})
     try:
         deadline = time.monotonic() + CEILING_S

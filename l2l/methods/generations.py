@@ -239,4 +239,5 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                     on_end=lambda g=g: _measures(ctx, models, g, probs, weights))
 
 
-METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check, phase_metrics=phase_metrics)  # single-label only
+METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check,  # single-label only
+                phase_metrics=phase_metrics)
