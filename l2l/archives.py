@@ -9,7 +9,6 @@ import os
 import pickle
 import shutil
 import tarfile
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from torchvision.datasets.utils import calculate_md5, check_integrity
 
 from l2l.checks import DataError
+from l2l.io import remove_stale_temps, temp_path, write_atomic
 
 # Errors torchvision raises for a bad archive/batch file (RuntimeError = md5 check failed).
 ARCHIVE_ERRORS = (RuntimeError, OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError)
@@ -60,13 +60,13 @@ def write_prepared(out_dir: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray
     """{split}_x.npy, {split}_y.npy and manifest.json into a temp dir beside out_dir, then swapped in
     with renames (same filesystem); the manifest is written last: its presence marks a complete dir."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the prepared data is an ordinary shared output
-    old = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
+    remove_stale_temps(out_dir.parent)  # a killed data stage's (their names carry its PID)
+    tmp, old = temp_path(out_dir), temp_path(out_dir, ".old")
+    tmp.mkdir()
     try:
-        for name, (x, y) in arrays.items():
-            np.save(tmp / f"{name}_x.npy", x)
-            np.save(tmp / f"{name}_y.npy", y)
+        for name, (x, y) in arrays.items():  # through write_atomic: a full disk is an error naming the file
+            write_atomic(tmp / f"{name}_x.npy", lambda f, x=x: np.save(f, x))
+            write_atomic(tmp / f"{name}_y.npy", lambda f, y=y: np.save(f, y))
         _write_json(tmp / "manifest.json", manifest)
         if out_dir.exists():
             os.replace(out_dir, old)  # a directory can't be os.replace'd onto a non-empty one

@@ -8,6 +8,7 @@ correction runs within a family (l2l.stats.VERDICT_RULE).
 """
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +19,33 @@ import pandas as pd
 import yaml
 
 from l2l import stats
-from l2l.checks import ConfigError
+from l2l.checks import ConfigError, config_error
 from l2l.config import Config, Profile
 from l2l.layerwise_analysis import early_overfit_check, saturation_check
-from l2l.results import mean_interval
+from l2l.methods import METHODS
+from l2l.results import RUN_METRICS, mean_interval
 
 CLAIMS_FILE = Path("claims.yaml")
 TWO_ARM_KINDS = ("superiority", "equivalence")
 BUILTIN_KINDS = ("superiority", "equivalence", "ordering", "reported_value")
 REQUIRED = ("id", "paper", "claim", "kind", "metric", "dataset", "arms", "reported", "protocol")
-OPTIONAL = ("margin", "min_effect", "tolerance", "family", "role", "role_reason", "stated_in", "harness_choices",
-            "stand_in")
+# The fields a record may hold, closed per kind (a misspelt field, or one its kind does not read, is an error
+# naming the record before any training): REQUIRED and COMMON for every kind, and the kind's own fields
+# here, the one table to extend (a new field: add it to its kinds' rows and read it in the kind's check).
+COMMON = ("family", "role", "role_reason", "stated_in", "harness_choices", "stand_in")
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "superiority": ("min_effect",),
+    "equivalence": ("margin",),
+    "ordering": ("min_effect",),
+    "reported_value": ("tolerance",),
+    "saturation": ("min_effect", "threshold", "window", "unit"),  # l2l.layerwise_analysis.saturation_check
+    "early_overfit": ("min_effect", "early_stages", "unit"),  # l2l.layerwise_analysis.early_overfit_check
+    "rise_then_plateau": ("min_effect", "threshold"),
+    "cost_equivalence": ("margin", "flops_ratio_max", "latency_ratio_max", "cost_phase"),
+}
+ATTRIBUTES = ("margin", "min_effect", "tolerance")  # kind fields a Claim holds as attributes; the others: Claim.extra
+# params.yaml's per-claim overrides: stats.<key> -> the record field it overrides (on the kinds that have it)
+OVERRIDES = {"margins": "margin", "tolerances": "tolerance"}
 # Kinds whose power is at a true difference 0 against a bound (margin or tolerance), not at an effect.
 BOUND_KINDS = ("equivalence", "reported_value", "cost_equivalence")
 # The custom kinds of this module: their arms and the positive numbers their records must give.
@@ -183,10 +200,12 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
         if not isinstance(records, list):
             raise ConfigError(f"{inc_path}: expected a list of claim records")
         doc["claims"] = doc["claims"] + records
-    experiments = {}
+    experiments, measures = {}, {}
     for prof in config.profiles.values():
         for e, exp in prof.experiments.items():
             experiments.setdefault(e, set()).update(exp.models)
+            for phase, names in METHODS[exp.method].phase_metrics(exp.options).items():
+                measures.setdefault(e, {}).setdefault(phase, set()).update(names)
     kinds = BUILTIN_KINDS + tuple(CUSTOM_KINDS)
     out, seen = [], set()
     for i, rec in enumerate(doc["claims"]):
@@ -203,7 +222,9 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
             raise _err(cid, "paper", f"unknown paper {rec['paper']!r} (not in papers:)")
         if rec["kind"] not in kinds:
             raise _err(cid, "kind", f"expected one of {', '.join(kinds)}, got {rec['kind']!r}")
+        _closed_fields(cid, rec)
         arms = _arms(cid, rec, experiments)
+        _check_metric(cid, rec["metric"], arms, measures)
         st = config.stats
         margin = st["margins"].get(cid, rec.get("margin"))
         for key in KIND_NUMBERS.get(rec["kind"], ()):
@@ -244,13 +265,63 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
             raise _err(cid, "stand_in", "expected a mapping profile -> the dataset that profile checks the claim on, "
                                         f"profiles {', '.join(config.profiles)}; got {stand_in!r}")
         dataset = stand_in.get(config.profile.name, rec["dataset"])
-        known = set(REQUIRED) | set(OPTIONAL)
+        known = set(REQUIRED) | set(COMMON) | set(ATTRIBUTES)
         out.append(Claim(cid, rec["paper"], doc["papers"][rec["paper"]], rec["claim"], rec["kind"], rec["metric"],
                          dataset, arms, reported, rec["protocol"], margin, rec.get("min_effect"),
                          {k: v for k, v in rec.items() if k not in known}, tolerance, family, role,
                          rec.get("role_reason", ""), stated_in, choices,
                          rec["dataset"] if dataset != rec["dataset"] else ""))
+    _check_overrides(config.stats, out)
     return out
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(str(name), sorted(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _closed_fields(cid: str, rec: dict) -> None:
+    """Every field of the record is one its kind takes (KIND_FIELDS)."""
+    allowed = set(REQUIRED) | set(COMMON) | set(KIND_FIELDS[rec["kind"]])
+    for key in rec:
+        if key not in allowed:
+            raise _err(cid, key, f"unknown field for a {rec['kind']} claim{_did_you_mean(key, allowed)}; expected "
+                                 f"one of {', '.join(sorted(allowed))}")
+
+
+def _check_metric(cid: str, metric: Any, arms: list[Arm], measures: dict[str, dict[str, set]]) -> None:
+    """The claim's metric is a column the plan's results will have: of results/runs.csv for a run's
+    arm, of the phase's measures (results/phases.csv, as its method declares them) for a phase's."""
+    for arm in arms:
+        if arm.phase is None:
+            if metric not in RUN_METRICS:
+                raise _err(cid, "metric", "expected a metric column of results/runs.csv"
+                                          f"{_did_you_mean(metric, RUN_METRICS)} ({', '.join(RUN_METRICS)}), got {metric!r}")
+            continue
+        phases = measures.get(arm.experiment, {})
+        if arm.phase not in phases:
+            raise _err(cid, f"arms.{arm.name}.phase", f"expected a phase of {arm.experiment} whose measures "
+                                                      f"results/phases.csv holds ({', '.join(phases) or 'none'}), "
+                                                      f"got {arm.phase!r}")
+        if metric not in phases[arm.phase]:
+            raise _err(cid, "metric", f"expected a measure of phase {arm.phase} of {arm.experiment} (arm {arm.name})"
+                                      f"{_did_you_mean(metric, phases[arm.phase])}: "
+                                      f"{', '.join(sorted(phases[arm.phase]))}; got {metric!r}")
+
+
+def _check_overrides(stats_settings: dict, claims: list[Claim]) -> None:
+    """stats.margins / stats.tolerances name claims of the registry whose kind has that field: an
+    override of nothing is an error, not a no-op."""
+    kind = {c.id: c.kind for c in claims}
+    for key, fld in OVERRIDES.items():
+        for cid in stats_settings[key]:
+            if cid not in kind:
+                raise config_error(f"stats.{key}.{cid}", f"a claim id of claims.yaml{_did_you_mean(cid, kind)}",
+                                   problem="unknown claim id")
+            if fld not in KIND_FIELDS[kind[cid]]:
+                raise config_error(f"stats.{key}.{cid}", "claims of a kind with a " + fld + " ("
+                                   + ", ".join(k for k, f in KIND_FIELDS.items() if fld in f) + ")",
+                                   problem=f"{cid} is a {kind[cid]} claim, which has no {fld}")
 
 
 def _arms(cid: str, rec: dict, experiments: dict[str, set]) -> list[Arm]:

@@ -17,15 +17,16 @@ papers in params.yaml; with one, params.yaml may not (one home, and DVC tracks r
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
 
-from l2l.checks import (ConfigError, Key, boolean, choice, config_error, deep_merge, integer, mapping,
+from l2l.checks import (SOURCE, ConfigError, Key, boolean, choice, config_error, deep_merge, integer, mapping,
                         name_list, nonneg_float, nonneg_int, number, one_of_keys, optional_str, path_str, pos_float,
                         pos_int, resolve, seeds)
 from l2l.datasets import DATASETS, DataSettings, resolve_data, resolve_experiment_split, resolve_split
@@ -211,7 +212,28 @@ def load_workspace(path: Path | str = PARAMS_FILE, run: Path | str | None = RUN_
 def load_config(path: Path | str = PARAMS_FILE, profile: str | None = None,
                 run: Path | str | None = RUN_FILE) -> Config:
     """The workspace's configuration (params.yaml + run.yaml); `profile` overrides the selected one."""
-    return resolve_config(load_workspace(path, run), profile)
+    params = load_workspace(path, run)
+    with named_by_run_file(run):
+        return resolve_config(params, profile)
+
+
+@contextlib.contextmanager
+def named_by_run_file(run: Path | str | None = RUN_FILE) -> Iterator[None]:
+    """A ConfigError about a key that run.yaml sets names run.yaml, not params.yaml: run.yaml's keys reach
+    the checks merged over params.yaml's (e.g. `-S 'run.yaml:++data.npz.cifar11=...'` is
+    ``run.yaml: data.npz.cifar11: unknown key; ...``). Any key run.yaml may hold, by its key path."""
+    try:
+        yield
+    except ConfigError as e:
+        text, prefix = str(e), f"{SOURCE}: "
+        if run is None or not text.startswith(prefix) or not Path(run).exists():
+            raise
+        node: Any = load_params(run)
+        for part in text[len(prefix):].split(": ", 1)[0].split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise
+            node = node[part]
+        raise ConfigError(f"{run}: {text[len(prefix):]}") from None
 
 
 def resolve_config(params: dict, profile: str | None = None) -> Config:

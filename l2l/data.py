@@ -166,8 +166,9 @@ def _stratified_take(y: np.ndarray, pool: np.ndarray, n: int, rng: np.random.Gen
     return taken, np.setdiff1d(pool, taken, assume_unique=True)
 
 
-def _split(y: np.ndarray, has_test: bool, cfg: SplitConfig, k: int) -> dict[str, np.ndarray]:
-    """Indices into the training set for each carved split (test only when the source has none)."""
+def _split(y: np.ndarray, has_test: bool, cfg: SplitConfig, k: int, where: str = "the source") -> dict[str, np.ndarray]:
+    """Indices into the training set for each carved split (test only when the source has none).
+    Sizes the training images cannot hold are a one-line error naming their keys (cfg.key)."""
     n = len(y)
     test = 0 if has_test else cfg.test_size
     sub = cfg.train_subset or 0
@@ -176,8 +177,14 @@ def _split(y: np.ndarray, has_test: bool, cfg: SplitConfig, k: int) -> dict[str,
                         f"train_subset={cfg.train_subset}")
     # Without a subset the whole remainder is the train split, so it must not be empty.
     if test + cfg.val_size + sub > n or (cfg.train_subset is None and test + cfg.val_size >= n):
-        raise DataError(f"split sizes too large for {n} training images: test {test} (carved) + "
-                        f"val {cfg.val_size} + train_subset {cfg.train_subset} leave no valid train split")
+        parts = {"test_size": test, "val_size": cfg.val_size, "train_subset": cfg.train_subset}
+        keys = [key for key, v in parts.items() if v]
+        carved = {"test_size": " (carved: the source has no test set)"}
+        total = " + ".join(f"{key} {parts[key]}{carved.get(key, '')}" for key in keys)
+        need = (f"= {test + cfg.val_size + sub} > the {n} training images of {where}" if sub else
+                f"leave no training image of the {n} of {where}")
+        raise DataError(f"params.yaml: {cfg.key}: split sizes too large: {total} {need}; lower "
+                        + ", ".join(reversed(keys)))
     rng = np.random.default_rng(cfg.seed)
     rest = np.arange(n, dtype=np.int64)
     out = {}
@@ -206,7 +213,7 @@ def prepare(dataset: str, source: SourceConfig, split: SplitConfig, out_dir: Pat
     if has_test:
         y_test = _check_labels(where, "y_test", raw.x_test, raw.y_test, k)
 
-    idx = _split(y, has_test, split, k)
+    idx = _split(y, has_test, split, k, where)
     arrays = {s: (raw.x_train[idx[s]], y[idx[s]]) for s in idx}
     if has_test:
         arrays["test"] = (np.ascontiguousarray(raw.x_test), y_test)
@@ -250,12 +257,13 @@ def prepare(dataset: str, source: SourceConfig, split: SplitConfig, out_dir: Pat
     return manifest
 
 
-def prepare_dataset(settings: DataSettings, split: dict, dataset: str) -> dict:
-    """The data stage's work for one dataset of the profile (its resolved data settings and split):
-    the CIFARs through prepare(), voc2007 through l2l.voc. Returns the manifest."""
+def prepare_dataset(settings: DataSettings, split: dict, dataset: str, split_key: str = "split") -> dict:
+    """The data stage's work for one dataset of the profile (its resolved data settings and split, set at
+    `split_key`): the CIFARs through prepare(), voc2007 through l2l.voc. Returns the manifest."""
     if dataset == "voc2007":
         return prepare_voc2007(settings)
-    return prepare(dataset, settings.source_for(dataset), settings.split_config(split), settings.prepared_dir(dataset))
+    return prepare(dataset, settings.source_for(dataset), settings.split_config(split, split_key),
+                   settings.prepared_dir(dataset))
 
 
 def load_prepared(out_dir: Path, verify: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:

@@ -124,6 +124,7 @@ class SplitConfig:
     test_size: int  # only used when the source has no test set
     train_subset: int | None  # stratified subset of the remaining training images
     seed: int = 0
+    key: str = "split"  # where its sizes are set (messages name it), e.g. profiles.smoke.split
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,11 @@ class DataSettings:
     def prepared_dir(self, dataset: str) -> Path:
         return Path(self.root) / "prepared" / dataset
 
-    def split_config(self, split: dict) -> SplitConfig:
-        """The CIFAR split the data stage carves: a profile's resolved ``split`` with data.split_seed."""
+    def split_config(self, split: dict, key: str = "split") -> SplitConfig:
+        """The CIFAR split the data stage carves: a profile's resolved ``split`` (set at `key`) with
+        data.split_seed."""
         return SplitConfig(val_size=split["val_size"], test_size=split["test_size"],
-                           train_subset=split["train_subset"], seed=self.split_seed)
+                           train_subset=split["train_subset"], seed=self.split_seed, key=key)
 
     def run_data(self, split: dict, dataset: str, experiment_split: dict | None = None) -> dict:
         """What of the data settings a run on `dataset` depends on (part of its RunSpec, so of its hash):

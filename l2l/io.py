@@ -12,7 +12,9 @@ import io
 import json
 import math
 import os
+import re
 import secrets
+import shutil
 import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -33,10 +35,44 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def temp_path(path: Path) -> Path:
-    """A temporary name beside `path`, unique per process and call (two writers never share one)."""
+def temp_path(path: Path, suffix: str = ".tmp") -> Path:
+    """A temporary name beside `path`, unique per process and call (two writers never share one); it
+    carries the writer's PID, so a write a kill left unfinished can be told from one in progress."""
     path = Path(path)
-    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+_TEMP_NAME = re.compile(r"\.(\d+)\.[0-9a-f]{8}\.(tmp|old)$")  # temp_path's names (.old: a folder swapped out)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, every: bool = False) -> list[Path]:
+    """Remove the temporaries (temp_path's names: files, or folders of an atomic folder write) that a
+    killed writer left in `folder`: those whose writer's PID runs no more, or every one when the caller
+    holds the folder's lock (`every`: only its holder writes there). Returns what it removed."""
+    removed = []
+    if not Path(folder).is_dir():
+        return removed
+    for p in Path(folder).iterdir():
+        m = _TEMP_NAME.search(p.name)
+        pid = int(m.group(1)) if m else None
+        if pid is None or pid == os.getpid() or not (every or not _process_exists(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 class _HashingWriter:
@@ -56,9 +92,26 @@ class _HashingWriter:
         raise io.UnsupportedOperation("write-only")
 
 
+# The file system refused to grow a file: full, over a quota, or over the process's file-size limit.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space(e: BaseException | None) -> OSError | None:
+    """The no-space OSError behind `e`: itself, or what it was raised from or during (torch.save turns
+    the OSError of its file into a RuntimeError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> str:
     """write(f) into a temporary file beside `path`, then rename it into place; returns the
-    sha256 of the bytes written (hashed as they were written)."""
+    sha256 of the bytes written (hashed as they were written). A file system out of space is an
+    OSError naming `path` (the OS's own names no file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -67,8 +120,11 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> str:
             w = _HashingWriter(f)
             write(w)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        full = no_space(e)
+        if full is not None and full.filename is None:
+            raise OSError(full.errno, full.strerror, str(path)) from e
         raise
     return w.h.hexdigest()
 
@@ -209,6 +265,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         f.write(f"PID {os.getpid()} on {os.uname().nodename}\n")
         f.flush()
         _HELD[key] = [f, 1]
+        remove_stale_temps(run_dir, every=True)  # only a holder writes here: any temporary is a killed write's
     try:
         yield
     finally:

@@ -27,6 +27,11 @@ from l2l.tasks import task_of
 from l2l.tracking import flatten
 
 GROUP = ["experiment", "method", "model", "dataset"]
+# The per-run metric columns of runs.csv (what a claim's `metric` may name for a run's arm): the evaluate
+# stage's (final / best-on-validation checkpoint x val / test split x acc / loss), then the run's own record's.
+EVAL_METRICS = tuple(f"{w}_{s}_{m}" for w in ("final", "best") for s in ("val", "test") for m in ("acc", "loss"))
+RUN_METRICS = EVAL_METRICS + ("train_acc", "epochs", "updates", "train_seconds", "images_per_s", "train_images",
+                              "val_images")
 SUMMARY_METRICS = ["final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc", "train_seconds"]
 CURVE_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc"]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from l2l.checks import ConfigError, config_error
 from l2l.claims import CLAIMS_FILE, Claim, load_claims
-from l2l.config import PARAMS_FILE, RUN_FILE, Config, load_workspace, plan, resolve_config, restrict
+from l2l.config import (PARAMS_FILE, RUN_FILE, Config, load_workspace, named_by_run_file, plan, resolve_config,
+                        restrict)
 from l2l.methods import METHODS
 
 __all__ = ["load_selection", "select", "selected_claims"]
@@ -57,7 +58,8 @@ def load_selection(path: Path | str = PARAMS_FILE, claims_path: Path | str = CLA
     if papers is not None:
         params = {**params, "papers": papers}
         source = "--papers"
-    config = resolve_config(params, profile)
+    with named_by_run_file(run):
+        config = resolve_config(params, profile)
     if not Path(claims_path).exists():
         if config.papers is not None:
             raise ConfigError(f"{claims_path}: file not found (papers selects claims from it)")

@@ -13,6 +13,8 @@ import hashlib
 import logging
 import math
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +41,90 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+# --- store faults: one line naming the store and what to do --------------------------------------
+
+# sqlite's words for what went wrong with the store (in the exception or what it was raised from), and
+# what to do about it. The damage, the lock or the full disk is the store's; no result in runs/, evals/
+# or results/ depends on it (they are files of their own, hashed).
+STORE_FAULTS = (
+    (("database disk image is malformed", "file is not a database", "file is encrypted"),
+     "damaged (truncated or overwritten): restore it from a backup, or move it aside (mv {db} {db}.damaged) to "
+     "start a new store; runs/, evals/ and results/ keep every result, a new store holds what is trained, evaluated "
+     "or checked from then on"),
+    (("database is locked",),
+     "locked by another process{holders} for longer than MLflow waits: stop that process or wait for it, then re-run"),
+    (("readonly database", "read-only file system", "unable to open database file"),
+     "not writable here: make it and its folder writable for this user, then re-run"),
+    (("database or disk is full", "disk i/o error"),
+     "not writable any more{why}: free space or raise the limit, then re-run"),
+)
+
+
+def _chain_text(e: BaseException) -> str:
+    seen, parts = set(), []
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return " ".join(parts).lower()
+
+
+def _store_path() -> str:
+    """The store's file (relative to the working directory when inside it), or its URI."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path = Path(uri[len("sqlite:///"):].split("?")[0].removeprefix("file:"))
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
+def _lock_holders(path: str) -> str:
+    """' (PID n: its command)' for the processes holding a POSIX lock on `path` (Linux's /proc/locks)."""
+    try:
+        inode = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return ""
+    pids = sorted({int(f[4]) for f in (ln.split() for ln in lines)
+                   if len(f) > 5 and f[5].rsplit(":", 1)[-1] == str(inode) and int(f[4]) != os.getpid()})
+    named = []
+    for pid in pids:
+        try:
+            cmd = " ".join(Path(f"/proc/{pid}/cmdline").read_text().split("\0")).strip()
+        except OSError:
+            cmd = ""
+        named.append(f"PID {pid}" + (f": {cmd[:120]}" if cmd else ""))
+    return f" ({'; '.join(named)})" if named else ""
+
+
+def _why_not_written(path: str) -> str:
+    notes = []
+    with contextlib.suppress(OSError):
+        notes.append(f"{shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MiB free on its file system")
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        notes.append(f"file-size limit (ulimit -f) {soft / 2**20:,.1f} MiB")
+    return f" (disk full or a file-size limit: {', '.join(notes)})" if notes else " (disk full or a file-size limit)"
+
+
+def store_fault(e: BaseException) -> str | None:
+    """A one-line message naming the MLflow store and what to do, if `e` is a fault of the store
+    (damaged, locked, not writable, full); None for anything else."""
+    text = _chain_text(e)
+    for words, advice in STORE_FAULTS:
+        if any(w in text for w in words):
+            db = _store_path()
+            fill = {"db": db, "holders": "", "why": ""}
+            if "{holders}" in advice:
+                fill["holders"] = _lock_holders(db)
+            if "{why}" in advice:
+                fill["why"] = _why_not_written(db)
+            return f"{db}: the MLflow store is " + advice.format(**fill)
+    return None
+
+
 def client():
     # Imported lazily: mlflow takes seconds to import and most of the library never needs it.
     import mlflow
@@ -47,6 +133,9 @@ def client():
     # that writes past the progress bars: its per-run notes (system metrics monitor started...) are noise
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it logs each database error with its traceback, then raises it: the raised one says it all (one line
+    # for a fault of the store, l2l.stage)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     return mlflow.MlflowClient(tracking_uri=tracking_uri())
 
 

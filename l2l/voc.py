@@ -185,7 +185,8 @@ def prepare_voc(voc_root: Path, out_dir: Path, size: int = 128, val_size: int = 
     x_tv, y_tv, ids_tv = read_image_set(voc_root, "trainval", size)
     x_te, y_te, ids_te = read_image_set(voc_root, "test", size)
     if val_size >= len(ids_tv):
-        raise DataError(f"voc2007: val_size {val_size} leaves no training image of the {len(ids_tv)} in trainval")
+        raise DataError(f"data.voc2007.val_size: {val_size} leaves no training image of the {len(ids_tv)} in "
+                        f"{voc_root}'s trainval; lower data.voc2007.val_size")
     perm = np.random.default_rng(seed).permutation(len(ids_tv))
     val, train = np.sort(perm[:val_size]), np.sort(perm[val_size:])
     arrays = {"train": (x_tv[train], y_tv[train]), "val": (x_tv[val], y_tv[val]), "test": (x_te, y_te)}

@@ -7,7 +7,7 @@ import pandas as pd
 
 from l2l import stage
 from l2l.claims import check, load_predictions
-from l2l.io import write_json
+from l2l.io import remove_stale_temps, write_json
 from l2l.layerwise_analysis import record_stage_figure
 from l2l.claims_report import estimate
 from l2l.selection import load_selection
@@ -30,6 +30,7 @@ def claims_metrics(records: list[dict]) -> dict:
 
 def run() -> None:
     config, claims = load_selection()  # run.yaml's papers' claims only
+    remove_stale_temps(stage.RESULTS)  # of a claims stage killed while writing
     settings, profile = config.stats, config.profile.name
     runs = pd.read_csv(stage.RESULTS / "runs.csv")
     phases = pd.read_csv(stage.RESULTS / "phases.csv")

@@ -8,7 +8,7 @@ from l2l.selection import load_selection
 def run() -> None:
     config, _ = load_selection()  # the selected papers' datasets only
     for dataset in config.profile.datasets:
-        manifest = prepare_dataset(config.data, config.profile.split, dataset)
+        manifest = prepare_dataset(config.data, config.profile.split, dataset, f"profiles.{config.profile.name}.split")
         counts = {k: v["count"] for k, v in manifest["splits"].items()}
         stage.log.info("%s: %s; %s", dataset, counts, manifest["split_note"])
 

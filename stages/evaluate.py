@@ -14,7 +14,7 @@ from l2l import stage
 from l2l.config import prepared_plan
 from l2l.data import DeviceDataCache
 from l2l.engine import RunContext, load_checkpoint, pick_device
-from l2l.io import write_atomic, write_record
+from l2l.io import remove_stale_temps, write_atomic, write_record
 from l2l.methods import METHODS
 from l2l.results import read_eval, read_result
 from l2l.selection import load_selection
@@ -27,6 +27,7 @@ def run() -> None:
     cache = DeviceDataCache(config.data, device)
     for spec in specs:
         run_dir, out = stage.RUNS / spec.hash, stage.EVALS / spec.hash
+        remove_stale_temps(out)  # of an evaluate stage killed while writing
         if not (run_dir / "result.json").exists():
             raise FileNotFoundError(f"{run_dir / 'result.json'}: run not trained (run the train stage first)")
         result = read_result(run_dir)  # re-hashes final.pt, best.pt, history.csv

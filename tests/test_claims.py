@@ -151,6 +151,8 @@ def test_mcnemar_from_predictions(tmp_path, params):
 def test_phase_arms_read_phases_csv(tmp_path, params):
     """An arm naming a phase reads the claim's metric of that phase from phases.csv (e.g. generation 0
     of a run that trains several), never the run's final value from runs.csv; no McNemar for it."""
+    params["profiles"]["paper"]["experiments"]["better"] = {"method": "generations", "options": {"generations": 1},
+                                                          "datasets": ["cifar10"]}
     doc = {"papers": CLAIMS["papers"], "claims": [
         {"id": "PX-C9", "paper": "PX", "claim": "gen0 of better beats base.", "kind": "superiority",
          "metric": "final_test_acc", "dataset": "cifar10",
@@ -271,3 +273,48 @@ def test_report_prints_its_profiles_calibration_or_says_it_is_missing(tmp_path):
     assert "| P5 (2) | equivalence | 10 | 2 | 1.0 ± 0.5% |" in doc.markdown()
     calibration_section(missing := Doc(), "smoke", tmp_path / "c.json")
     assert "No calibration for profile smoke" in missing.markdown()
+
+
+def test_fields_metrics_and_overrides_are_checked_when_the_registry_loads(tmp_path, params):
+    """Before any training: a misspelt or foreign field, a metric no results table will have, an override
+    of a claim that does not exist (or has no such field) are one line naming the place; every kind
+    has its row of fields."""
+    from l2l.claims import BUILTIN_KINDS, CUSTOM_KINDS, KIND_FIELDS
+
+    assert set(KIND_FIELDS) == set(BUILTIN_KINDS) | set(CUSTOM_KINDS)
+    cases = [
+        (1, "tolerence", 1.0, "claims.yaml: PX-C2.tolerence: unknown field for a reported_value claim (did you mean "
+                              "tolerance?); expected one of arms, claim,"),
+        (0, "margin", 1.0, "claims.yaml: PX-C1.margin: unknown field for a superiority claim"),
+        (0, "metric", "final_tset_acc", "claims.yaml: PX-C1.metric: expected a metric column of results/runs.csv "
+                                        "(did you mean final_test_acc?)"),
+    ]
+    for i, key, value, message in cases:
+        doc = json.loads(json.dumps(CLAIMS))
+        doc["claims"][i][key] = value
+        with pytest.raises(ConfigError) as e:
+            load_claims(config_of(params), write(tmp_path, doc))
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    for key, ids, message in (
+            ("tolerances", {"P9-C9": 1.0}, "params.yaml: stats.tolerances.P9-C9: unknown claim id; expected a claim id "
+                                           "of claims.yaml"),
+            ("tolerances", {"PX-C1": 1.0}, "params.yaml: stats.tolerances.PX-C1: PX-C1 is a superiority claim, which "
+                                           "has no tolerance; expected claims of a kind with a tolerance (reported_value)"),
+            ("margins", {"PX-C33": 1.0}, "params.yaml: stats.margins.PX-C33: unknown claim id; expected a claim id of "
+                                         "claims.yaml (did you mean PX-C3?)")):
+        with pytest.raises(ConfigError) as e:
+            load_claims(config_of({**params, "stats": {**params["stats"], key: ids}}), write(tmp_path, CLAIMS))
+        assert str(e.value) == message or str(e.value).startswith(message), str(e.value)
+    # a phase arm names a phase its method declares, and one of that phase's measures
+    params["profiles"]["paper"]["experiments"]["better"] = {"method": "generations", "options": {"generations": 1},
+                                                          "datasets": ["cifar10"]}
+    doc = json.loads(json.dumps(CLAIMS))
+    doc["claims"][0]["arms"]["a"]["phase"] = "gen1"
+    assert load_claims(config_of(params), write(tmp_path, doc))[0].arm("a").phase == "gen1"
+    for phase, metric, message in (("gen2", "final_test_acc", "PX-C1.arms.a.phase: expected a phase of better whose "
+                                                              "measures results/phases.csv holds (gen0, gen1), got 'gen2'"),
+                                   ("gen1", "final_tset_acc", "PX-C1.metric: expected a measure of phase gen1 of better "
+                                                              "(arm a) (did you mean final_test_acc?)")):
+        doc["claims"][0]["arms"]["a"]["phase"], doc["claims"][0]["metric"] = phase, metric
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+            load_claims(config_of(params), write(tmp_path, doc))

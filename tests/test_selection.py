@@ -97,6 +97,10 @@ def test_run_yaml_selects_over_the_shipped_params(tmp_path, monkeypatch):
     ({"profile": "fast"}, {}, "run.yaml: profile: expected one of paper, smoke, got 'fast'"),
     ({"profile": "smoke", "papers": "P3"}, {}, "run.yaml: papers: expected all or a non-empty list of paper ids"),
     ({"profile": "smoke"}, {"profile": "paper"}, "params.yaml: profile: set in run.yaml (the workspace's selection)"),
+    # a key run.yaml sets over params.yaml's is named as run.yaml's
+    ({"profile": "smoke", "data": {"npz": {"cifar11": "/x.npz"}}}, {},
+     "run.yaml: data.npz.cifar11: unknown key; expected one of cifar10, cifar100"),
+    ({"profile": "smoke", "data": {"source": "ftp"}}, {}, "run.yaml: data.source: expected one of auto, download"),
 ])
 def test_bad_selection_one_line(tmp_path, monkeypatch, run, params_extra, message):
     _workspace(tmp_path, run)

@@ -42,7 +42,9 @@ class Method:
       seed) it reads, e.g. distill's teacher; the plan puts each one's identity into the options as
       ``<name>_run`` = {hash, model_cfg}, and the train stage trains them first;
     - check(spec, num_classes, path): plan-time checks that need the run (its model, its dataset's
-      classes), so an option error surfaces before any training, naming ``path`` (the options' key).
+      classes), so an option error surfaces before any training, naming ``path`` (the options' key);
+    - phase_metrics(options) -> {phase name: measure names}: the phases whose measures (results/phases.csv)
+      a claim's arm may name, and those measures (a claim naming another is refused at plan time).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Method:
     supported_tasks: Callable[[dict], tuple[str, ...]] = lambda options: (SINGLE_LABEL,)
     requires: Callable[[dict], dict[str, dict]] = lambda options: {}
     check: Callable[[RunSpec, int, str], None] = lambda spec, num_classes, path: None
+    phase_metrics: Callable[[dict], dict[str, tuple[str, ...]]] = lambda options: {}
 
     def validate_options(self, options: dict, path: str) -> dict:
         return self.validate(options, path) if self.validate else validate(options, self.OPTIONS, path)

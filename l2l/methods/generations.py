@@ -193,6 +193,15 @@ def _measures(ctx: RunContext, models: list[nn.Module], g: int, probs: dict, wei
     return out
 
 
+GENERATION_MEASURES = ("final_val_acc", "final_test_acc", "confidence", "entropy", "ensemble_final_val_acc",
+                       "ensemble_final_test_acc", "params", "flops")  # _measures' keys (+ kd_weight from gen1 on)
+
+
+def phase_metrics(options: dict) -> dict[str, tuple[str, ...]]:
+    """Phases gen0..gen<generations>, each with _measures' keys (what a claim's arm may name)."""
+    return {f"gen{g}": GENERATION_MEASURES + (("kd_weight",) if g else ()) for g in range(options["generations"] + 1)}
+
+
 def check(spec: RunSpec, num_classes: int, path: str) -> None:
     """Plan time: TSD's top-k fits the dataset's classes."""
     if spec.options["tsd_k"] > num_classes:
@@ -232,4 +241,5 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                     graph_safe=g == 0 or o["teacher_on_the_fly"])
 
 
-METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check)  # single-label only
+METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check,  # single-label only
+                phase_metrics=phase_metrics)
