@@ -22,10 +22,10 @@ from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.losses import (confidence_penalty_ce, entropy, kd_loss, kd_objective, label_smoothing_ce,
                         multilabel_kd_loss, tsd)
-from l2l.methods import conventional, distill, generations
+from l2l.methods import conventional, distill, generations, teaching
 from l2l.methods.teaching import profile
 from l2l.models import cifar_resnet
-from l2l.profiling import _graph_autocast, flops, latencies, latency, latency_mode
+from l2l.profiling import _graph_autocast, _graph_pass, flops, latencies, latency, latency_mode
 from l2l.pruning import count_parameters
 
 TINY = {"arch": "cifar_resnet", "depth": 8, "width": 4}
@@ -442,6 +442,75 @@ def test_planned_epochs_needs_no_teacher_checkpoint(tmp_path):
     spec, _ = student(tmp_path / "nowhere", RunSpec("t", "conventional", "t", "cifar10", 0, TEACHER, TRAIN, {}, {}),
                       train={**TRAIN, "epochs": 3})
     assert planned_epochs(spec) == 3
+
+
+def test_graph_pass_rehearsed_with_recording_fakes(monkeypatch):
+    """The CUDA-graph branch of the latency measure on a CPU, torch.cuda's graph API replaced by fakes
+    that record what is called: three warm-up passes on a side stream, one captured pass, then each
+    timed call replays the graph (no Python forward) between two events."""
+    calls = []
+
+    class Counted(nn.Module):
+        def forward(self, x):
+            calls.append("forward")
+            return x * 2
+
+    class Stream:
+        def wait_stream(self, other):
+            calls.append("wait")
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            calls.append("event")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 2.5
+
+    @contextlib.contextmanager
+    def capture(graph):
+        calls.append("capture")
+        yield
+
+    for name, fake in (("Stream", lambda device=None: Stream()), ("current_stream", lambda device=None: Stream()),
+                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", Graph), ("graph", capture),
+                       ("Event", Event)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    timed = _graph_pass(Counted(), torch.ones(2, 3), contextlib.nullcontext)
+    assert calls == ["wait", "forward", "forward", "forward", "wait", "capture", "forward"]
+    assert [timed(), timed()] == [2.5, 2.5] and Graph.replays == 2 and calls.count("forward") == 4
+
+
+def test_distill_on_cuda_times_graph_and_eager_and_names_their_ratios(monkeypatch):
+    """Where the graph mode runs (CUDA, forced here), profile times the eager pass too, and distill names
+    the two ratios apart: latency_ratio_b<N> (graph, what P5-C1 decides on), latency_eager_ratio_b<N>."""
+    modes = []
+
+    def fake_latencies(models, b, shape, warmup, repeats, autocast, memory_format, mode):
+        modes.append(mode)
+        return {n: {"median_ms": (1.0 if n == "teacher" else 0.3) * (5 if mode == "eager" else 1), "iqr_ms": 0.0,
+                    "mode": mode} for n in models}
+
+    monkeypatch.setattr(teaching, "latency_mode", lambda requested, device: requested)
+    monkeypatch.setattr(teaching, "latencies", fake_latencies)
+    spec, ctx = make(distill, {"latency_batches": [1, 4]})
+    out = distill._student_measures(ctx, cifar_resnet(10, depth=8, width=2), cifar_resnet(10, depth=8, width=4))
+    assert modes == ["cuda_graph", "cuda_graph", "eager", "eager"]
+    assert out["latency_ratio_b1"] == pytest.approx(0.3) and out["latency_eager_ratio_b4"] == pytest.approx(0.3)
+    assert out["latency_fp32_b1_ms"] == 0.3 and out["latency_eager_fp32_b1_ms"] == 1.5
+    assert {k for k in out if "ratio_b" in k} == {"latency_ratio_b1", "latency_ratio_b4", "latency_eager_ratio_b1",
+                                                  "latency_eager_ratio_b4"}
 
 
 def test_profile_keys_carry_the_dtype():
