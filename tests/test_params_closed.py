@@ -117,9 +117,11 @@ def test_run_identities_are_pinned(params):
     # #12: the P3 runs are the official code's configuration (layerwise_cnn's conv_bias and bn_weight_init,
     # k1's downsampling), fp32 and split.val_size 0 (the validation images train too); conventional gained
     # option probe_units, layerwise unit/probe_epochs/probe_lr (P2 per layer, probe vs probe): re-pinned on purpose
-    assert specs[("conventional", "cnn", 0)] == "0a34e1fd22cf"
-    assert specs[("layerwise", "p3_k1", 0)] == "e0f6d2518014"
-    assert specs[("layerwise", "p3_k1", 1)] == "34dec381380c"
+    # #24: P1's runs (conventional among them) train on all 50,000 images (split.val_size 0); layerwise gained the
+    # options prune_schedule / prune_steps (P3-C5's pruning schedule): re-pinned on purpose
+    assert specs[("conventional", "cnn", 0)] == "5a4428876360"
+    assert specs[("layerwise", "p3_k1", 0)] == "4ac5f1c6b423"
+    assert specs[("layerwise", "p3_k1", 1)] == "fb946d378286"
 
 
 def test_the_paper_profile_plans_the_same_runs_whatever_profile_is_active(params):
