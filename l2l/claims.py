@@ -146,8 +146,8 @@ def cost_equivalence_check(claim: Claim, ctx: Context) -> tuple[stats.Comparison
             ratios[str(metric)] = {int(s): float(v) for s, v in zip(g["seed"], g["value"])}
     params_ratio = ratios.pop("params_ratio", {})
     gated = claim.extra.get("latency_batches")
-    descriptive = {m: ratios.pop(m) for m in list(ratios)
-                   if gated is not None and m.startswith("latency_ratio_b") and int(m[len("latency_ratio_b"):]) not in gated}
+    descriptive = {m: ratios.pop(m) for m in list(ratios) if gated is not None and m.startswith("latency_ratio_b")
+                   and int(m.removeprefix("latency_ratio_b")) not in gated}
     maxima = {m: float(claim.extra["flops_ratio_max"] if m == "flops_ratio" else claim.extra["latency_ratio_max"])
               for m in ratios}
     if "flops_ratio" not in ratios or len(ratios) < 2:  # both sides of the cost must be measured

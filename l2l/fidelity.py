@@ -54,6 +54,9 @@ H = "harness choice"
 UNUSED = "harness choice: not read by these runs (the option's default)"
 NO_PROBES = "harness choice: no linear probes (P2's instrument; probe_epochs 0)"
 P3_CODE = "code: layerCNN cifar.py (P3's official code)"
+# P4's AAAI text, read through a third-party transcription of its method section (docs/papers.md)
+P4_TSD = "text (AAAI version, section 'Towards High-Quality Secondary Information', via a transcription)"
+P4_TS = "text (AAAI version, section 'Teacher-Student Optimization', via a transcription)"
 
 
 def _train(paper: str, values: dict, sources: dict, sensitivity: dict | None = None) -> list[Setting]:
@@ -107,7 +110,8 @@ SETTINGS: list[Setting] = [
     Setting("P1", "l2l.frozen_bn", "batch_stats", H + ": the frozen part normalises with batch statistics (its "
             "running statistics untouched), so the student's gradient is the full network's"),
     Setting("P1", "l2l.student_head", "gap_linear", "not public: P1 describes no student head; global average "
-            "pooling + linear (deep mutual learning's minimal head)", ("P1-C2/cifar10/mutual/equal-epochs/pool2x2-head",)),
+            "pooling + linear (deep mutual learning's minimal head)",
+            ("P1-C2/cifar10/mutual/equal-epochs/pool2x2-head",)),
     Setting("P1", "l2l.temperature", 4.0, H + ": Hinton et al.'s common CIFAR temperature (mutual reading)"),
     Setting("P1", "l2l.student_kd_weight", 0.5, H + ": deep mutual learning's equal weighting (mutual reading)"),
     Setting("P1", "l2l.teacher_kd_weight", 0.5, H + ": deep mutual learning's equal weighting (mutual reading)"),
@@ -139,7 +143,8 @@ SETTINGS: list[Setting] = [
     Setting("P2", "datasets", ["cifar10"], "not public: the thesis' datasets; P3's CIFAR-10"),
     Setting("P2", "seeds", {"layerwise": 8, "layerwise_e2e": 5, "p2_layerwise_layers": 5},
             H + ": P3-C1..C3's power sets layerwise's 8; 5 elsewhere", by_experiment=True),
-    Setting("P2", "model.p3_k1", {"arch": "layerwise_cnn", "preset": "k1"}, P3_CODE + ": the k=1 network (README command)"),
+    Setting("P2", "model.p3_k1", {"arch": "layerwise_cnn", "preset": "k1"},
+            P3_CODE + ": the k=1 network (README command)"),
     Setting("P2", "model.vgg16", {"arch": "vgg16", "width": 1.0, "head": "linear"},
             "abstract: 'a wide range of network architectures' (not named); torchvision's VGG16-BN is the harness's"),
     Setting("P2", "model.resnet20", {"arch": "cifar_resnet", "depth": 20},
@@ -194,23 +199,24 @@ SETTINGS: list[Setting] = [
                                                "p4_label_smoothing": "label_smoothing",
                                                "p4_confidence_penalty": "confidence_penalty",
                                                "p4_tolerant_label": "tolerant", "p4_tolerant_logits": "tolerant"},
-            "text (method section, via a transcription): CE, CE with TSD, and the alternatives LSR and CP",
+            P4_TSD + ": CE, CE with TSD, and the alternatives it discusses, LSR and CP",
             by_experiment=True),
-    Setting("P4", "generations.eta", 0.5, "text (teacher loss eta * CE + (1 - eta) * TSD, via a transcription) "
-            "gives the form; its value is not public: 0.5"),
-    Setting("P4", "generations.tsd_k", 5, "text: a fixed K counting the primary class; its value is not public: 5"),
-    Setting("P4", "generations.tsd_norm", "K-1", "text: f(a_1) - 1/(K-1) sum_{k=2..K} f(a_k)"),
-    Setting("P4", "generations.tsd_primary", "argmax", "text: a_k = the k-th largest output, so f(a_1) is the "
-            "top-scored class (the v2 abstract: 'a primary class (the ground-truth)')",
+    Setting("P4", "generations.eta", 0.5, P4_TSD + ": the teacher loss eta * CE + (1 - eta) * TSD gives the "
+            "form; its value (experiments section) is not public: 0.5"),
+    Setting("P4", "generations.tsd_k", 5, P4_TSD + ": a fixed integer K counting the primary class; its value "
+            "is not public: 5"),
+    Setting("P4", "generations.tsd_norm", "K-1", P4_TSD + ": f(a_1) - 1/(K-1) sum_{k=2..K} f(a_k)"),
+    Setting("P4", "generations.tsd_primary", "argmax", P4_TSD + ": a_k is the k-th largest output, so f(a_1) "
+            "is the top-scored class (the v2 abstract: 'a primary class (the ground-truth)')",
             ("P4-C1/label", "P4-C2a/label")),
-    Setting("P4", "generations.tsd_input", "probabilities", "text: f(x; theta), the output distribution whose log "
-            "the cross-entropy takes", ("P4-C1/logits", "P4-C2a/logits")),
+    Setting("P4", "generations.tsd_input", "probabilities", P4_TSD + ": f(x; theta), the output distribution "
+            "whose log the cross-entropy takes", ("P4-C1/logits", "P4-C2a/logits")),
     Setting("P4", "generations.epsilon", 0.1, "not public: the text's label-smoothing weight; Szegedy et al.'s 0.1"),
     Setting("P4", "generations.beta", 0.1, "not public: the text's confidence-penalty weight; Pereyra et al.'s 0.1"),
-    Setting("P4", "generations.temperature", 1.0, "text: the student loss lambda * CE + (1 - lambda) * "
-            "KL[f_teacher || f_student] of the outputs, no temperature"),
-    Setting("P4", "generations.kd_weight", 0.9, "text gives the form (1 - lambda); its value is not public: 0.9, "
-            "the common CIFAR-100 KD weight"),
+    Setting("P4", "generations.temperature", 1.0, P4_TS + ": the student loss lambda * CE + (1 - lambda) * "
+            "KL[f_teacher || f_student] of the two outputs, no temperature"),
+    Setting("P4", "generations.kd_weight", 0.9, P4_TS + " gives the form (1 - lambda); its value is not "
+            "public: 0.9, the common CIFAR-100 KD weight"),
     Setting("P4", "generations.kd_schedule", "linear", "abstract (v2): students 'gradually fine-tune[d] to fit "
             "one-hot distributions'; the linear decrease is the harness's"),
     Setting("P4", "generations.kd_weight_step", 0.1, "not public: 0.1 less per generation"),

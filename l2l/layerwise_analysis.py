@@ -253,7 +253,8 @@ def saturation_check(claim, ctx) -> tuple:
     unit, window = _unit_fields(claim)
     reading = _e2e_reading(claim)
     e2e, lw = (claim.arm(n) for n in ("a", "b"))
-    lw_arm, e2e_arm = {"experiment": lw.experiment, "model": lw.model}, {"experiment": e2e.experiment, "model": e2e.model}
+    lw_arm = {"experiment": lw.experiment, "model": lw.model}
+    e2e_arm = {"experiment": e2e.experiment, "model": e2e.model}
     r = saturation(ctx.phases, e2e_arm, lw_arm, claim.dataset, float(threshold), unit, window, 1 - ctx.alpha)
     extra: dict = {"end_to_end": reading}
     if reading == "gap":

@@ -10,14 +10,15 @@ the exact teacher from the checkpoint, and the ensemble of generations can be me
 
 Options (params.yaml experiments.<name>.options). What the texts fix (read: the abstracts of
 arXiv 1805.05551 v1 and v2, and the AAAI text's equations through a third-party transcription; the
-experiments section with its values could not be read, docs/papers.md) is marked "text"; the rest
-are the harness's documented choices (the fidelity table, l2l/fidelity.py, lists each with its source):
+experiments section with its values could not be read, docs/papers.md) is marked "text" with the AAAI
+text's section; the rest are the harness's documented choices (l2l/fidelity.py lists each with its source):
 - generations (2): the number of generations after the patriarch (2 = gen0, gen1, gen2); params.yaml
   runs the strict and tolerant lines with 4, enough for the strict line's rise, then plateau or decline
   (which the text reports of strict generations: accuracy rises over the first few, then saturates and falls).
 - teacher_loss (tolerant): the patriarch's loss. strict: cross-entropy. tolerant: eta * CE + (1 - eta) * TSD
-  (text: the teacher loss equation; l2l.losses.tsd). label_smoothing: CE against smoothed labels
-  (epsilon). confidence_penalty: CE - beta * entropy of the output (the text's two alternatives, LSR and CP).
+  (text, section "Towards High-Quality Secondary Information": the teacher loss; l2l.losses.tsd).
+  label_smoothing: CE against smoothed labels (epsilon). confidence_penalty: CE - beta * entropy of the
+  output (the text's two alternatives, LSR and CP).
 - eta (0.5): the text's weight of CE in eta * CE + (1 - eta) * TSD (the form is the text's, its value is
   not readable). 0.5 weighs both terms alike: it holds the top-1 probability of a fitted training image
   near (K-1) / K = 0.8 (l2l.losses.tsd), the rest on the K-1 secondary classes: a visibly tolerant
@@ -33,9 +34,9 @@ are the harness's documented choices (the fidelity table, l2l/fidelity.py, lists
 - epsilon (0.1): label-smoothing weight (Szegedy et al.'s value).
 - beta (0.1): confidence-penalty weight.
 - temperature (1.0), kd_weight (0.9): student loss (1 - w) * label loss + w * T^2 KL at temperature T.
-  Text: lambda * CE + (1 - lambda) * KL[f_teacher || f_student] of the two networks' outputs, with no
-  temperature: T = 1 (w = 1 - lambda). kd_weight is generation 1's w (the value is not readable; 0.9,
-  the common CIFAR-100 KD weight, e.g. Tian et al. 2020's benchmark).
+  Text (section "Teacher-Student Optimization"): lambda * CE + (1 - lambda) * KL[f_teacher || f_student] of
+  the two networks' outputs, with no temperature: T = 1 (w = 1 - lambda). kd_weight is generation 1's w
+  (the value is not readable; 0.9, the common CIFAR-100 KD weight, e.g. Tian et al. 2020's benchmark).
 - kd_schedule ("linear"), kd_weight_step (0.1), kd_weights ([]): w of generation m = 1..G.
   linear: kd_weight - (m - 1) * kd_weight_step (0.9, 0.8, 0.7, ...: each generation fits the labels
   a little more, as the abstract of arXiv 1805.05551v2 says the students are "gradually fine-tuned to
