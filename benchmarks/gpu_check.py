@@ -10,6 +10,9 @@ everything measured until then. A section that would not fit the remaining --bud
 and says so.
 
   1 stamp: device, driver, torch, CUDA, cuDNN; the bf16 (CPU: fp32) matmul ceiling, measured here.
+  latency: P5's planned students and teacher (paper sizes, 100 classes, bf16 + channels_last on CUDA):
+    forward latency at batch 1 and 256, eager and as CUDA-graph replays (the measure P5-C1 decides on),
+    each student's latency ratio to the teacher beside its FLOPs ratio and operator count.
   2 methods: every method for 2 epochs at smoke sizes on the device (fused SGD with frozen parts,
     bf16, channels_last, phase switches); an interrupted and resumed run against an uninterrupted
     one; the same seed twice, with train.deterministic off and on (largest parameter difference).
@@ -69,6 +72,8 @@ from l2l.engine import RunContext, load_checkpoint, step_batches, train_run  # n
 from l2l.graphs import WARMUP as GRAPH_WARMUP, Rehearsal  # noqa: E402
 from l2l.methods import METHODS  # noqa: E402
 from l2l.models import build_model  # noqa: E402
+from l2l.profiling import flops, latencies, latency_mode  # noqa: E402
+from l2l.pruning import count_parameters  # noqa: E402
 
 OFFLINE_NPZ = "/work/shared/data/cifar10_train50k_test1017_arrays.npz"
 # Model families at the paper profile's sizes (params.yaml profiles.paper.models), and toy ones.
@@ -81,13 +86,24 @@ PAPER_MODELS = {"cnn": {"arch": "cnn", "width": 64}, "vgg16": {"arch": "vgg16", 
                              "num_init_features": 64, "bn_size": 4},
                 "p4_resnet": {"arch": "cifar_resnet", "depth": 110}}
 TINY_MODELS = {"cnn": {"arch": "cnn", "width": 4}, "resnet8": {"arch": "cifar_resnet", "depth": 8, "width": 4}}
+# P5's teacher and planned students (params.yaml profiles.paper.models and the smoke profile's; the first is the
+# teacher; tests/test_gpu_check.py checks that they agree with params.yaml)
+P5_MODELS = {"p5_teacher": {"arch": "cifar_resnet", "depth": 110},
+             "p5_resnet20": {"arch": "cifar_resnet", "depth": 20},
+             "p5_wide_resnet20": {"arch": "cifar_resnet", "depth": 20, "width": 32},
+             "p5_narrow_deep": {"arch": "cifar_resnet", "depth": 56, "width": 8}}
+TINY_P5_MODELS = {"p5_teacher": {"arch": "cifar_resnet", "depth": 8, "width": 8},
+                  "p5_resnet20": {"arch": "cifar_resnet", "depth": 8, "width": 3},
+                  "p5_wide_resnet20": {"arch": "cifar_resnet", "depth": 8, "width": 6},
+                  "p5_narrow_deep": {"arch": "cifar_resnet", "depth": 14, "width": 2}}
 SCALES = {  # per scale: models, the methods section's model (smoke sizes), images per split, methods-section
     # epochs, timed batches, slice epochs, matmul size, concurrent runs
     "paper": dict(models=PAPER_MODELS, small={"arch": "cnn", "width": 16}, train=12000, val=1000, test=1000,
                   method_images=2048, epochs=2,
                   batch=128, warmup=10, steps=40, slice_epochs=3, matmul=8192, concurrency=[1, 2, 4],
                   graph_models=None, p3_models=None,  # from params.yaml's paper profile (paper_models)
-                  tf32_warmup=3, tf32_steps=10),
+                  tf32_warmup=3, tf32_steps=10,
+                  latency_models=P5_MODELS, latency_batches=[1, 256], latency_warmup=10, latency_repeats=30),
     # tiny: enough real images and steps for every method to learn above chance (the CPU rehearsal)
     "tiny": dict(models=TINY_MODELS, small={"arch": "cnn", "width": 8}, train=640, val=300, test=64,
                  method_images=640, epochs=3, batch=32, compile_models=["cnn"],
@@ -95,12 +111,13 @@ SCALES = {  # per scale: models, the methods section's model (smoke sizes), imag
                  warmup=1, steps=2, slice_epochs=1, matmul=256, concurrency=[1, 2],
                  graph_models={"resnet8": {"arch": "cifar_resnet", "depth": 8, "width": 4}},
                  p3_models={"p3_k2_narrow": {"arch": "layerwise_cnn", "preset": "k2", "M": 8, "M_tilde": 8}},
-                 tf32_warmup=1, tf32_steps=2),
+                 tf32_warmup=1, tf32_steps=2,
+                 latency_models=TINY_P5_MODELS, latency_batches=[1, 8], latency_warmup=1, latency_repeats=3),
 }
-SECTIONS = ["stamp", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency", "slice"]
+SECTIONS = ["stamp", "latency", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency", "slice"]
 # a rough floor of each section's seconds: skipped when less than this is left of the budget
-NEEDS = {"stamp": 5, "methods": 60, "throughput": 60, "cuda_graphs": 30, "tf32": 15, "compile": 90, "concurrency": 60,
-         "slice": 60}
+NEEDS = {"stamp": 5, "latency": 30, "methods": 60, "throughput": 60, "cuda_graphs": 30, "tf32": 15, "compile": 90,
+         "concurrency": 60, "slice": 60}
 # the most seconds a section may take (its per-model loops stop there; the whole command: benchmarks/RESULTS.md)
 SECTION_BUDGET_S = {"cuda_graphs": 75, "tf32": 35}
 # the share of the budget by whose end the per-model loops of a section stop (later sections keep theirs)
@@ -272,6 +289,39 @@ def _driver() -> str:
         return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=30).stdout.strip()
     return "unknown"
+
+
+def section_latency(args, s, device) -> dict:
+    """P5-C1's cost side on this device, before any P5 run: params, FLOPs and leaf-module count of the
+    teacher and each planned student, forward latency (median ms) per batch size in eager mode and as
+    CUDA-graph replays (l2l.profiling.latencies, the distill method's measure: bf16 autocast and
+    channels_last on CUDA, fp32 on a CPU, which has no graphs), and each student / teacher ratio."""
+    names = list(s["latency_models"])
+    teacher = names[0]
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    models = {n: build_model(cfg, 100).to(device, memory_format=fmt) for n, cfg in s["latency_models"].items()}
+
+    def autocast():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    out = {"dtype": "bf16" if cuda else "fp32", "classes": 100, "teacher": teacher,
+           "models": {n: {"cfg": s["latency_models"][n], "params": count_parameters(m), "flops": flops(m, (3, 32, 32)),
+                          "leaf_modules": sum(1 for x in m.modules() if not list(x.children()))}
+                      for n, m in models.items()},
+           "modes": {}}
+    for mode in dict.fromkeys(latency_mode(m, device) for m in ("eager", "cuda_graph")):
+        per = {}
+        for b in s["latency_batches"]:
+            t = latencies(models, b, (3, 32, 32), s["latency_warmup"], s["latency_repeats"], autocast=autocast,
+                          memory_format=fmt, mode=mode)
+            per[f"b{b}"] = {n: {"median_ms": r["median_ms"], "iqr_ms": r["iqr_ms"],
+                                "ratio": r["median_ms"] / t[teacher]["median_ms"]} for n, r in t.items()}
+        out["modes"][mode] = per
+    for n, row in out["models"].items():
+        row["flops_ratio"] = row["flops"] / out["models"][teacher]["flops"]
+        row["leaf_module_ratio"] = row["leaf_modules"] / out["models"][teacher]["leaf_modules"]
+    return out
 
 
 def section_methods(args, s, device, arrays, root: Path) -> dict:
@@ -574,6 +624,21 @@ def markdown(results: dict) -> str:
                   f"Resume: largest parameter difference {m['resume']['max_param_diff']:.3g}; same seed twice: "
                   f"{m['same_seed_deterministic_false']['max_param_diff']:.3g} (deterministic off), "
                   f"{m['same_seed_deterministic_true']['max_param_diff']:.3g} (on).", ""]
+    lat = results.get("latency")
+    if lat:
+        modes = list(lat["modes"])
+        batches = list(next(iter(lat["modes"].values())))
+        cols = [f"{m} {b} ms (ratio)" for m in modes for b in batches]
+        lines += [f"P5 latency ({lat['dtype']}, {lat['classes']} classes; ratio = model / {lat['teacher']}; P5-C1 "
+                  "decides on the cuda_graph b256 ratio, P5-C1/b1 on b1, both at most 0.5):", "",
+                  "| model | params | MFLOPs | FLOPs ratio | leaf modules (ratio) | " + " | ".join(cols) + " |",
+                  "|" + "---|" * (5 + len(cols))]
+        for n, r in lat["models"].items():
+            cells = [f"{lat['modes'][m][b][n]['median_ms']:.3g} ({lat['modes'][m][b][n]['ratio']:.2f})"
+                     for m in modes for b in batches]
+            lines.append(f"| {n} | {r['params']:,} | {r['flops'] / 1e6:.1f} | {r['flops_ratio']:.3f} | "
+                         f"{r['leaf_modules']} ({r['leaf_module_ratio']:.2f}) | " + " | ".join(cells) + " |")
+        lines.append("")
     comp = results.get("compile", {}).get("models", {})
     if "throughput" in results:
         lines += ["| model | batch | engine img/s | engine+compile img/s | compile s | naive img/s | ratio | "
@@ -741,6 +806,7 @@ def main(argv=None) -> dict | None:
             ceiling = results.get("stamp", {}).get("matmul_tflops")
             results[name] = {
                 "stamp": lambda: section_stamp(args, s, device, arrays),
+                "latency": lambda: section_latency(args, s, device),
                 "methods": lambda: section_methods(args, s, device, arrays, root),
                 "throughput": lambda: section_throughput(args, s, device, arrays, deadline, ceiling),
                 "cuda_graphs": lambda: section_cuda_graphs(args, s, device, arrays, root, deadline),

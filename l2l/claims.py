@@ -148,9 +148,10 @@ COST_METRICS = ("flops_ratio", "latency_ratio_b")  # A / B cost ratios in phases
 def cost_equivalence_check(claim: Claim, ctx: Context) -> tuple[stats.Comparison, dict]:
     """The ``cost_equivalence`` kind (P5): arms a (student), b (teacher); accuracy TOST within the
     margin AND the student run's measured cost ratios (phase ``cost_phase`` of arm a in phases.csv:
-    flops_ratio against flops_ratio_max, every latency_ratio_b<N> against latency_ratio_max) below
-    their maxima (l2l.stats.compare_cost_equivalence). extra: ``cost``, per ratio its per-seed
-    values, mean, 95% interval and maximum; params_ratio (descriptive)."""
+    flops_ratio against flops_ratio_max, latency_ratio_b<N> against latency_ratio_max for every N of the
+    record's ``latency_batches``, or every measured N without one) below their maxima
+    (l2l.stats.compare_cost_equivalence). extra: ``cost``, per ratio its per-seed values, mean, 95% interval
+    and maximum; params_ratio and the latency ratios the record does not gate on (descriptive)."""
     vals = {a.name: arm_values(ctx.runs, claim, a, ctx.phases) for a in claim.arms}
     a = claim.arm("a")
     p = ctx.phases
@@ -161,6 +162,9 @@ def cost_equivalence_check(claim: Claim, ctx: Context) -> tuple[stats.Comparison
         if metric == "flops_ratio" or str(metric).startswith("latency_ratio_b") or metric == "params_ratio":
             ratios[str(metric)] = {int(s): float(v) for s, v in zip(g["seed"], g["value"])}
     params_ratio = ratios.pop("params_ratio", {})
+    gated = claim.extra.get("latency_batches")
+    descriptive = {m: ratios.pop(m) for m in list(ratios) if gated is not None and m.startswith("latency_ratio_b")
+                   and int(m.removeprefix("latency_ratio_b")) not in gated}
     maxima = {m: float(claim.extra["flops_ratio_max"] if m == "flops_ratio" else claim.extra["latency_ratio_max"])
               for m in ratios}
     if "flops_ratio" not in ratios or len(ratios) < 2:  # both sides of the cost must be measured
@@ -171,7 +175,7 @@ def cost_equivalence_check(claim: Claim, ctx: Context) -> tuple[stats.Comparison
     for m, v in ratios.items():
         mean, _, lo, hi = mean_interval(pd.Series(list(v.values()), dtype=float))
         cost[m] = {"values": v, "mean": mean, "ci_low": lo, "ci_high": hi, "max": maxima[m]}
-    return comp, {"cost": cost, "params_ratio": params_ratio}
+    return comp, {"cost": cost, "params_ratio": params_ratio, "ungated_ratios": descriptive}
 
 
 CUSTOM_KINDS.update(rise_then_plateau=rise_then_plateau_check, cost_equivalence=cost_equivalence_check)
@@ -230,6 +234,11 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
         for key in KIND_NUMBERS.get(rec["kind"], ()):
             if not (isinstance(rec.get(key), (int, float)) and not isinstance(rec.get(key), bool) and rec[key] > 0):
                 raise _err(cid, key, f"expected a positive number for a {rec['kind']} claim, got {rec.get(key)!r}")
+        lb = rec.get("latency_batches")
+        if lb is not None and not (rec["kind"] == "cost_equivalence" and isinstance(lb, list) and lb and all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lb)):
+            raise _err(cid, "latency_batches", "expected, on a cost_equivalence claim, a non-empty list of the batch "
+                                               f"sizes whose latency ratios decide it, got {lb!r}")
         if rec["kind"] in ("equivalence", "cost_equivalence") and (not isinstance(margin, (int, float)) or margin <= 0):
             raise _err(cid, "margin", f"expected a positive number for an equivalence claim, got {margin!r}")
         tolerance = st["tolerances"].get(cid, rec.get("tolerance"))

@@ -206,6 +206,30 @@ def _unit_fields(claim) -> tuple[str, int]:
     return unit, window
 
 
+# P2-C1's end-to-end side (a saturation record's ``end_to_end``): the thesis' abstract speaks of "the
+# performance gap between the two training procedures" and of layerwise training saturating after a
+# critical layer; papers.md's summary adds that end-to-end training of the same depth "keeps improving".
+E2E_READINGS = ("gap", "keeps_improving")
+
+
+def _e2e_reading(claim) -> str:
+    reading = claim.extra.get("end_to_end", "gap")
+    if reading not in E2E_READINGS:
+        raise ValueError(f"claims.yaml: {claim.id}.end_to_end: expected one of {', '.join(E2E_READINGS)}, "
+                         f"got {reading!r}")
+    return reading
+
+
+def probe_window_gain(phases: pd.DataFrame, end_to_end: Mapping[str, str], dataset: str, unit: str, window: int
+                      ) -> tuple[dict[int, float], dict[int, float]]:
+    """Per seed, the end-to-end network's linear-probe test accuracy at its last unit and ``window``
+    units before: (last, before)."""
+    groups = _by_seed(_arm(stage_table(phases), end_to_end, dataset, "probe", unit))
+    keep = {s: g for s, g in groups.items() if len(g) > window}
+    return ({s: float(g.test_acc.iloc[-1]) for s, g in keep.items()},
+            {s: float(g.test_acc.iloc[-1 - window]) for s, g in keep.items()})
+
+
 def saturation_check(claim, ctx) -> tuple:
     """The ``saturation`` claim kind for :mod:`l2l.claims` (a CustomKind): (Comparison, extra).
 
@@ -214,24 +238,44 @@ def saturation_check(claim, ctx) -> tuple:
     of interest). ctx: ``phases``, ``alpha``. The comparison is :func:`l2l.stats.compare_saturation`:
     paired superiority end_to_end_full > layerwise_full AND a paired one-sided test that the
     layerwise gain over the last ``window`` units (per seed) is below ``threshold``, so a curve
-    that keeps improving contradicts the claim. extra: the per-seed measures of
-    :func:`saturation` (with the critical unit's interval at 1 - alpha), ``mean_curve`` (layerwise
-    test accuracy by unit, descriptive) and ``critical_stage_of_mean``.
+    that keeps improving contradicts the claim. With ``end_to_end: keeps_improving`` (the other
+    reading of P2's end-to-end side) a third part joins them: the end-to-end network's linear probes
+    gain over the same last units (paired superiority of the last unit's probe over the probe
+    ``window`` units before, min_effect ``threshold``: contradicted when that gain is shown below the
+    threshold); the rule's power (l2l.stats.rule_power) still counts the first two parts only. extra:
+    the per-seed measures of :func:`saturation` (with the critical unit's interval at 1 - alpha),
+    ``mean_curve`` (layerwise test accuracy by unit, descriptive), ``critical_stage_of_mean`` and
+    ``end_to_end`` (the reading; with keeps_improving, ``end_to_end_probe_window_gain`` per seed).
     """
     threshold = claim.extra.get("threshold")
     if not isinstance(threshold, (int, float)) or threshold <= 0:
         raise ValueError(f"claims.yaml: {claim.id}.threshold: expected a positive number, got {threshold!r}")
     unit, window = _unit_fields(claim)
+    reading = _e2e_reading(claim)
     e2e, lw = (claim.arm(n) for n in ("a", "b"))
     lw_arm = {"experiment": lw.experiment, "model": lw.model}
-    r = saturation(ctx.phases, {"experiment": e2e.experiment, "model": e2e.model}, lw_arm, claim.dataset,
-                   float(threshold), unit, window, 1 - ctx.alpha)
-    comp = stats.compare_saturation(r["end_to_end_full"], r["layerwise_full"], r["window_gain"],
-                                    threshold=float(threshold), min_effect=claim.min_effect, alpha=ctx.alpha)
+    e2e_arm = {"experiment": e2e.experiment, "model": e2e.model}
+    r = saturation(ctx.phases, e2e_arm, lw_arm, claim.dataset, float(threshold), unit, window, 1 - ctx.alpha)
+    extra: dict = {"end_to_end": reading}
+    if reading == "gap":
+        comp = stats.compare_saturation(r["end_to_end_full"], r["layerwise_full"], r["window_gain"],
+                                        threshold=float(threshold), min_effect=claim.min_effect, alpha=ctx.alpha)
+    else:
+        last, before = probe_window_gain(ctx.phases, e2e_arm, claim.dataset, unit, window)
+        gap = stats.compare_superiority(r["end_to_end_full"], r["layerwise_full"], alpha=ctx.alpha,
+                                        min_effect=claim.min_effect, rank_test=False)
+        gain = stats.gain_below(r["window_gain"], float(threshold), alpha=ctx.alpha)
+        rise = stats.compare_superiority(last, before, alpha=ctx.alpha, min_effect=float(threshold), rank_test=False)
+        rise.contra_test = f"end-to-end probe gain over the last {window} unit(s) < {float(threshold):g}"
+        shown = stats.compare_superiority(r["end_to_end_full"], r["layerwise_full"], alpha=ctx.alpha,
+                                          min_effect=claim.min_effect)
+        comp = stats.intersection_union("saturation", [gap, gain, rise], shown)
+        comp.min_effect, comp.effect_of_interest = claim.min_effect, claim.min_effect
+        extra["end_to_end_probe_window_gain"] = {s: last[s] - before[s] for s in last}
     groups = _by_seed(_arm(stage_table(ctx.phases), lw_arm, claim.dataset, "layerwise", unit))
     curve = _mean_curve(groups) if groups else []
     crit = critical_stage(curve, float(threshold)) if curve else None
-    return comp, {**r, "mean_curve": curve, "critical_stage_of_mean": crit}
+    return comp, {**r, "mean_curve": curve, "critical_stage_of_mean": crit, **extra}
 
 
 def early_overfit_check(claim, ctx) -> tuple:

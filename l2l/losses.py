@@ -9,24 +9,47 @@ import torch
 import torch.nn.functional as F
 
 TSD_NORMS = ("K-1", "K")
+# TSD's primary class: the top-scored class (argmax, the AAAI text's f_{a_1}, "the largest element") or the
+# label (the v2 abstract: "a primary class (the ground-truth)"); the scores it compares: the softmax
+# probabilities (the text's f(x; theta), whose log is the cross-entropy's) or the raw logits ("scores").
+TSD_PRIMARIES = ("argmax", "label")
+TSD_INPUTS = ("probabilities", "logits")
 
 
-def tsd(logits: torch.Tensor, k: int, norm: str = "K-1") -> torch.Tensor:
-    """Top score difference (P4, as best understood): with p the softmax sorted descending,
-    TSD = p(1) - (p(2) + ... + p(K)) / d, d = K-1 (the mean of the K-1 runners-up) or K.
+def tsd(logits: torch.Tensor, k: int, norm: str = "K-1", primary: str = "argmax", y: torch.Tensor | None = None,
+        scores: str = "probabilities") -> torch.Tensor:
+    """Top score difference (P4): with f the scores of one example (``scores``: its softmax
+    probabilities, or its logits), TSD = f(primary) - (sum of the K-1 highest other scores) / d,
+    d = K-1 (their mean) or K, averaged over the batch.
 
-    Minimised next to cross-entropy (teacher loss CE + eta * TSD) it lowers the top score and
-    raises the K-1 next classes, so the teacher keeps a few secondary classes alive. For a
-    correctly ranked training example whose remaining probability sits in the K-1 runners-up,
-    the logit gradients of CE (p(1) - 1) and of eta * TSD (eta * p(1) * (1 - p(1)) * (d + 1) / d)
-    cancel at p(1) = d / (eta * (d + 1)): 0.8 for eta = 1, K = 5, d = K-1. Below
-    eta = d / (d + 1), TSD only slows the growth of p(1).
+    ``primary`` ``argmax``: the primary class is the top-scored one, so the secondary classes are
+    ranks 2..K (the AAAI text's f_{a_1} - 1/(K-1) sum_{k=2..K} f_{a_k}, a_k the k-th largest).
+    ``label``: the primary class is the label ``y`` and the secondary ones the K-1 highest of the
+    other classes. The readings agree wherever the model ranks the label first; on an example it
+    misranks, argmax TSD still rewards flattening around the wrong class.
+
+    Minimised next to cross-entropy it lowers the top score and raises the K-1 next classes, so the
+    teacher keeps a few secondary classes alive. On probabilities, for a correctly ranked training
+    example whose remaining probability sits in the K-1 runners-up, the logit gradients of CE
+    (p(1) - 1) and of w * TSD (w * p(1) * (1 - p(1)) * (d + 1) / d) cancel at p(1) = d / (w * (d + 1)):
+    0.8 for w = 1 (the text's eta = 0.5 in eta * CE + (1 - eta) * TSD), K = 5, d = K-1. Below
+    w = d / (d + 1), TSD only slows the growth of p(1).
     """
     if norm not in TSD_NORMS:
         raise ValueError(f"tsd: norm must be one of {TSD_NORMS}, got {norm!r}")
-    top = logits.float().softmax(1).topk(k, dim=1).values
+    if primary not in TSD_PRIMARIES or scores not in TSD_INPUTS:
+        raise ValueError(f"tsd: primary must be one of {TSD_PRIMARIES} and scores one of {TSD_INPUTS}, "
+                         f"got {primary!r}, {scores!r}")
+    f = logits.float().softmax(1) if scores == "probabilities" else logits.float()
     d = k - 1 if norm == "K-1" else k
-    return (top[:, 0] - top[:, 1:].sum(1) / d).mean()
+    if primary == "argmax":
+        top = f.topk(k, dim=1).values
+        return (top[:, 0] - top[:, 1:].sum(1) / d).mean()
+    if y is None:
+        raise ValueError("tsd: primary 'label' needs the labels y")
+    first = f.gather(1, y[:, None])[:, 0]
+    others = f.scatter(1, y[:, None], float("-inf")).topk(k - 1, dim=1).values  # the label cannot be secondary
+    return (first - others.sum(1) / d).mean()
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -41,11 +41,19 @@ def regular_cnn(num_classes: int, width: int = 64, batch_norm: bool = True) -> n
     return nn.Sequential(blocks)
 
 
-def vgg16(num_classes: int, width: float = 1.0, batch_norm: bool = True) -> nn.Sequential:
+VGG_HEADS = ("linear", "fc4096")
+
+
+def vgg16(num_classes: int, width: float = 1.0, batch_norm: bool = True, head: str = "linear") -> nn.Sequential:
     """CIFAR VGG16: torchvision's 13-conv VGG16 feature layers (config "D", no weights),
-    split into its 5 pooling blocks, and a linear classifier for the 1x1 map that 32x32
-    inputs leave. ``width`` scales every layer's channels (1.0 = torchvision's; the smoke
-    profile uses a thin one)."""
+    split into its 5 pooling blocks, and a classifier for the 1x1 map that 32x32 inputs leave.
+    ``head`` (P1 names "VGG16" and no variant): ``linear``, one linear layer (the common CIFAR
+    VGG16, no dropout: the harness's default), or ``fc4096``, torchvision's classifier on that map:
+    two fully connected layers of 4096 (x width) with ReLU and dropout 0.5, then the linear layer
+    (sensitivity claim P1-C1/cifar10/alternating/equal-epochs/fc4096-head). ``width`` scales every
+    layer's channels (1.0 = torchvision's; the smoke profile uses a thin one)."""
+    if head not in VGG_HEADS:
+        raise ValueError(f"vgg16: head must be one of {', '.join(VGG_HEADS)}, got {head!r}")
     cfg = [v if v == "M" else max(1, round(v * width)) for v in VGG_CFGS["D"]]
     layers = list(make_layers(cfg, batch_norm=batch_norm))
     blocks, current = OrderedDict(), []
@@ -54,7 +62,12 @@ def vgg16(num_classes: int, width: float = 1.0, batch_norm: bool = True) -> nn.S
         if isinstance(layer, nn.MaxPool2d):
             blocks[f"block{len(blocks) + 1}"] = nn.Sequential(*current)
             current = []
-    blocks["classifier"] = nn.Sequential(nn.Flatten(), nn.Linear(cfg[-2], num_classes))
+    if head == "linear":
+        blocks["classifier"] = nn.Sequential(nn.Flatten(), nn.Linear(cfg[-2], num_classes))
+    else:
+        h = max(1, round(4096 * width))
+        blocks["classifier"] = nn.Sequential(nn.Flatten(), nn.Linear(cfg[-2], h), nn.ReLU(True), nn.Dropout(0.5),
+                                             nn.Linear(h, h), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, num_classes))
     model = nn.Sequential(blocks)
     _torchvision_vgg_init(model)
     return model

@@ -29,7 +29,7 @@ from l2l.report import Doc, format_interval  # noqa: E402
 from l2l.results import interval_shown, mean_interval  # noqa: E402
 
 GEN = re.compile(r"gen(\d+)$")
-LATENCY = re.compile(r"latency_(\w+?)_b(\d+)_ms$")
+LATENCY = re.compile(r"latency_(?!eager_)(\w+?)_b(\d+)_ms$")  # the latency_mode's figures (eager ones: descriptive)
 
 
 def _wide(phases_df: pd.DataFrame, method: str) -> pd.DataFrame:

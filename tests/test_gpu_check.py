@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 from scipy.stats import binomtest
 
+from l2l.config import load_config
 from l2l.cost import load_throughput
 from tests.conftest import REPO, real_npz, write_npz
 
@@ -88,8 +89,17 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert all(res["sections"][k].startswith("done") for k in
-               ("stamp", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency", "slice")), \
-        res["sections"]
+               ("stamp", "latency", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency",
+                "slice")), res["sections"]
+    lat = res["latency"]  # P5's planned students against the teacher: on a CPU, eager only (no CUDA graphs)
+    assert list(lat["modes"]) == ["eager"] and list(lat["modes"]["eager"]) == ["b1", "b8"]
+    assert lat["teacher"] == "p5_teacher" and set(lat["models"]) == {"p5_teacher", "p5_resnet20", "p5_wide_resnet20",
+                                                                      "p5_narrow_deep"}
+    for b in ("b1", "b8"):
+        rows = lat["modes"]["eager"][b]
+        assert rows["p5_teacher"]["ratio"] == 1.0 and all(r["median_ms"] > 0 for r in rows.values())
+    nd = lat["models"]["p5_narrow_deep"]
+    assert nd["flops_ratio"] < 0.5 < nd["leaf_module_ratio"]  # the smoke stand-ins: cheaper in FLOPs, deeper
     m = res["methods"]
     val = 300  # the tiny scale's validation images: a predictor that ignores the image gets chance_val_acc at most
     for label in ("conventional", "layerwise", "l2l_alternating", "l2l_mutual", "generations", "distill"):
@@ -116,6 +126,7 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     md = (out / "gpu_check.md").read_text()
     assert "| model | batch | engine img/s |" in md and "| l2l_mutual |" in md
     assert "| resnet8 (resnet8) | 32 |" in md and "| p3_k2_narrow | 32 |" in md
+    assert "| p5_narrow_deep |" in md and "eager b1 ms (ratio)" in md
 
 
 def test_the_cuda_graphs_mode_reaches_throughput_json_per_profile_model_name(monkeypatch):
@@ -142,3 +153,16 @@ def test_the_cuda_graphs_mode_reaches_throughput_json_per_profile_model_name(mon
     assert merged == {"a": {"separate": 1, "cuda_graphs": 2}}
     p3 = {k: v for k, v in gpu_check.paper_models().items() if k in gpu_check.P3_FP32}
     assert set(p3) == set(gpu_check.P3_FP32)  # the tf32 section's networks exist in the profile
+
+
+def test_latency_section_models_are_the_planned_ones(monkeypatch):
+    """The P5 models the latency section times are params.yaml's (paper sizes; the tiny scale: the smoke
+    profile's), the teacher first."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    gpu_check = importlib.import_module("gpu_check")
+
+    for profile, models in (("paper", gpu_check.P5_MODELS), ("smoke", gpu_check.TINY_P5_MODELS)):
+        planned = load_config(REPO / "params.yaml", profile).profile.models
+        assert list(models)[0] == "p5_teacher"
+        for name, cfg in models.items():
+            assert {k: planned[name][k] for k in cfg} == cfg, (profile, name)

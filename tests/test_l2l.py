@@ -166,6 +166,35 @@ def test_mutual_losses_give_no_gradient_to_the_frozen_side():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in active)
 
 
+@pytest.mark.parametrize("form, pooled", [("gap_linear", 1), ("pool2x2_linear", 2)])
+def test_mutual_student_head_forms(form, pooled):
+    """option student_head: global average pooling or P3's 2x2 pooling before the student's linear layer;
+    the default draws the same head as before the option existed (a pooled map of 1x1)."""
+    data = make_data()
+    phase, trainer = first_phase(make_spec({"reading": "mutual", "student_head": form}), data)
+    phase.on_epoch_start(0)
+    pool, _, linear = trainer.head
+    assert pool.output_size == pooled
+    channels = trainer.student(torch.zeros(1, 3, 32, 32)).shape[1]
+    assert linear.in_features == channels * pooled * pooled
+    with pytest.raises(ConfigError, match="student_head"):
+        l2l.validate_options({"student_head": "mlp"}, "options")
+
+
+def test_vgg16_heads():
+    """VGG16's classifier: one linear layer (default) or torchvision's FC-4096 head, scaled by width; the
+    blocks (and so L2L's split points) are the same."""
+    lin = build_model({"arch": "vgg16", "width": 0.0625, "head": "linear"}, 10)
+    fc = build_model({"arch": "vgg16", "width": 0.0625, "head": "fc4096"}, 10)
+    assert block_names(lin) == block_names(fc)
+    linears = [m for m in fc.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(32, 256), (256, 256), (256, 10)]
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in fc.classifier) == 2
+    assert fc(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="head"):
+        build_model({"arch": "vgg16", "head": "mlp"}, 10)
+
+
 def test_distillation_loss_weights():
     logits, target, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
     ce = torch.nn.functional.cross_entropy(logits, y)

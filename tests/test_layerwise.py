@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from l2l.spec import resolve_train
 from l2l.checks import ConfigError
+from l2l.claims import Arm, Claim, check
 from l2l.methods import METHODS
 from l2l.spec import RunSpec
 from tests.conftest import config_of, plan_of, shipped_params
@@ -300,6 +301,32 @@ def test_train_run_records_stages_and_resumes_exactly(data, tmp_path):
     assert [int(m.mask.sum()) for m in model.modules() if isinstance(m, ChannelMask)] == [3, 3, 3]
 
 
+def test_prune_plan_one_shot_and_iterative():
+    assert layerwise.prune_plan(128, 64, 20, "one_shot", 4) == {0: 64}
+    # Molchanov-style: four equal steps at evenly spaced fine-tuning epochs, the last one at the target
+    assert layerwise.prune_plan(128, 64, 20, "iterative", 4) == {0: 112, 5: 96, 10: 80, 15: 64}
+    assert layerwise.prune_plan(8, 3, 2, "iterative", 2) == {0: 6, 1: 3}
+
+
+def test_iterative_pruning_prunes_in_steps_and_resumes_exactly(data, tmp_path):
+    """The filters go step by step at the planned epochs of the fine-tuning phase, each step re-scored;
+    an interruption between two steps resumes bit-identically."""
+    spec = make_spec(layerwise, TINY_COMPRESS, {"prune_to": 2, "prune_finetune_epochs": 2, "prune_schedule": "iterative",
+                                                "prune_steps": 2})
+    ctx = RunContext(spec, data, 10, CPU)
+    live = []
+    for phase in layerwise.phases(spec, ctx):
+        if phase.name == "stage1_pruned":
+            for epoch in range(2):
+                phase.on_epoch_start(epoch)
+                live.append([int(m.mask.sum()) for m in phase.modules["model"].modules() if isinstance(m, ChannelMask)][0])
+            break
+    assert live == [4, 2]  # 6 filters -> 4 at the fine-tuning's epoch 0 -> 2 at epoch 1
+    full = train_run(spec, layerwise, ctx, tmp_path / "full")
+    assert train_run(spec, layerwise, ctx, tmp_path / "cut", stop_after_epochs=2) == {"interrupted": True}
+    assert train_run(spec, layerwise, ctx, tmp_path / "cut")["final_sha256"] == full["final_sha256"]
+
+
 def test_other_architectures_get_aux_heads(data):
     spec = make_spec(layerwise, {"arch": "cifar_resnet", "depth": 8, "width": 4}, {"aux_convs": 1, "aux_width": 5})
     model, _, heads = layerwise.build(spec, 10)
@@ -324,6 +351,8 @@ def test_momentum_restarts_at_lr_drops(data):
     ({"predict": "best"}, "predict"), ({"prune_to": -1}, "prune_to"), ({"aux_convs": 1.5}, "aux_convs"),
     ({"prune_to": 4, "prune_finetune_epochs": 0}, "prune_finetune_epochs"), ({"k": 3}, "unknown option"),
     ({"unit": "block"}, "unit"), ({"probe_epochs": -1}, "probe_epochs"), ({"probe_lr": 0.0}, "probe_lr"),
+    ({"prune_schedule": "gradual"}, "prune_schedule"), ({"prune_steps": 0}, "prune_steps"),
+    ({"prune_to": 4, "prune_finetune_epochs": 2, "prune_schedule": "iterative", "prune_steps": 3}, "prune_steps"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ConfigError, match=match):
@@ -488,6 +517,51 @@ def test_stage_table_and_measures():
     assert early_overfit(layers, lw, e2e, "cifar10")["layerwise_probe_gap"] == {}  # no stage units there
     missing = saturation(phases, {"experiment": "none", "model": "p3"}, lw, "cifar10", 1.0)
     assert missing["end_to_end_full"] == {} and missing["gap_full"] == {}
+
+
+def _saturation_tables(e2e_rise: float, seeds=range(6)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Layerwise heads that saturate (last unit +0.1), an end-to-end network 8 points higher at full depth,
+    whose probes gain `e2e_rise` points over the last unit."""
+    rng = np.random.default_rng(1)
+    rows, runs = [], []
+    for seed in seeds:
+        lw = [60, 70, 70.4, 70.5 + rng.normal(0, 0.1)]
+        probes = [40, 55, 70, 70 + e2e_rise + rng.normal(0, 0.2)]
+        full = 78.5 + rng.normal(0, 0.3)
+        for s in range(4):
+            rows.append({"run": f"lw{seed}", "experiment": "layerwise", "method": "layerwise", "model": "p3",
+                         "dataset": "cifar10", "seed": seed, "phase": f"stage{s + 1}", "metric": "head_test_acc",
+                         "value": lw[s]})
+            rows.append({"run": f"e{seed}", "experiment": "layerwise_e2e", "method": "conventional", "model": "p3",
+                         "dataset": "cifar10", "seed": seed, "phase": "end_to_end",
+                         "metric": f"stage{s + 1}_probe_test_acc", "value": probes[s]})
+        rows.append({"run": f"e{seed}", "experiment": "layerwise_e2e", "method": "conventional", "model": "p3",
+                     "dataset": "cifar10", "seed": seed, "phase": "end_to_end", "metric": "model_test_acc", "value": full})
+        runs += [{"run": f"lw{seed}", "experiment": "layerwise", "model": "p3", "dataset": "cifar10", "seed": seed,
+                  "final_test_acc": lw[-1]},
+                 {"run": f"e{seed}", "experiment": "layerwise_e2e", "model": "p3", "dataset": "cifar10", "seed": seed,
+                  "final_test_acc": full}]
+    return pd.DataFrame(runs), pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("reading, e2e_rise, expected", [
+    ("gap", 0.0, "supported"),              # the abstract's reading: a gap and a saturating layerwise curve
+    ("keeps_improving", 3.0, "supported"),  # ... and the end-to-end probes still gain 3 points
+    ("keeps_improving", 0.0, "contradicted"),  # they gain nothing: end-to-end does not keep improving
+])
+def test_saturation_end_to_end_readings(reading, e2e_rise, expected):
+    claim = Claim("P2-X", "P2", "Trinh", "saturates", "saturation", "final_test_acc", "cifar10",
+                  [Arm("a", "layerwise_e2e", "p3"), Arm("b", "layerwise", "p3")], "not public", "", min_effect=1.0,
+                  extra={"threshold": 0.5, "end_to_end": reading})
+    runs, phases = _saturation_tables(e2e_rise)
+    rec = check([claim], runs, phases, None, "paper", alpha=0.05, min_seeds=3)[0]
+    assert rec["verdict"] == expected, rec["reason"]
+    assert rec["end_to_end"] == reading
+    if reading == "keeps_improving":
+        assert rec["end_to_end_probe_window_gain"][0] == pytest.approx(e2e_rise, abs=1)
+    bad = Claim(**{**claim.__dict__, "extra": {"threshold": 0.5, "end_to_end": "rises"}})
+    with pytest.raises(ValueError, match="end_to_end: expected one of gap, keeps_improving"):
+        check([bad], runs, phases, None, "paper", alpha=0.05, min_seeds=3)
 
 
 def test_stage_figure():

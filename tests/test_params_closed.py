@@ -118,9 +118,11 @@ def test_run_identities_are_pinned(params):
     # k1's downsampling), fp32 and split.val_size 0 (the validation images train too); conventional gained
     # option probe_units, layerwise unit/probe_epochs/probe_lr (P2 per layer, probe vs probe): re-pinned on purpose
     # #21: every run's train settings gained tf32 (false: IEEE fp32 on CUDA, written explicitly): re-pinned on purpose
-    assert specs[("conventional", "cnn", 0)] == "8f4ba86196df"
-    assert specs[("layerwise", "p3_k1", 0)] == "cef550a4cd5d"
-    assert specs[("layerwise", "p3_k1", 1)] == "e4f9070debb3"
+    # #24: P1's runs (conventional among them) train on all 50,000 images (split.val_size 0); layerwise gained the
+    # options prune_schedule / prune_steps (P3-C5's pruning schedule): re-pinned on purpose
+    assert specs[("conventional", "cnn", 0)] == "5a4428876360"
+    assert specs[("layerwise", "p3_k1", 0)] == "4ac5f1c6b423"
+    assert specs[("layerwise", "p3_k1", 1)] == "fb946d378286"
 
 
 def test_the_paper_profile_plans_the_same_runs_whatever_profile_is_active(params):

@@ -69,6 +69,22 @@ def test_cost_equivalence_each_way(diff, flops, latency, expected):
     assert rec["params_ratio"] and all(v == 0.2 for v in rec["params_ratio"].values())
 
 
+@pytest.mark.parametrize("gated, expected", [
+    ([256], "supported"),      # P5-C1: the launch-bound batch-1 ratio (0.9) does not decide
+    ([1], "contradicted"),     # P5-C1/b1: it does
+    ([64], "inconclusive"),    # a gated batch that was not measured: the cost side is unknown
+])
+def test_latency_batches_name_the_ratios_that_decide(gated, expected):
+    runs, phases = distill_tables(0.0, 0.13, {1: 0.9, 256: 0.2})
+    eager = phases[phases.metric == "latency_ratio_b1"].assign(metric="latency_eager_ratio_b1")  # never gates
+    rec = verdict_of(cost_claim(latency_batches=gated), runs, pd.concat([phases, eager.assign(value=5.0)]))
+    assert rec["verdict"] == expected, rec["reason"]
+    assert "latency_eager_ratio_b1" not in rec["cost"]
+    gated_here = {f"latency_ratio_b{b}" for b in gated} & {"latency_ratio_b1", "latency_ratio_b256"}
+    assert set(rec["cost"]) == ({"flops_ratio"} | gated_here if gated_here else set())
+    assert set(rec["ungated_ratios"]) == {"latency_ratio_b1", "latency_ratio_b256"} - gated_here
+
+
 def test_cost_ratios_of_two_seeds_cannot_decide():
     rec = verdict_of(cost_claim(), *distill_tables(0.0, 0.13, {1: 0.3}, seeds=[0, 1]))
     assert rec["verdict"] == "inconclusive"
@@ -187,9 +203,18 @@ def test_cost_equivalence_false_supported_and_power_at_10_seeds():
 def test_teacher_student_records_say_where_the_paper_states_them():
     config = load_config("params.yaml", "paper")
     claims = {c.id: c for c in load_claims(config) if c.paper in ("P4", "P5")}
-    for cid in ("P4-C4a", "P4-C4b", "P4-C6", "P5-C3", "P5-C2/p5_narrow_deep"):
+    for cid in ("P4-C4a", "P4-C4b", "P5-C3", "P5-C2/p5_narrow_deep"):
         assert claims[cid].stated_in.startswith("unconfirmed") and claims[cid].role == "sensitivity"
         assert claims[cid].role_reason
+    # read only through a third-party transcription of the text: stated there, still a sensitivity claim
+    assert claims["P4-C6"].stated_in.startswith("text") and "transcription" in claims["P4-C6"].stated_in
+    assert claims["P4-C6"].role == "sensitivity"
+    # the other readings of named parameters are sensitivity claims (l2l/fidelity.py lists them)
+    for cid in ("P4-C1/label", "P4-C2a/label", "P4-C1/logits", "P4-C2a/logits", "P5-C1/b1"):
+        assert claims[cid].role == "sensitivity" and claims[cid].role_reason
+    # P5-C1's latency: batch 256 of CUDA-graph replays gates the verdict, batch 1 is its sensitivity record
+    assert claims["P5-C1"].extra["latency_batches"] == [256] and claims["P5-C1/b1"].extra["latency_batches"] == [1]
+    assert "CUDA graph" in claims["P5-C1"].protocol and "launch" in claims["P5-C1"].protocol
     for cid in ("P4-C1", "P4-C2a", "P4-C2b", "P4-C3", "P4-C5", "P5-C1", "P5-C1/voc2007"):
         assert claims[cid].stated_in.startswith("abstract") and claims[cid].role == "primary"
     assert all(c.harness_choices for c in claims.values())

@@ -5,6 +5,7 @@ resumed run equals an uninterrupted one; a distilled student is taught by exactl
 run's verified final.pt, frozen)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -21,10 +22,10 @@ from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.losses import (confidence_penalty_ce, entropy, kd_loss, kd_objective, label_smoothing_ce,
                         multilabel_kd_loss, tsd)
-from l2l.methods import conventional, distill, generations
+from l2l.methods import conventional, distill, generations, teaching
 from l2l.methods.teaching import profile
 from l2l.models import cifar_resnet
-from l2l.profiling import flops, latencies, latency
+from l2l.profiling import _graph_autocast, _graph_pass, flops, latencies, latency, latency_mode
 from l2l.pruning import count_parameters
 
 TINY = {"arch": "cifar_resnet", "depth": 8, "width": 4}
@@ -59,6 +60,32 @@ def test_tsd_hand_computed():
     assert tsd(torch.cat([a, b]), 2, "K-1").item() == pytest.approx(((0.5 - 0.2) + (0.6 - 0.3)) / 2)
     with pytest.raises(ValueError, match="norm"):
         tsd(a, 3, "k-1")
+
+
+def test_tsd_primary_class_and_input_readings():
+    """argmax vs label as the primary class differ exactly where the label is not ranked first; the
+    logits reading compares raw scores."""
+    z = logits_of([0.5, 0.2, 0.15, 0.1, 0.05]).float()
+    right, wrong = torch.tensor([0]), torch.tensor([2])
+    assert tsd(z, 3, primary="label", y=right).item() == pytest.approx(tsd(z, 3).item())  # label ranked first
+    assert tsd(z, 3).item() == pytest.approx(0.5 - (0.2 + 0.15) / 2)
+    # the label (class 2) is primary; the secondary classes are the 2 highest others (0.5, 0.2)
+    assert tsd(z, 3, primary="label", y=wrong).item() == pytest.approx(0.15 - (0.5 + 0.2) / 2)
+    raw = torch.tensor([[4.0, 1.0, 3.0, -2.0]])
+    assert tsd(raw, 3, scores="logits").item() == pytest.approx(4.0 - (3.0 + 1.0) / 2)
+    assert tsd(raw, 2, "K", primary="label", y=torch.tensor([1]), scores="logits").item() == pytest.approx(1.0 - 4.0 / 2)
+    with pytest.raises(ValueError, match="labels"):
+        tsd(z, 3, primary="label")
+    with pytest.raises(ValueError, match="primary"):
+        tsd(z, 3, primary="truth")
+    # on a misranked example the readings pull the wrong top class in opposite directions: argmax TSD's
+    # descent lowers it (it is the primary), label TSD's raises it (it is a secondary class)
+    grads = {}
+    for name, kw in (("argmax", {}), ("label", {"primary": "label", "y": wrong})):
+        w = z.clone().requires_grad_(True)
+        tsd(w, 3, **kw).backward()
+        grads[name] = w.grad[0]
+    assert grads["argmax"][0] > 0 > grads["label"][0]
 
 
 def test_minimising_tsd_lowers_the_top_probability():
@@ -271,8 +298,12 @@ def test_generation_teacher_is_the_previous_checkpoint_frozen(tmp_path):
 def test_generation_teacher_loss_is_the_chosen_one():
     o = generations.validate_options({"teacher_loss": "tolerant", "eta": 0.7, "tsd_k": 3}, "x")
     z, y = torch.randn(4, 10, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 3])
+    # the AAAI text's form: eta * CE + (1 - eta) * TSD of the softmax output, top-scored class first
     assert generations.teacher_loss(o)(z, y).item() == pytest.approx(
-        (F.cross_entropy(z, y) + 0.7 * tsd(z, 3)).item())
+        (0.7 * F.cross_entropy(z, y) + 0.3 * tsd(z, 3)).item())
+    o = generations.validate_options({"teacher_loss": "tolerant", "tsd_primary": "label", "tsd_input": "logits"}, "x")
+    assert generations.teacher_loss(o)(z, y).item() == pytest.approx(
+        (0.5 * F.cross_entropy(z, y) + 0.5 * tsd(z, 5, primary="label", y=y, scores="logits")).item())
     o = generations.validate_options({"teacher_loss": "confidence_penalty", "beta": 0.2}, "x")
     assert generations.teacher_loss(o)(z, y).item() == pytest.approx(confidence_penalty_ce(z, y, 0.2).item())
     o = generations.validate_options({"teacher_loss": "label_smoothing", "epsilon": 0.3}, "x")
@@ -416,13 +447,99 @@ def test_planned_epochs_needs_no_teacher_checkpoint(tmp_path):
     assert planned_epochs(spec) == 3
 
 
+def test_graph_pass_rehearsed_with_recording_fakes(monkeypatch):
+    """The CUDA-graph branch of the latency measure on a CPU, torch.cuda's graph API replaced by fakes
+    that record what is called: three warm-up passes on a side stream, one captured pass, then each
+    timed call replays the graph (no Python forward) between two events."""
+    calls = []
+
+    class Counted(nn.Module):
+        def forward(self, x):
+            calls.append("forward")
+            return x * 2
+
+    class Stream:
+        def wait_stream(self, other):
+            calls.append("wait")
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            calls.append("event")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 2.5
+
+    @contextlib.contextmanager
+    def capture(graph):
+        calls.append("capture")
+        yield
+
+    for name, fake in (("Stream", lambda device=None: Stream()), ("current_stream", lambda device=None: Stream()),
+                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", Graph), ("graph", capture),
+                       ("Event", Event)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    timed = _graph_pass(Counted(), torch.ones(2, 3), contextlib.nullcontext)
+    assert calls == ["wait", "forward", "forward", "forward", "wait", "capture", "forward"]
+    assert [timed(), timed()] == [2.5, 2.5] and Graph.replays == 2 and calls.count("forward") == 4
+
+
+def test_distill_on_cuda_times_graph_and_eager_and_names_their_ratios(monkeypatch):
+    """Where the graph mode runs (CUDA, forced here), profile times the eager pass too, and distill names
+    the two ratios apart: latency_ratio_b<N> (graph, what P5-C1 decides on), latency_eager_ratio_b<N>."""
+    modes = []
+
+    def fake_latencies(models, b, shape, warmup, repeats, autocast, memory_format, mode):
+        modes.append(mode)
+        return {n: {"median_ms": (1.0 if n == "teacher" else 0.3) * (5 if mode == "eager" else 1), "iqr_ms": 0.0,
+                    "mode": mode} for n in models}
+
+    monkeypatch.setattr(teaching, "latency_mode", lambda requested, device: requested)
+    monkeypatch.setattr(teaching, "latencies", fake_latencies)
+    spec, ctx = make(distill, {"latency_batches": [1, 4]})
+    out = distill._student_measures(ctx, cifar_resnet(10, depth=8, width=2), cifar_resnet(10, depth=8, width=4))
+    assert modes == ["cuda_graph", "cuda_graph", "eager", "eager"]
+    assert out["latency_ratio_b1"] == pytest.approx(0.3) and out["latency_eager_ratio_b4"] == pytest.approx(0.3)
+    assert out["latency_fp32_b1_ms"] == 0.3 and out["latency_eager_fp32_b1_ms"] == 1.5
+    assert {k for k in out if "ratio_b" in k} == {"latency_ratio_b1", "latency_ratio_b4", "latency_eager_ratio_b1",
+                                                  "latency_eager_ratio_b4"}
+
+
 def test_profile_keys_carry_the_dtype():
     spec, ctx = make(distill, {})
-    p = profile(ctx, {"a": cifar_resnet(10, depth=8, width=2), "b": cifar_resnet(10, depth=8, width=4)},
-                batches=[1, 2], warmup=0, repeats=2)
-    assert p["a"]["flops"] < p["b"]["flops"]
-    assert set(p) == {"a", "b"} and set(p["a"]) == {"params", "flops", "latency_fp32_b1_ms", "latency_fp32_b1_iqr_ms", "latency_fp32_b2_ms",
-                      "latency_fp32_b2_iqr_ms"}
+    for mode in ("eager", "cuda_graph"):  # a CPU has no CUDA graphs: both time the eager pass, once
+        p, used = profile(ctx, {"a": cifar_resnet(10, depth=8, width=2), "b": cifar_resnet(10, depth=8, width=4)},
+                          batches=[1, 2], warmup=0, repeats=2, mode=mode)
+        assert used == "eager"
+        assert p["a"]["flops"] < p["b"]["flops"]
+        assert set(p) == {"a", "b"} and set(p["a"]) == {"params", "flops", "latency_fp32_b1_ms", "latency_fp32_b1_iqr_ms",
+                                                        "latency_fp32_b2_ms", "latency_fp32_b2_iqr_ms"}
+
+
+def test_latency_modes_and_the_graph_capture_precision():
+    assert latency_mode("cuda_graph", torch.device("cpu")) == "eager"
+    assert latency_mode("cuda_graph", torch.device("cuda")) == "cuda_graph"  # the device decides, no CUDA needed
+    assert latency_mode("eager", torch.device("cuda")) == "eager"
+    with pytest.raises(ValueError, match="mode"):
+        latency_mode("compiled", torch.device("cpu"))
+    # the run's bf16 autocast, with its weight-cast cache off for a CUDA graph's capture (torch's CUDA graphs
+    # notes: a cast cached outside the capture would be freed while the graph reads it)
+    ac = _graph_autocast(lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16))()
+    assert isinstance(ac, torch.autocast) and ac.fast_dtype == torch.bfloat16 and not ac._cache_enabled
+    assert _graph_autocast(contextlib.nullcontext)() is not None
+    t = latencies({"m": cifar_resnet(10, depth=8, width=2)}, 1, (3, 8, 8), warmup=0, repeats=2, mode="cuda_graph")
+    assert t["m"]["mode"] == "eager" and t["m"]["median_ms"] > 0
 
 
 @pytest.mark.parametrize("method,options,key", [
@@ -440,6 +557,11 @@ def test_profile_keys_carry_the_dtype():
     (distill, {"teacher": {"experiment": "p5_teacher", "model": 110}}, "teacher"),
     (distill, {"latency_batches": [1, 0]}, "latency_batches"),
     (distill, {"latency_repeats": 0}, "latency_repeats"),
+    (distill, {"latency_mode": "compiled"}, "latency_mode"),
+    (generations, {"tsd_primary": "truth"}, "tsd_primary"),
+    (generations, {"tsd_input": "scores"}, "tsd_input"),
+    (generations, {"eta": 0}, "eta"),
+    (generations, {"eta": 1.5}, "eta"),
 ])
 def test_bad_options_name_the_key(method, options, key):
     with pytest.raises(ConfigError, match=rf"exp\.options\.{key}\b") as e:

@@ -21,13 +21,21 @@ Options (the paper's values are not public; the harness's documented choices):
   conventionally with the profile's training settings).
 - temperature (4.0), kd_weight (0.9): the common CIFAR-100 KD setting (Tian et al. 2020).
 - latency_batches ([1, 256]), latency_warmup (10), latency_repeats (30): the latency
-  measurement (l2l.profiling.latency) at the end of the run, on the run's device and precision.
+  measurement (l2l.profiling.latencies) at the end of the run, on the run's device and precision.
+- latency_mode ("cuda_graph"): how each timed forward runs (l2l.profiling.LATENCY_MODES). cuda_graph:
+  captured once as a CUDA graph and replayed, timed by CUDA events, so the figure is the device's
+  execution of the network (P5's "response time"), not eager PyTorch's per-kernel launch overhead,
+  which at batch 1 makes small CIFAR ResNets launch-bound (their time then follows their operator
+  count: the narrow-deep student has 0.125 of the teacher's FLOPs but half its operators). The eager
+  pass is timed too (latency_eager_*, ratios latency_eager_ratio_b<N>: descriptive). On a CPU, which
+  has no CUDA graphs, both are the eager pass (tag latency_mode says which ran). eager: eager only.
 
 Measures (results/phases.csv, phase "student"): the student's final_{val,test}_acc, params, flops,
 latency_<dtype>_b<N>_ms (+ _iqr_ms); the same for the teacher prefixed teacher_ (its
 final_{val,test}_acc measured here on this run's data, so the report needs no other run); and the
-student / teacher ratios flops_ratio, params_ratio, latency_ratio_b<N>. The run's tags (result.json,
-MLflow) stamp latency_device and latency_dtype.
+student / teacher ratios flops_ratio, params_ratio, latency_ratio_b<N> (and latency_eager_ratio_b<N> where the
+eager pass was timed beside the graph). The run's tags (result.json, MLflow) stamp latency_device,
+latency_dtype and latency_mode.
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ from l2l.methods.options import validate
 from l2l.methods.teaching import (check_kd_options, compiled_teacher, final_accuracies, freeze, kd_step, profile,
                                   train_mode)
 from l2l.models import build_model
+from l2l.profiling import LATENCY_MODES, latency_mode
 from l2l.spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -58,6 +67,7 @@ OPTIONS: dict = {
     "latency_batches": [1, 256],
     "latency_warmup": 10,
     "latency_repeats": 30,
+    "latency_mode": "cuda_graph",
 }
 
 
@@ -81,6 +91,8 @@ def validate_options(options: dict, path: str) -> dict:
         raise config_error(f"{path}.latency_batches", "a non-empty list of positive batch sizes", b)
     if o["latency_warmup"] < 0:
         raise config_error(f"{path}.latency_warmup", "a non-negative integer", o["latency_warmup"])
+    if o["latency_mode"] not in LATENCY_MODES:
+        raise config_error(f"{path}.latency_mode", "one of " + ", ".join(LATENCY_MODES), o["latency_mode"])
     if o["latency_repeats"] < 1:
         raise config_error(f"{path}.latency_repeats", "a positive integer", o["latency_repeats"])
     check_kd_options(o, path)
@@ -100,15 +112,17 @@ def _student_measures(ctx: RunContext, student: nn.Module, teacher: nn.Module) -
     o = ctx.spec.options
     out, _ = final_accuracies(ctx, student)
     t_acc, _ = final_accuracies(ctx, teacher)
-    measure = dict(batches=o["latency_batches"], warmup=o["latency_warmup"], repeats=o["latency_repeats"])
-    costs = profile(ctx, {"student": student, "teacher": teacher}, **measure)
+    measure = dict(batches=o["latency_batches"], warmup=o["latency_warmup"], repeats=o["latency_repeats"],
+                   mode=o["latency_mode"])
+    costs, _ = profile(ctx, {"student": student, "teacher": teacher}, **measure)
     s, t = costs["student"], costs["teacher"]
     out.update(s)
     out.update({f"teacher_{k}": v for k, v in {**t_acc, **t}.items()})
     out["params_ratio"], out["flops_ratio"] = s["params"] / t["params"], s["flops"] / t["flops"]
     for k in s:
         if k.startswith("latency_") and not k.endswith("_iqr_ms"):
-            out["latency_ratio_b" + k.split("_b")[-1].removesuffix("_ms")] = s[k] / t[k]
+            ratio = "latency_eager_ratio_b" if k.startswith("latency_eager_") else "latency_ratio_b"
+            out[ratio + k.split("_b")[-1].removesuffix("_ms")] = s[k] / t[k]
     log.info("student: test acc %.2f (teacher %.2f), %.3g FLOPs (x%.2f of the teacher's), %s", out["final_test_acc"],
              out["teacher_final_test_acc"], s["flops"], out["flops_ratio"],
              ", ".join(f"{k} {v:.3g}" for k, v in out.items() if k.startswith("latency_ratio")))
@@ -145,7 +159,8 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                 train_mode=train_mode(student, [teacher]), on_epoch_start=load_teacher,
                 on_end=lambda: _student_measures(ctx, student, teacher),
                 tags={"latency_device": device_info(ctx.device)["device_name"],
-                      "latency_dtype": "bf16" if ctx.amp else "fp32"})
+                      "latency_dtype": "bf16" if ctx.amp else "fp32",
+                      "latency_mode": latency_mode(o["latency_mode"], ctx.device)})
 
 
 METHOD = Method("distill", OPTIONS, phases, validate=validate_options, supported_tasks=supported_tasks,

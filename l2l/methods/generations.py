@@ -8,23 +8,35 @@ Every earlier generation is a frozen module (no gradients, eval mode) inside eac
 `modules` ("gen0", ..., "gen<m-1>"; the one in training is "model"), so a resumed run reloads
 the exact teacher from the checkpoint, and the ensemble of generations can be measured.
 
-Options (params.yaml experiments.<name>.options; the paper does not publish its values, so all
-of these are the harness's documented choices):
+Options (params.yaml experiments.<name>.options). What the texts fix (read: the abstracts of
+arXiv 1805.05551 v1 and v2, and the AAAI text's equations through a third-party transcription; the
+experiments section with its values could not be read, docs/papers.md) is marked "text" with the AAAI
+text's section; the rest are the harness's documented choices (l2l/fidelity.py lists each with its source):
 - generations (2): the number of generations after the patriarch (2 = gen0, gen1, gen2); params.yaml
-  runs the strict and tolerant lines with 4, enough for the strict line's rise, then plateau or decline.
-- teacher_loss (tolerant): the patriarch's loss. strict: cross-entropy. tolerant: CE + eta * TSD
-  (l2l.losses.tsd). label_smoothing: CE against smoothed labels (epsilon). confidence_penalty:
-  CE - beta * entropy of the output.
-- eta (1.0): weight of TSD. It holds the top-1 probability of a fitted training image near
-  (K-1) / (eta * K) = 0.8 (l2l.losses.tsd), the rest on the K-1 secondary classes: a
-  visibly tolerant teacher that still ranks the label first.
-- tsd_k (5): K, the top classes TSD looks at (the top one and K-1 secondary classes).
-- tsd_norm ("K-1"): the divisor of the secondary classes' sum: "K-1" (their mean) or "K".
+  runs the strict and tolerant lines with 4, enough for the strict line's rise, then plateau or decline
+  (which the text reports of strict generations: accuracy rises over the first few, then saturates and falls).
+- teacher_loss (tolerant): the patriarch's loss. strict: cross-entropy. tolerant: eta * CE + (1 - eta) * TSD
+  (text, section "Towards High-Quality Secondary Information": the teacher loss; l2l.losses.tsd).
+  label_smoothing: CE against smoothed labels (epsilon). confidence_penalty: CE - beta * entropy of the
+  output (the text's two alternatives, LSR and CP).
+- eta (0.5): the text's weight of CE in eta * CE + (1 - eta) * TSD (the form is the text's, its value is
+  not readable). 0.5 weighs both terms alike: it holds the top-1 probability of a fitted training image
+  near (K-1) / K = 0.8 (l2l.losses.tsd), the rest on the K-1 secondary classes: a visibly tolerant
+  teacher that still ranks the label first. 1 is the strict loss.
+- tsd_k (5): K, the classes TSD looks at (the primary one and K-1 secondary classes; text: a fixed K).
+- tsd_norm ("K-1"): the divisor of the secondary classes' sum: "K-1" (their mean: text, 1/(K-1)) or "K".
+- tsd_primary ("argmax"): TSD's primary class: the top-scored class (text: f_{a_1}, the largest score)
+  or "label" (the v2 abstract: "a primary class (the ground-truth)"); experiment p4_tolerant_label
+  runs the other reading (sensitivity claims P4-C1/label, P4-C2a/label).
+- tsd_input ("probabilities"): the scores TSD compares: the softmax output (text: f(x; theta), the
+  distribution whose log the cross-entropy takes) or "logits" (the abstract's "confidence scores" read as
+  the raw scores; experiment p4_tolerant_logits, sensitivity claims P4-C1/logits, P4-C2a/logits).
 - epsilon (0.1): label-smoothing weight (Szegedy et al.'s value).
 - beta (0.1): confidence-penalty weight.
-- temperature (4.0), kd_weight (0.9): student loss (1 - w) * label loss + w * T^2 KL at
-  temperature T; kd_weight is generation 1's w (the common CIFAR-100 KD setting, e.g. Tian et al.
-  2020's benchmark).
+- temperature (1.0), kd_weight (0.9): student loss (1 - w) * label loss + w * T^2 KL at temperature T.
+  Text (section "Teacher-Student Optimization"): lambda * CE + (1 - lambda) * KL[f_teacher || f_student] of
+  the two networks' outputs, with no temperature: T = 1 (w = 1 - lambda). kd_weight is generation 1's w
+  (the value is not readable; 0.9, the common CIFAR-100 KD weight, e.g. Tian et al. 2020's benchmark).
 - kd_schedule ("linear"), kd_weight_step (0.1), kd_weights ([]): w of generation m = 1..G.
   linear: kd_weight - (m - 1) * kd_weight_step (0.9, 0.8, 0.7, ...: each generation fits the labels
   a little more, as the abstract of arXiv 1805.05551v2 says the students are "gradually fine-tuned to
@@ -32,9 +44,9 @@ of these are the harness's documented choices):
   constant: kd_weight in every generation (the harness's schedule before, Tian et al.'s constant
   weight). explicit: kd_weights, one weight per generation (exactly `generations` of them).
 - tolerant_in_students (false): whether generations >= 1 keep the patriarch's extra term
-  (their label loss becomes the teacher loss instead of plain CE). Default false: the
-  abstract of arXiv 1805.05551v2 says the students are "gradually fine-tuned to fit one-hot
-  distributions".
+  (their label loss becomes the teacher loss instead of plain CE). Default false: the text adds the
+  term to the patriarch ("adding an extra loss term to a patriarch network", v2 abstract) and the
+  students are "gradually fine-tuned to fit one-hot distributions".
 - teacher_on_the_fly (true): the teacher's logits are computed on the student's augmented batch
   at every step. false: computed once per generation on the un-augmented training images and
   looked up per image (cheaper; the teacher then never sees the student's crops and flips).
@@ -55,7 +67,7 @@ import torch.nn as nn
 
 from l2l.checks import config_error
 from l2l.engine import Phase, RunContext
-from l2l.losses import TSD_NORMS, confidence_penalty_ce, label_smoothing_ce, tsd
+from l2l.losses import TSD_INPUTS, TSD_NORMS, TSD_PRIMARIES, confidence_penalty_ce, label_smoothing_ce, tsd
 from l2l.methods.base import Method, model_predictor
 from l2l.methods.options import validate
 from l2l.methods.teaching import (LabelLoss, check_kd_options, check_number, compiled_teacher, final_accuracies,
@@ -75,12 +87,14 @@ KD_SCHEDULES = ("linear", "constant", "explicit")
 OPTIONS: dict = {
     "generations": 2,
     "teacher_loss": "tolerant",
-    "eta": 1.0,
+    "eta": 0.5,
     "tsd_k": 5,
     "tsd_norm": "K-1",
+    "tsd_primary": "argmax",
+    "tsd_input": "probabilities",
     "epsilon": 0.1,
     "beta": 0.1,
-    "temperature": 4.0,
+    "temperature": 1.0,
     "kd_weight": 0.9,
     "kd_schedule": "linear",
     "kd_weight_step": 0.1,
@@ -100,7 +114,10 @@ def validate_options(options: dict, path: str) -> dict:
         raise config_error(f"{path}.tsd_k", "an integer >= 2 (the top class and at least one more)", o["tsd_k"])
     if o["tsd_norm"] not in TSD_NORMS:
         raise config_error(f"{path}.tsd_norm", "one of " + ", ".join(TSD_NORMS), o["tsd_norm"])
-    check_number(o, "eta", path, 0.0)
+    for key, choices in (("tsd_primary", TSD_PRIMARIES), ("tsd_input", TSD_INPUTS)):
+        if o[key] not in choices:
+            raise config_error(f"{path}.{key}", "one of " + ", ".join(choices), o[key])
+    check_number(o, "eta", path, 0.0, 1.0, low_open=True)
     check_number(o, "epsilon", path, 0.0, 1.0, high_open=True)
     check_number(o, "beta", path, 0.0)
     check_kd_options(o, path)
@@ -135,7 +152,9 @@ def teacher_loss(o: dict) -> LabelLoss:
     """The patriarch's label loss for options `o`."""
     name = o["teacher_loss"]
     if name == "tolerant":
-        return lambda logits, y: cross_entropy(logits, y) + o["eta"] * tsd(logits, o["tsd_k"], o["tsd_norm"])
+        eta = o["eta"]
+        return lambda logits, y: eta * cross_entropy(logits, y) + (1 - eta) * tsd(
+            logits, o["tsd_k"], o["tsd_norm"], o["tsd_primary"], y, o["tsd_input"])
     if name == "label_smoothing":
         return lambda logits, y: label_smoothing_ce(logits, y, o["epsilon"])
     if name == "confidence_penalty":

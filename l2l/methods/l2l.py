@@ -8,7 +8,7 @@ readings are offered (option ``reading``), each making two optimizer updates per
 
 - ``alternating``: update the student with the teacher frozen, then the teacher with the
   (updated) student frozen, both on the full network's cross-entropy;
-- ``mutual``: the student gets a head (global average pooling + linear); the student (with
+- ``mutual``: the student gets a head (``student_head``); the student (with
   its head) learns the labels plus the teacher's, i.e. the full network's, softened output,
   then the teacher learns the labels plus the student head's softened output
   (deep-mutual-learning style); the prediction is the full network;
@@ -26,6 +26,10 @@ its optimizer state during the other part's update. Options (defaults in ``OPTIO
   ``batch_stats`` (default: with the batch's statistics, as the full network does in training, so
   the student's gradient is exactly that of the full network's training loss; running statistics
   are not updated) or ``eval`` (eval mode: with its running statistics).
+- ``student_head`` (mutual): the student's own classifier, which P1 does not describe: ``gap_linear``
+  (default: global average pooling + linear, deep mutual learning's minimal head) or ``pool2x2_linear``
+  (2x2 average pooling + linear: P3's k=1 auxiliary head, more spatial information; sensitivity
+  claim P1-C2/cifar10/mutual/equal-epochs/pool2x2-head).
 - ``temperature`` (4.0, Hinton et al.'s common CIFAR choice), ``student_kd_weight`` and
   ``teacher_kd_weight`` (0.5 each, DML's equal weighting): the mutual loss of a side is
   (1 - w) * CE(labels) + w * T^2 * KL(other side's softened output || own softened output).
@@ -69,12 +73,14 @@ READINGS = ("alternating", "mutual", "incremental")
 STEPS = ("alternating", "mutual")
 FROZEN_BN = ("batch_stats", "eval")
 OPTIMIZER_STATES = ("keep", "reset")
+STUDENT_HEADS = ("gap_linear", "pool2x2_linear")
 MIDDLE = "middle"
 
 OPTIONS: dict = {
     "reading": "alternating",
     "split": MIDDLE,
     "frozen_bn": "batch_stats",
+    "student_head": "gap_linear",
     "temperature": 4.0,
     "student_kd_weight": 0.5,
     "teacher_kd_weight": 0.5,
@@ -104,7 +110,7 @@ def validate_options(options: dict, path: str) -> dict:
     o = validate({k: v for k, v in options.items() if k != "split"}, OPTIONS, path)
     o["split"] = _split_option(options.get("split", MIDDLE), f"{path}.split")
     for key, choices in (("reading", READINGS), ("incremental_step", STEPS), ("frozen_bn", FROZEN_BN),
-                         ("optimizer_state", OPTIMIZER_STATES)):
+                         ("optimizer_state", OPTIMIZER_STATES), ("student_head", STUDENT_HEADS)):
         _choice(o, key, choices, path)
     if o["temperature"] <= 0:
         raise config_error(f"{path}.temperature", "a positive number", o["temperature"])
@@ -160,15 +166,18 @@ def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _student_head(student: nn.Sequential, num_classes: int, image_size: int) -> nn.Sequential:
-    """Global average pooling + linear on the student's output channels (found by a forward in
-    eval mode, which changes no state and draws no random numbers)."""
+def _student_head(student: nn.Sequential, num_classes: int, image_size: int, form: str = "gap_linear"
+                  ) -> nn.Sequential:
+    """The student's head on its output channels (found by a forward in eval mode, which changes no
+    state and draws no random numbers): global average pooling + linear (``gap_linear``), or 2x2
+    average pooling + linear (``pool2x2_linear``; a map already smaller than 2x2 is pooled to its size)."""
     was_training = student.training
     student.eval()
     with torch.no_grad():
-        channels = student(torch.zeros(1, 3, image_size, image_size)).shape[1]
+        shape = student(torch.zeros(1, 3, image_size, image_size)).shape
     student.train(was_training)
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+    side = 1 if form == "gap_linear" else min(2, shape[-1])
+    return nn.Sequential(nn.AdaptiveAvgPool2d(side), nn.Flatten(), nn.Linear(shape[1] * side * side, num_classes))
 
 
 class LayerToLayer:
@@ -291,7 +300,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
     schedule = split_schedule(o, names, epochs, f"experiments.{spec.experiment}.options")
     step = o["incremental_step"] if o["reading"] == "incremental" else o["reading"]
     image_size = ctx.data.x["train"].shape[-1]
-    heads = nn.ModuleDict({str(k): _student_head(model[:k], ctx.num_classes, image_size)
+    heads = nn.ModuleDict({str(k): _student_head(model[:k], ctx.num_classes, image_size, o["student_head"])
                            for k in sorted(set(schedule))} if step == "mutual" else {})
     model, heads = ctx.prepare(model), ctx.prepare(heads)
     opt = ctx.optimizer([*model.parameters(), *heads.parameters()])

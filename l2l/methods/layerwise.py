@@ -31,9 +31,13 @@ get) read every unit of the frozen layerwise-trained network; metrics ``<unit><s
 last phase.
 
 Compression (P3-C5, ``prune_to`` > 0, layerwise_cnn only): after stage s is trained, its block
-is pruned to ``prune_to`` filters by Molchanov's first-order Taylor criterion (one shot, over
-the un-augmented training split, block and head in eval mode), then its head is fine-tuned
-for ``prune_finetune_epochs`` with the block frozen: an extra phase ``stage{s}_pruned``.
+is pruned to ``prune_to`` filters by Molchanov's first-order Taylor criterion (over the
+un-augmented training split, block and head in eval mode), and its head is fine-tuned for
+``prune_finetune_epochs`` with the block frozen: an extra phase ``stage{s}_pruned``. P3's text names
+the criterion, not the schedule (``prune_schedule``): ``one_shot`` (default) removes every filter at
+the phase's start; ``iterative`` (Molchanov et al.'s own procedure: prune, fine-tune, re-score)
+removes them in ``prune_steps`` equal steps at evenly spaced epochs of the fine-tuning
+(:func:`prune_plan`), each re-scored on the network as it is then (sensitivity claim P3-C5-iterative).
 """
 from __future__ import annotations
 
@@ -74,10 +78,15 @@ OPTIONS: dict = {
     # of head fine-tuning that follow each pruning.
     "prune_to": 0,
     "prune_finetune_epochs": 20,
+    # how the filters go (P3's text: Molchanov's criterion, not the schedule): "one_shot" at the start of
+    # the fine-tuning, or "iterative" in prune_steps equal steps during it (prune_plan)
+    "prune_schedule": "one_shot",
+    "prune_steps": 4,
     # P2-C2's probes of this network (l2l.probe; 0 = none), at the budget of the end-to-end twin's.
     **PROBE_OPTIONS,
 }
 PREDICTS = ("last", "ensemble")
+PRUNE_SCHEDULES = ("one_shot", "iterative")
 
 
 def validate_options(options: dict, path: str) -> dict:
@@ -93,7 +102,22 @@ def validate_options(options: dict, path: str) -> dict:
     if out["prune_to"] and out["prune_finetune_epochs"] < 1:
         raise config_error(f"{path}.prune_finetune_epochs", "a positive integer with prune_to",
                            out["prune_finetune_epochs"])
+    if out["prune_schedule"] not in PRUNE_SCHEDULES:
+        raise config_error(f"{path}.prune_schedule", "one of " + ", ".join(PRUNE_SCHEDULES), out["prune_schedule"])
+    if out["prune_steps"] < 1 or (out["prune_to"] and out["prune_schedule"] == "iterative"
+                                  and out["prune_steps"] > out["prune_finetune_epochs"]):
+        raise config_error(f"{path}.prune_steps", "a positive integer, at most prune_finetune_epochs "
+                           "(one step per fine-tuning epoch at most)", out["prune_steps"])
     return out
+
+
+def prune_plan(width: int, keep: int, epochs: int, schedule: str, steps: int) -> dict[int, int]:
+    """{fine-tuning epoch: filters kept from then on} of one block of ``width`` filters pruned to
+    ``keep``: one_shot {0: keep}; iterative ``steps`` equal steps at epochs floor(i * epochs / steps)
+    (the last one exactly ``keep``)."""
+    if schedule == "one_shot":
+        return {0: keep}
+    return {i * epochs // steps: width - round((width - keep) * (i + 1) / steps) for i in range(steps)}
 
 
 def ensemble_weights(n: int) -> list[float]:
@@ -187,16 +211,20 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                            on_end=lambda on_end=on_end, last=last: on_end(probes=last and not o["prune_to"]))
         if o["prune_to"]:
             block, head = model[start:end], all_heads[s]
+            width = next(m for m in block.modules() if isinstance(m, ChannelMask)).mask.numel()
+            plan = prune_plan(width, o["prune_to"], o["prune_finetune_epochs"], o["prune_schedule"], o["prune_steps"])
+            at_epoch = {e: (lambda block=block, end=end, head=head, keep=keep: _prune(ctx, model[:end], block, head,
+                                                                                        keep))
+                        for e, keep in plan.items()}
             yield _train_phase(f"{o['unit']}{s + 1}_pruned", spec, ctx, modules, frozen=model[:end], trained=head,
-                               predictor=stage_pred, epochs=o["prune_finetune_epochs"],
-                               before=lambda block=block, end=end, head=head: _prune(ctx, model[:end], block, head,
-                                                                                       o["prune_to"]),
+                               predictor=stage_pred, epochs=o["prune_finetune_epochs"], at_epoch=at_epoch,
                                on_end=lambda on_end=on_end, last=last: on_end(probes=last))
 
 
 def _train_phase(name: str, spec: RunSpec, ctx: RunContext, modules: dict, frozen: nn.Module, trained: nn.Module,
-                 predictor: nn.Module, epochs: int, on_end, before=None) -> Phase:
-    """Train ``trained`` (a stage and its head, or a head alone) on the frozen ``frozen``'s output."""
+                 predictor: nn.Module, epochs: int, on_end, at_epoch: dict | None = None) -> Phase:
+    """Train ``trained`` (a stage and its head, or a head alone) on the frozen ``frozen``'s output;
+    ``at_epoch``: {epoch: a function run at that epoch's start} (the pruning steps)."""
     opt = ctx.optimizer(trained.parameters())
     restarts = _decay_epochs(spec.train, epochs) if spec.options["restart_optimizer_at_decay"] else set()
     frozen_forward = ctx.compiled(frozen) if len(frozen) else frozen  # stage 1: no prefix, nothing to compile
@@ -217,8 +245,8 @@ def _train_phase(name: str, spec: RunSpec, ctx: RunContext, modules: dict, froze
         trained.train()
 
     def on_epoch_start(epoch: int):
-        if epoch == 0 and before is not None:
-            before()  # runs once: a resumed phase restarts after epoch 0 with the state it left
+        if at_epoch and epoch in at_epoch:
+            at_epoch[epoch]()  # once per run: a resumed phase restarts after its epoch with the state it left
         if epoch in restarts:
             opt.state.clear()  # a new optimizer at the new learning rate, as the official code does
 

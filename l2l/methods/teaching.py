@@ -11,7 +11,7 @@ import torch.nn as nn
 from l2l.checks import number
 from l2l.engine import RunContext, StepFn
 from l2l.losses import entropy, kd_objective
-from l2l.profiling import flops, latencies
+from l2l.profiling import flops, latencies, latency_mode
 from l2l.pruning import count_parameters
 
 LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -93,18 +93,25 @@ def final_accuracies(ctx: RunContext, model: nn.Module) -> tuple[dict[str, float
     return {f"final_{s}_acc": ctx.task.score(v, ctx.data.y[s]) for s, v in logits.items()}, logits
 
 
-def profile(ctx: RunContext, models: dict[str, nn.Module], batches: list[int], warmup: int, repeats: int
-            ) -> dict[str, dict[str, float]]:
+def profile(ctx: RunContext, models: dict[str, nn.Module], batches: list[int], warmup: int, repeats: int,
+            mode: str = "eager") -> tuple[dict[str, dict[str, float]], str]:
     """Per model: params, FLOPs per image, and latency per batch size on the run's device in its
-    precision (models timed in turn, l2l.profiling.latencies). The latency keys carry the dtype
-    (latency_fp32_b1_ms, latency_bf16_b256_ms, ...); the device is the run's (results/runs.csv:
-    device, device_name)."""
+    precision (models timed in turn, l2l.profiling.latencies, in `mode`). The latency keys carry the
+    dtype (latency_fp32_b1_ms, latency_bf16_b256_ms, ...); the device is the run's (results/runs.csv:
+    device, device_name). Where the mode used is cuda_graph, the eager pass is timed too, as
+    latency_eager_<dtype>_b<N>_ms: how much of the eager time is launch overhead. -> (per model, the mode
+    used: cuda_graph, or eager where the device has no CUDA graphs)."""
     shape = tuple(ctx.data.x["train"].shape[1:])
     dtype = "bf16" if ctx.amp else "fp32"
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
     out = {name: {"params": float(count_parameters(m)), "flops": float(flops(m, shape))} for name, m in models.items()}
-    for b in batches:
-        for name, t in latencies(models, b, shape, warmup, repeats, autocast=ctx.autocast, memory_format=fmt).items():
-            out[name][f"latency_{dtype}_b{b}_ms"] = t["median_ms"]
-            out[name][f"latency_{dtype}_b{b}_iqr_ms"] = t["iqr_ms"]
-    return out
+    used = latency_mode(mode, ctx.device)
+    for prefix, m in (("latency", used), ("latency_eager", "eager")):
+        if prefix == "latency_eager" and used == "eager":
+            continue
+        for b in batches:
+            for name, t in latencies(models, b, shape, warmup, repeats, autocast=ctx.autocast, memory_format=fmt,
+                                     mode=m).items():
+                out[name][f"{prefix}_{dtype}_b{b}_ms"] = t["median_ms"]
+                out[name][f"{prefix}_{dtype}_b{b}_iqr_ms"] = t["iqr_ms"]
+    return out, used
