@@ -51,6 +51,10 @@ EXECUTOR: dict[str, Key] = {
                        "torch threads of a run on a CPU; null = torch's default where the stage starts"),
     "checkpoint_every": Key(pos_int, 1, "epochs between resume states (always at phase ends); no effect on "
                                         "results, so not part of a run's identity"),
+    "stack_seeds": Key(lambda v, p: _stack_seeds(v, p), "auto",
+                       "runs differing only by seed trained as one stacked computation (l2l/stacking.py): auto = "
+                       "per model the fastest mode measured on this device (benchmarks/throughput.json, l2l/modes.py), "
+                       "separate where none is; off; or K: stacks of up to K runs; not part of a run's identity"),
     "ray": Key({
         "address": Key(optional_str, None, "null: a local Ray instance; 'auto' or ray://host:port: a cluster"),
         "cpus_per_run": Key(pos_float, 1),
@@ -68,6 +72,14 @@ EXECUTOR: dict[str, Key] = {
         "folder": Key(path_str, "slurm"),
     }),
 }
+
+
+def _stack_seeds(v: Any, path: str) -> str | int:
+    if v in ("auto", "off"):
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise config_error(path, "auto, off or a number of runs per stack (an integer >= 1)", v)
+    return v
 
 
 def _per_claim(v: Any, path: str) -> dict:

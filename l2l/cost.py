@@ -39,11 +39,11 @@ from l2l.engine import RunContext, device_info, pick_device
 from l2l.io import read_json
 from l2l.methods import METHODS
 from l2l.models import build_model, with_defaults
+from l2l.modes import THROUGHPUT_FILE
 from l2l.profiling import flop_counter
 from l2l.spec import RunSpec
 from l2l.timing import TIMING_FILE, Timing, load_timing
 
-THROUGHPUT_FILE = Path("benchmarks/throughput.json")
 # A forward pass is about a third of a training step's FLOPs (the backward pass costs about twice
 # the forward): evaluation images go about 3x as fast as training images.
 EVAL_SPEEDUP = 3.0

@@ -42,7 +42,10 @@ class Method:
       seed) it reads, e.g. distill's teacher; the plan puts each one's identity into the options as
       ``<name>_run`` = {hash, model_cfg}, and the train stage trains them first;
     - check(spec, num_classes, path): plan-time checks that need the run (its model, its dataset's
-      classes), so an option error surfaces before any training, naming ``path`` (the options' key).
+      classes), so an option error surfaces before any training, naming ``path`` (the options' key);
+    - stackable(options) -> None where runs that differ only by seed may train as one stack
+      (l2l/stacking.py: each step makes ONE update of one optimizer, as its last effect, reading only
+      the phase's modules and its own batch), else why not in a few words (default: not declared).
     """
 
     name: str
@@ -53,6 +56,7 @@ class Method:
     supported_tasks: Callable[[dict], tuple[str, ...]] = lambda options: (SINGLE_LABEL,)
     requires: Callable[[dict], dict[str, dict]] = lambda options: {}
     check: Callable[[RunSpec, int, str], None] = lambda spec, num_classes, path: None
+    stackable: Callable[[dict], str | None] = lambda options: "its step is not declared stackable"
 
     def validate_options(self, options: dict, path: str) -> dict:
         return self.validate(options, path) if self.validate else validate(options, self.OPTIONS, path)

@@ -230,4 +230,10 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                     on_end=lambda g=g: _measures(ctx, models, g, probs, weights))
 
 
-METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check)  # single-label only
+def stackable(o: dict) -> str | None:
+    # the cached teacher's outputs are served in the member's own data order, inside its step
+    return None if o["teacher_on_the_fly"] else "teacher_on_the_fly false (its step reads its own data order)"
+
+
+METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check,  # single-label only
+                stackable=stackable)
