@@ -260,13 +260,114 @@ def _stacked_like(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(ts)
 
 
+class Recorder:
+    """Where the update of a member's step goes while the stacked step runs (MemberContext.update)."""
+
+    def __init__(self, specs: list[RunSpec]):
+        self.specs, self.size, self.seeds = specs, len(specs), [s.seed for s in specs]
+        self.recording, self.updates = False, []
+        self.task = None
+
+
+class StackedPhase:
+    """The members' current phase as one stacked computation: every tensor of the phase's modules and
+    every optimizer's state stacked along a leading member dimension (:meth:`step` trains them all
+    with one vmapped call of the first member's step), and :meth:`scatter` writes them back into each
+    member's own modules and optimizers. The members' phases must come from MemberContexts bound to
+    `recorder` (their step's update is recorded, then made once for all)."""
+
+    def __init__(self, phases: list[Phase], recorder: Recorder):
+        self.phases, self.recorder = phases, recorder
+        lead = phases[0]
+        self.container = _StepModule(lead.modules, lead.step)
+        theirs = [dict(_StepModule(p.modules).tensors()) for p in phases]
+        stacked_of: dict[int, torch.Tensor] = {}  # the lead's tensor -> its stacked tensor
+        self.state, self.pairs = {}, []
+        with torch.no_grad():
+            for name, t in self.container.tensors():
+                if id(t) not in stacked_of:
+                    members = [m[name] for m in theirs]
+                    stacked_of[id(t)] = _stacked_like(members).requires_grad_(t.requires_grad)
+                    self.pairs.append((stacked_of[id(t)], members))
+                self.state[name] = stacked_of[id(t)]
+        self.optimizers, self.member_optimizers = {}, {}
+        for name, o0 in lead.optimizers.items():
+            opts = [p.optimizers[name] for p in phases]
+            groups = []
+            for gi, g in enumerate(o0.param_groups):
+                hyper = {k: v for k, v in g.items() if k != "params"}
+                if any({k: v for k, v in o.param_groups[gi].items() if k != "params"} != hyper for o in opts):
+                    raise RuntimeError(f"the stacked runs' optimizer {name} settings differ (learning rates?)")
+                if any(id(p) not in stacked_of for p in g["params"]):
+                    raise RuntimeError(f"optimizer {name} updates a tensor outside its phase's modules: not stackable")
+                groups.append({**hyper, "params": [stacked_of[id(p)] for p in g["params"]]})
+            stacked = type(o0)(groups, **o0.defaults)
+            with torch.no_grad():
+                for gi, g in enumerate(o0.param_groups):
+                    for pos, p in enumerate(g["params"]):
+                        states = [o.state.get(o.param_groups[gi]["params"][pos]) or {} for o in opts]
+                        if states[0]:
+                            stacked.state[stacked_of[id(p)]] = {
+                                key: _stacked_like([s[key] for s in states]) if isinstance(v, torch.Tensor) else v
+                                for key, v in states[0].items()}
+            self.optimizers[name], self.member_optimizers[name] = stacked, opts
+
+    def _member_step(self, state: dict, x: torch.Tensor, y: torch.Tensor):
+        return torch.func.functional_call(self.container, state, (x, y))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of every member on its own batch (x: (K, B, ...), y: (K, B, ...)): each
+        member's step as the method wrote it, its update made once for all. Returns the members'
+        (losses (K,), logits (K, B, ...)), detached."""
+        rec = self.recorder
+        rec.updates = []
+        rec.recording = True
+        try:
+            with StackedOps():
+                losses, logits = torch.vmap(self._member_step, randomness="error")(self.state, x, y)
+        finally:
+            rec.recording = False
+        if len(rec.updates) != 1:
+            raise RuntimeError(f"a stacked step must update one optimizer once, this one updated {len(rec.updates)} "
+                               "times: its method is not stackable")
+        name = next(n for n, o in self.phases[0].optimizers.items() if o is rec.updates[0])
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # each member's loss has gradient 1: member k's parameters see its own loss only
+        opt.step()
+        return losses.detach(), logits.detach()
+
+    def scatter(self, keep: list[bool]) -> None:
+        """The stacked state back into the members' own modules and optimizers (those `keep` marks)."""
+        with torch.no_grad():
+            for stacked, members in self.pairs:
+                for j, t in enumerate(members):
+                    if keep[j]:
+                        t.copy_(stacked[j])
+            for name, stacked in self.optimizers.items():
+                for gi, g in enumerate(stacked.param_groups):
+                    for pos, P in enumerate(g["params"]):
+                        if not stacked.state.get(P):
+                            continue
+                        for j, o in enumerate(self.member_optimizers[name]):
+                            if keep[j]:
+                                p = o.param_groups[gi]["params"][pos]
+                                o.state[p] = {key: (torch.empty_like(p) if v.shape[1:] == p.shape else
+                                                    torch.empty_like(v[j])).copy_(v[j])
+                                              if isinstance(v, torch.Tensor) else v
+                                              for key, v in stacked.state[P].items()}
+        for opts in self.member_optimizers.values():
+            for o in opts:
+                o._opt_called = True  # stepped, as far as its scheduler can tell (torch warns otherwise)
+
+
 class _Aborted(KeyboardInterrupt):
     """A member stopped because its stack was (SIGTERM, Ctrl-C): its run is marked KILLED, as an interrupted run."""
 
 
 # --- the lockstep ----------------------------------------------------------------------------------
 
-class Lockstep:
+class Lockstep(Recorder):
     """K member threads, one running at a time, meeting at every training step.
 
     ``run(train)`` starts a thread per member running ``train(k)`` (the executor's train_one with a
@@ -279,22 +380,21 @@ class Lockstep:
     def __init__(self, specs: list[RunSpec]):
         if len({seed_group(s) for s in specs}) != 1:
             raise ValueError("a stack's runs must differ by seed only")
-        self.specs, self.size, self.seeds = specs, len(specs), [s.seed for s in specs]
+        super().__init__(specs)
         self.live: list[int] = list(range(self.size))
         self.go = [threading.Semaphore(0) for _ in specs]
         self.lock, self.unwind = threading.Lock(), threading.Lock()
         self.rng: dict[int, torch.Tensor] = {}
         self.aborted: BaseException | None = None
+        self._unwinding: int | None = None
         self.phases: dict[int, Phase] = {}
         self.arrived: dict[int, tuple] = {}  # member -> (phase, epoch, batch) of the step it waits at
         self.results: dict[int, Any] = {}
         self.position: dict[int, list] = {}  # member -> [phase, epoch, next batch, batches, batch size]
         self.plans: dict[int, tuple] = {}  # member -> its epoch (order, crops, flips, labels), by position
-        self.recording, self.updates = False, []
         self.rows: list[int] = []  # the members of the stacked state, in order
         self.diverged: set[int] = set()
         self.data: DeviceData | None = None
-        self.task = None
 
     # -- threads and turns --
     def method(self, method: PhaseSource, k: int) -> PhaseSource:
@@ -365,7 +465,7 @@ class Lockstep:
                     if everyone:
                         self._meet()
                     to = self.live[0] if everyone else self._next(k)
-        if getattr(self, "_unwinding", None) == k:
+        if self._unwinding == k:
             self._unwinding = None
             self.unwind.release()
         if to is not None:
@@ -376,13 +476,9 @@ class Lockstep:
                     ) -> torch.Tensor:
         """Member k starts an epoch: its plan, its seed's alone; returns its labels in batch order."""
         self.data = data
-        order, crops, flips = data.epoch_plan(seed, phase, epoch)
-        if not data.flip:
-            flips = torch.zeros_like(flips)
-        labels = data.y["train"][order]
-        self.plans[k] = (order, crops[order], flips[order], labels)
-        self.position[k] = [phase, epoch, 0, math.ceil(len(order) / batch_size), batch_size]
-        return labels
+        self.plans[k] = data.epoch_by_position(seed, phase, epoch)
+        self.position[k] = [phase, epoch, 0, math.ceil(len(self.plans[k][0]) / batch_size), batch_size]
+        return self.plans[k][3]
 
     def step(self, k: int, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         pos = self.position[k]
@@ -431,120 +527,34 @@ class Lockstep:
 
     def _stacked_step(self, members: list[int], key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         i = key[2]
-        if i == 0:
-            self._gather(members)
+        if i == 0:  # an epoch starts: the members' state (their own modules now) stacked, their plans side by side
+            self.rows = list(members)
+            self.stacked = StackedPhase([self.phases[k] for k in members], self)
+            self.epoch = tuple(torch.stack(t) for t in zip(*(self.plans[k] for k in members)))
+            device = self.epoch[3].device
+            self._top1 = torch.zeros(len(members), dtype=torch.long, device=device)
+            self._finite = torch.ones(len(members), dtype=torch.bool, device=device)
+            self._seen = 0
+            self._scores = None if self.epoch[3].dim() == 2 else [self.task.meter(device) for _ in members]
         elif not set(members) <= set(self.rows):
             raise RuntimeError(f"members {sorted(set(members) - set(self.rows))} joined the stack mid-epoch")
-        x, y = self._batch(i)
-        self.updates = []
-        self.recording = True
-        try:
-            with StackedOps():
-                losses, logits = torch.vmap(self._member_step, randomness="error")(self.state, x, y)
-        finally:
-            self.recording = False
-        if len(self.updates) != 1:
-            raise RuntimeError(f"a stacked step must update one optimizer once, this one updated {len(self.updates)} "
-                               "times: its method is not stackable")
-        name = next(n for n, o in self.phases[self.rows[0]].optimizers.items() if o is self.updates[0])
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()  # each member's loss has gradient 1: member k's parameters see its own loss only
-        opt.step()
-        losses, logits = losses.detach(), logits.detach()
-        self._meter(logits, y)
-        self._finite &= torch.isfinite(losses)
-        if i == self.position[self.rows[0]][3] - 1:  # the epoch's last step: each member's own modules take over
-            self._scatter()
-        return losses, logits
-
-    def _member_step(self, state: dict, x: torch.Tensor, y: torch.Tensor):
-        return torch.func.functional_call(self.container, state, (x, y))
-
-    def _gather(self, rows: list[int]) -> None:
-        """The members' phase state (every module's tensors, every optimizer's state) stacked, and their
-        epoch plans side by side."""
-        self.rows = list(rows)
-        phases = [self.phases[k] for k in rows]
-        lead = phases[0]
-        self.container = _StepModule(lead.modules, lead.step)
-        theirs = [dict(_StepModule(p.modules).tensors()) for p in phases]
-        stacked_of: dict[int, torch.Tensor] = {}  # the lead's tensor -> its stacked tensor
-        self.state, self.pairs = {}, []
-        with torch.no_grad():
-            for name, t in self.container.tensors():
-                if id(t) not in stacked_of:
-                    members = [m[name] for m in theirs]
-                    stacked_of[id(t)] = _stacked_like(members).requires_grad_(t.requires_grad)
-                    self.pairs.append((stacked_of[id(t)], members))
-                self.state[name] = stacked_of[id(t)]
-        self.optimizers, self.member_optimizers = {}, {}
-        for name, o0 in lead.optimizers.items():
-            opts = [p.optimizers[name] for p in phases]
-            groups = []
-            for gi, g in enumerate(o0.param_groups):
-                hyper = {k: v for k, v in g.items() if k != "params"}
-                if any({k: v for k, v in o.param_groups[gi].items() if k != "params"} != hyper for o in opts):
-                    raise RuntimeError(f"the stacked runs' optimizer {name} settings differ (learning rates?)")
-                if any(id(p) not in stacked_of for p in g["params"]):
-                    raise RuntimeError(f"optimizer {name} updates a tensor outside its phase's modules: not stackable")
-                groups.append({**hyper, "params": [stacked_of[id(p)] for p in g["params"]]})
-            stacked = type(o0)(groups, **o0.defaults)
-            with torch.no_grad():
-                for gi, g in enumerate(o0.param_groups):
-                    for pos, p in enumerate(g["params"]):
-                        states = [o.state.get(o.param_groups[gi]["params"][pos]) or {} for o in opts]
-                        if states[0]:
-                            stacked.state[stacked_of[id(p)]] = {
-                                key: _stacked_like([s[key] for s in states]) if isinstance(v, torch.Tensor) else v
-                                for key, v in states[0].items()}
-            self.optimizers[name], self.member_optimizers[name] = stacked, opts
-        self.epoch = [torch.stack([self.plans[k][i] for k in rows]) for i in range(4)]
-        device = self.epoch[3].device
-        self._top1 = torch.zeros(len(rows), dtype=torch.long, device=device)
-        self._finite = torch.ones(len(rows), dtype=torch.bool, device=device)
-        self._seen = 0
-        self._scores = None if self.epoch[3].dim() == 2 else [self.task.meter(device) for _ in rows]
-
-    def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.position[self.rows[0]][4]
-        order, crops, flips, labels = (t[:, i * bs:(i + 1) * bs] for t in self.epoch)
-        x = self.data.augment(order.reshape(-1), crops.reshape(-1, 2), flips.reshape(-1))
-        return x.view(*order.shape, *x.shape[1:]), labels
-
-    def _meter(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = self.data.stacked_batch(self.epoch, i * bs, (i + 1) * bs)
+        losses, logits = self.stacked.step(x, y)
         if self._scores is None:  # single-label: correct top-1 per member, on the device
             self._top1 += (logits.argmax(-1) == y).sum(-1)
             self._seen += y.shape[1]
         else:  # multi-label (mAP of the epoch): the task's own meter per member
             for j, m in enumerate(self._scores):
                 m.add(logits[j], y[j])
+        self._finite &= torch.isfinite(losses)
+        if i == self.position[self.rows[0]][3] - 1:  # the epoch's last step: each member's own modules take over
+            self.stacked.scatter([k in self.live for k in self.rows])
+            self._note_divergence()
+        return losses, logits
 
-    def _scatter(self) -> None:
-        """The stacked state back into the live members' own modules and optimizers (one host sync:
-        which members diverged)."""
-        with torch.no_grad():
-            for stacked, members in self.pairs:
-                for j, k in enumerate(self.rows):
-                    if k in self.live:
-                        members[j].copy_(stacked[j])
-            for name, stacked in self.optimizers.items():
-                for gi, g in enumerate(stacked.param_groups):
-                    for pos, P in enumerate(g["params"]):
-                        if not stacked.state.get(P):
-                            continue
-                        for j, k in enumerate(self.rows):
-                            if k in self.live:
-                                o = self.member_optimizers[name][j]
-                                p = o.param_groups[gi]["params"][pos]
-                                o.state[p] = {key: (torch.empty_like(p) if v.shape[1:] == p.shape else
-                                                    torch.empty_like(v[j])).copy_(v[j])
-                                              if isinstance(v, torch.Tensor) else v
-                                              for key, v in stacked.state[P].items()}
-            for opts in self.member_optimizers.values():
-                for o in opts:  # each stepped, as far as its scheduler is concerned (torch warns otherwise)
-                    o._opt_called = True
-        for j, finite in enumerate(self._finite.tolist()):
+    def _note_divergence(self) -> None:
+        for j, finite in enumerate(self._finite.tolist()):  # one host sync per epoch
             k = self.rows[j]
             if not finite and k not in self.diverged and k in self.live:
                 self.diverged.add(k)
