@@ -21,6 +21,7 @@ same model (a launch-bound small part, e.g. a head, runs at a lower rate).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -36,12 +37,13 @@ from l2l.config import Config, plan
 from l2l.datasets import DATASETS, MULTI_LABEL, val_joins_train
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, device_info, pick_device
-from l2l.io import read_json
+from l2l.io import read_json, write_json
 from l2l.methods import METHODS
 from l2l.models import build_model, with_defaults
 from l2l.modes import THROUGHPUT_FILE
-from l2l.profiling import flop_counter
+from l2l.profiling import StepCounter
 from l2l.spec import RunSpec
+from l2l.stacking import MemberContext, Recorder, StackedPhase
 from l2l.timing import TIMING_FILE, Timing, load_timing
 
 # A forward pass is about a third of a training step's FLOPs (the backward pass costs about twice
@@ -53,12 +55,21 @@ def train_flops_per_image(model_cfg: dict, num_classes: int = 10, batch_size: in
                           ) -> float:
     """Forward + backward FLOPs of one conventional training image (l2l.profiling's counter on the
     meta device: shapes only, no compute)."""
-    model = build_model(model_cfg, num_classes).to("meta")
+    key = json.dumps([model_cfg, num_classes, batch_size, image_size], sort_keys=True)
+    _load_cache()
+    if key not in _TRAIN_FLOPS:
+        _TRAIN_FLOPS[key] = _train_flops(model_cfg, num_classes, batch_size, image_size)
+    return _TRAIN_FLOPS[key]
+
+
+def _train_flops(model_cfg: dict, num_classes: int, batch_size: int, image_size: int) -> float:
+    with torch.device("meta"):
+        model = build_model(model_cfg, num_classes)
     x = torch.empty(batch_size, 3, image_size, image_size, device="meta")
     y = torch.zeros(batch_size, dtype=torch.long, device="meta")
-    with flop_counter() as counter:
+    with StepCounter() as counter:
         F.cross_entropy(model(x), y).backward()
-    return counter.get_total_flops() / batch_size
+    return counter.flops / batch_size
 
 
 # --- throughput -------------------------------------------------------------------------
@@ -176,9 +187,52 @@ class PhaseCost:
     epochs: int
     step_flops: float | None  # per training image, the phase's real step; None: not countable on meta
     note: str = ""
+    launches: float | None = None  # GPU kernel launches of one step (l2l.profiling.StepCounter)
+    stacked_launches: float | None = None  # of one stacked step of any number of runs (l2l/stacking.py);
+    # None where the method does not stack
 
 
 _PHASES: dict[str, list[PhaseCost]] = {}
+_STACKED: dict[str, int | None] = {}
+_TRAIN_FLOPS: dict[str, float] = {}
+_CACHE_LOADED: list[bool] = []
+
+
+def _code_version() -> str:
+    """sha256 of this checkout's l2l sources and torch's version: what a step's counts depend on."""
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_file() -> Path:
+    # beside the user's other caches, never in the repository (DVC and git would see it); one file per code version
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "l2l-bench" / f"phase_costs-{_code_version()}.json"
+
+
+def _load_cache() -> None:
+    """The step counts of earlier `l2l plan`s of this code (a paper plan counts ~250 steps: ~30 s on 2 cores)."""
+    if _CACHE_LOADED:
+        return
+    _CACHE_LOADED.append(True)
+    try:
+        doc = json.loads(_cache_file().read_text())
+        for key, phases in doc["phases"].items():
+            _PHASES.setdefault(key, [PhaseCost(**p) for p in phases])
+        for key, v in doc["train_flops"].items():
+            _TRAIN_FLOPS.setdefault(key, float(v))
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # no cache (first plan of this code), or an unreadable one: counted again
+
+
+def _save_cache() -> None:
+    try:
+        write_json(_cache_file(), {"phases": {k: [dataclasses.asdict(p) for p in v] for k, v in _PHASES.items()},
+                                   "train_flops": _TRAIN_FLOPS})
+    except (OSError, ValueError):
+        pass  # a read-only home: nothing cached
 # epochs at which a phase's step is counted (its epoch hook may change it: l2l's moving split): the
 # first and the last; where they differ, the quarters too. (A meta step runs through torch's Python
 # decompositions: about 1.4 s for a ResNeXt l2l step, so each count matters for `l2l plan`.)
@@ -186,15 +240,17 @@ ENDS, QUARTERS = (0.0, 1.0), (0.25, 0.5, 0.75)
 
 
 def phase_costs(spec: RunSpec) -> list[PhaseCost]:
-    """Per phase of the run's method: its epochs and its step's FLOPs per training image. The phase
+    """Per phase of the run's method: its epochs, its step's FLOPs per training image and kernel
+    launches, and (a method that stacks, l2l/stacking.py) the launches of its stacked step. The phase
     generator is replayed without training, as a resumed run replays it: models are built on the
-    meta device (shapes only) over a few random CPU images; each phase's step is run on one
-    meta batch under the FLOP counter at a few epochs (after the phase's epoch hook, e.g. l2l's
-    split move, where the hook can run without data or other runs' checkpoints)."""
+    meta device (shapes only) over a few random CPU images; each phase's step is run on one meta batch
+    under l2l.profiling.StepCounter at a few epochs (after the phase's epoch hook, e.g. l2l's split
+    move, where the hook can run without data or other runs' checkpoints), the stacked step once."""
     # a required run enters by its model only (its hash differs per seed; its FLOPs do not)
     options = {k: v["model_cfg"] if k.endswith("_run") and isinstance(v, dict) else v for k, v in spec.options.items()}
     key = json.dumps([spec.method, spec.model_cfg, spec.train, options, spec.dataset,
                       spec.data.get("image_size", 32)], sort_keys=True)
+    _load_cache()
     if key in _PHASES:
         return _PHASES[key]
     k = DATASETS[spec.dataset].num_classes
@@ -207,13 +263,21 @@ def phase_costs(spec: RunSpec) -> list[PhaseCost]:
     # runs=os.devnull: no run folder, so a method reading another run's checkpoint (distill) cannot
     aug = spec.train["augment"]
     data = DeviceData(arrays, spec.dataset, torch.device("cpu"), crop_padding=aug["crop_padding"], flip=aug["flip"])
-    ctx = RunContext(plain, data, k, meta, runs=Path(os.devnull))
+    # a member's context: its step's update goes to `recorder` while a stacked step is counted, else it is made
+    recorder = Recorder([plain])
+    ctx = MemberContext(plain, data, k, meta, runs=Path(os.devnull), stack=recorder, member=0)
+    stacks = METHODS[spec.method].stackable(spec.options) is None
     b = spec.train["batch_size"]
     x = torch.empty(b, 3, size, size, device=meta)
     y = (torch.zeros(b, k, device=meta) if ctx.task.kind == MULTI_LABEL
          else torch.zeros(b, dtype=torch.long, device=meta))
     out = []
-    for phase in METHODS[spec.method].phases(plain, ctx):
+    phases = iter(METHODS[spec.method].phases(plain, ctx))
+    while True:
+        with torch.device(meta):  # the phase's models are built on it: no initialisation computed
+            phase = next(phases, None)
+        if phase is None:
+            break
         if phase.step is None:
             out.append(PhaseCost(phase.epochs, None, "no step"))
             continue
@@ -227,25 +291,47 @@ def phase_costs(spec: RunSpec) -> list[PhaseCost]:
                 counts.append(count)
             if rest or len(set(counts)) <= 1:
                 break
-        out.append(PhaseCost(phase.epochs, sum(counts) / len(counts) if counts else None, "; ".join(sorted(notes))))
+        stacked = None
+        if stacks and counts:
+            # a step of the same method, model and counts (a later generation's) stacks the same: counted once
+            same = json.dumps([spec.method, spec.model_cfg, k, size, b, counts], sort_keys=True)
+            if same not in _STACKED:
+                _STACKED[same] = _count_stacked_step(phase, recorder, x, y, notes)
+            stacked = _STACKED[same]
+        out.append(PhaseCost(phase.epochs, sum(c[0] for c in counts) / len(counts) if counts else None,
+                             "; ".join(sorted(notes)), sum(c[1] for c in counts) / len(counts) if counts else None,
+                             stacked))
     _PHASES[key] = out
     return out
 
 
-def _count_step(phase, epoch: int, x, y, notes: set) -> float | None:
-    """FLOPs per image of one step of `phase` at `epoch` (after its epoch hook, where it can run)."""
+def _count_step(phase, epoch: int, x, y, notes: set) -> tuple[float, int] | None:
+    """(FLOPs per image, kernel launches) of one step of `phase` at `epoch` (after its epoch hook, where it can run)."""
     if phase.on_epoch_start is not None:
         try:
             phase.on_epoch_start(epoch)
         except (RuntimeError, NotImplementedError, OSError) as err:
             notes.add(f"epoch hook skipped ({type(err).__name__})")
     try:
-        with flop_counter() as counter:
+        with StepCounter() as counter:
             phase.step(x, y)
     except (RuntimeError, NotImplementedError) as err:
         notes.add(f"step not countable on meta ({type(err).__name__})")
         return None
-    return counter.get_total_flops() / len(x)
+    return counter.flops / len(x), counter.launches
+
+
+def _count_stacked_step(phase, recorder: Recorder, x, y, notes: set) -> int | None:
+    """Kernel launches of the phase's stacked step (l2l/stacking.py), counted with two members: the count
+    does not depend on their number (vmap batches every op; tests/test_plan.py checks 2 against 8)."""
+    try:
+        stacked = StackedPhase([phase, phase], recorder)
+        with StepCounter() as counter:
+            stacked.step(torch.stack([x, x]), torch.stack([y, y]))
+    except (RuntimeError, NotImplementedError) as err:
+        notes.add(f"stacked step not countable on meta ({type(err).__name__})")
+        return None
+    return counter.launches
 
 
 def planned_epochs(spec: RunSpec) -> int:
@@ -332,6 +418,7 @@ def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Pa
         result = read_json(runs_dir / s.hash / "result.json") if done else {}
         out.append(RunCost(s, done, epochs, hours, basis, features, result.get("run_seconds"),
                            result.get("device_name")))
+    _save_cache()
     return out, notes
 
 
