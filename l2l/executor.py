@@ -521,15 +521,6 @@ def _describe(spec: RunSpec) -> str:
 
 # --- how each run executes: separate, stacked, or several per GPU ---------------------------
 
-def stack_refusal(spec: RunSpec) -> str | None:
-    """Why runs like `spec` do not train stacked (None: they may): its method's reason, or train.compile
-    (a compiled step belongs to one run)."""
-    why = METHODS[spec.method].stackable(spec.options)
-    if why is None and spec.train["compile"]:
-        why = "train.compile (a compiled step is one run's)"
-    return why
-
-
 def _resume_point(root: str | Path, spec: RunSpec) -> tuple | None:
     """(phase, epoch) of a run's newest resume state (its sidecar's record), None for a fresh run: the
     runs of one stack start from the same point."""
@@ -541,8 +532,8 @@ def _resume_point(root: str | Path, spec: RunSpec) -> tuple | None:
         return None
 
 
-def execution(wave: list[RunSpec], config: Config, root: str | Path = ".",
-              device: str | None = None) -> list[tuple[int, list[RunSpec | Stack]]]:
+def execution(wave: list[RunSpec], config: Config, root: str | Path = ".", device: str | None = None,
+              throughput: Path = THROUGHPUT_FILE) -> list[tuple[int, list[RunSpec | Stack]]]:
     """The wave's tasks per number of runs in flight on a GPU (runs_per_gpu), each task one run or a
     Stack of runs that differ only by seed. executor.stack_seeds: auto = per model family the fastest
     mode measured on `device` (default: this process's; a cluster backend: the one GPU measured, if
@@ -553,32 +544,25 @@ def execution(wave: list[RunSpec], config: Config, root: str | Path = ".",
     if setting == "auto":
         if device is None and cfg["backend"] == "local":
             device = device_info(pick_device())["device_name"]
-        measured_on, measured = modes.measured(Path(root) / THROUGHPUT_FILE, device)
+        measured_on, measured = modes.measured(Path(root) / throughput, device)
     groups: dict[str, list[RunSpec]] = {}
     for s in wave:
         groups.setdefault(seed_group(s), []).append(s)
     out: dict[int, list[RunSpec | Stack]] = {}
     for specs in groups.values():
-        s, why = specs[0], stack_refusal(specs[0])
-        if setting == "auto":
-            name, family = modes.family_modes(s.model, s.model_cfg, measured, config.profile.models)
-            mode = modes.fastest(family, why is None, len(specs))
-            n = mode.concurrent if mode.images_per_s is not None else cfg["runs_per_gpu"]
-            if mode.images_per_s is not None:
-                log.info("%s/%s/%s: %s, the fastest mode measured on %s (%s: %.0f images/s)", s.experiment, s.model,
-                         s.dataset, mode.name, measured_on, name, mode.images_per_s)
-        else:
-            mode = modes.stacked(1 if setting == "off" or why is not None else min(setting, len(specs)))
-            n = cfg["runs_per_gpu"]
-        if mode.members > 1:
-            by_start: dict[tuple | None, list[RunSpec]] = {}
-            for m in specs:
-                by_start.setdefault(_resume_point(root, m), []).append(m)
-            tasks = [Stack(tuple(c)) if len(c) > 1 else c[0]
-                     for same in by_start.values() for c in modes.chunks(same, mode.members)]
-        else:
-            tasks = list(specs)
-        out.setdefault(n, []).extend(tasks)
+        s = specs[0]
+        name, family = modes.family_modes(s.model, s.model_cfg, measured, config.profile.models)
+        mode = modes.decide(setting, family, modes.stack_refusal(s) is None, len(specs))
+        if mode.images_per_s is not None:
+            log.info("%s/%s/%s: %s, the fastest mode measured on %s (%s: %.0f images/s)", s.experiment, s.model,
+                     s.dataset, mode.name, measured_on, name, mode.images_per_s)
+        by_start: dict[tuple | None, list[RunSpec]] = {}  # a stack's runs start from the same resume state
+        for m in specs:
+            by_start.setdefault(_resume_point(root, m) if mode.members > 1 else None, []).append(m)
+        for same in by_start.values():
+            for chunk, m in modes.assign(same, setting, family, modes.stack_refusal(s) is None):
+                n = m.concurrent if m.images_per_s is not None else cfg["runs_per_gpu"]
+                out.setdefault(n, []).append(Stack(tuple(chunk)) if len(chunk) > 1 else chunk[0])
     return sorted(out.items())
 
 

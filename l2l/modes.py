@@ -23,7 +23,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from l2l.methods import METHODS
 from l2l.models import with_defaults
+from l2l.spec import RunSpec
 
 THROUGHPUT_FILE = Path("benchmarks/throughput.json")
 _NAME = re.compile(r"^(separate|stacked_(\d+)|runs_per_gpu_(\d+))(_cuda_graphs)?$|^cuda_graphs$")
@@ -106,6 +108,35 @@ def fastest(modes: dict[str, Mode], stackable: bool, seeds: int) -> Mode:
     return max(usable, key=lambda m: m.images_per_s, default=SEPARATE)
 
 
-def chunks(items: list, k: int) -> list[list]:
-    """`items` in stacks of k (the last one smaller)."""
-    return [items[i:i + k] for i in range(0, len(items), max(k, 1))]
+def stack_refusal(spec: RunSpec) -> str | None:
+    """Why runs like `spec` do not train stacked (None: they may): its method's reason
+    (Method.stackable), or train.compile (a compiled step belongs to one run)."""
+    why = METHODS[spec.method].stackable(spec.options)
+    if why is None and spec.train["compile"]:
+        why = "train.compile (a compiled step is one run's)"
+    return why
+
+
+def decide(setting: str | int, family: dict[str, Mode], stackable: bool, seeds: int) -> Mode:
+    """The mode of a group of `seeds` runs that differ only by seed under params' executor.stack_seeds:
+    auto = the fastest measured for the family (``separate`` where none is), off = separate, K = stacks of
+    up to K runs (where the method stacks)."""
+    if setting == "auto":
+        return fastest(family, stackable, seeds)
+    if setting == "off" or not stackable:
+        return SEPARATE
+    return stacked(min(int(setting), seeds))
+
+
+def assign(specs: list, setting: str | int, family: dict[str, Mode], stackable: bool) -> list[tuple[list, Mode]]:
+    """A group of runs that differ only by seed, in the tasks it executes as: full stacks of its mode's
+    K, then what is left decided again at its own size (10 runs at stacked_8: a stack of 8, then 2 runs
+    at their own fastest mode). The executor and l2l plan both assign runs with it."""
+    out, rest = [], list(specs)
+    while rest:
+        mode = decide(setting, family, stackable, len(rest))
+        k = mode.members
+        full = len(rest) // k * k
+        out += [(rest[i:i + k], mode) for i in range(0, full, k)]
+        rest = rest[full:]
+    return out
