@@ -137,8 +137,8 @@ class StepCounter(TorchDispatchMode):
         functional = not alias and not any(a.alias_info is not None and a.alias_info.is_write and a.kwarg_only
                                            for a in func._schema.arguments)  # no out= argument
         key = None
-        if functional:
-            try:
+        if functional and any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0]):
+            try:  # (an op with no tensor argument may follow the default device: never memoised)
                 key = (func, _key(args), _key(kwargs))
             except TypeError:
                 key = None

@@ -5,8 +5,8 @@ launches ~180 kernels for ~0.4 ms of device work), so one run at a time leaves m
 A stack of K members takes ONE step for all of them: ``torch.func.vmap`` over the method's own step
 function, with every member's parameters, buffers and optimizer state stacked along a leading member
 dimension. Under vmap a convolution over stacked weights is one grouped convolution; BatchNorm keeps
-per-member statistics (:class:`StackedOps` keeps it, and the in-place activations, on that grouped
-layout: the vmap default decomposes them into ~2x the kernels). A K-member step launches about as
+per-member statistics (:func:`stacked_layout` keeps it, and the in-place activations, on that grouped
+layout: vmap's default rules take ~2.5x the kernels). A K-member step launches about as
 many kernels as one run's (ResNet-20: 229 for any K against 177 per run; ``benchmarks/RESULTS.md``).
 
 Exactness by construction. Each member runs the engine's own loop (:func:`l2l.engine.train_run`:
@@ -37,16 +37,19 @@ much as a separate run does from itself under another thread count.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import threading
+import types
 from typing import Any, Callable, Iterator
 
 import torch
+import torch._C._functorch as _functorch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from l2l.device_data import DeviceData
 from l2l.engine import Phase, PhaseSource, RunContext
@@ -64,86 +67,94 @@ def seed_group(spec: RunSpec) -> str:
     return RunSpec(**d).hash
 
 
-# --- batching rules: the stacked step on the grouped layout ------------------------------------
+# --- the stacked step on the grouped layout ---------------------------------------------------------
+# Under vmap a convolution of stacked weights is one grouped convolution, but torch's default rules for
+# BatchNorm (its statistics and affine parameters member-stacked) and for an in-place op on a member's
+# slice (an in-place ReLU, torchvision's `out += identity`: writes through a view, undone in backward with
+# copies) take ~2.5x the kernels of the network itself. During a stacked step the first member's modules
+# (the ones the step runs, their tensors swapped for the stacked ones) therefore run: BatchNorm on the
+# members' channels side by side (one native batch norm, its per-channel statistics each member's own,
+# running statistics updated in place in their stacked buffers), ReLUs out of place, and torchvision's
+# residual blocks with an out-of-place residual add: the same values, ~1.1x the kernels of one run
+# (tests/test_stacking.py; benchmarks/RESULTS.md). torch's functorch entry points for a batching rule
+# written in Python (torch._C._functorch: a batched tensor's level, its physical tensor, re-wrapping) are
+# used directly: autograd.Function's vmap staticmethod costs ~1 ms of host time per call.
 
-class _MemberBatchNorm(torch.autograd.Function):
-    """F.batch_norm under vmap with member-stacked statistics and affine parameters: the members'
-    channels side by side (B, K*C, ...), one native batch norm (cuDNN's on CUDA), whose per-channel
-    statistics are each member's own. Running statistics update in place in their stacked buffers.
-    Only ever applied under vmap (:class:`StackedOps`); outside it, F.batch_norm is called directly."""
-
-    @staticmethod
-    def forward(x, running_mean, running_var, weight, bias, training, momentum, eps):
-        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):  # the vmap rule below calls F.batch_norm, whose own backward autograd records
-        raise RuntimeError("stacked BatchNorm is only applied under vmap")
-
-    @staticmethod
-    def vmap(info, in_dims, x, running_mean, running_var, weight, bias, training, momentum, eps):
-        k = info.batch_size
-        x = x.movedim(in_dims[0], 1) if in_dims[0] is not None else x.unsqueeze(1).expand(x.shape[0], k, *x.shape[1:])
-        b, c = x.shape[0], x.shape[2]
-
-        def side_by_side(t, d):
-            if t is None:
-                return None
-            return (t.movedim(d, 0) if d is not None else t.expand(k, *t.shape)).reshape(k * c)
-
-        stats = [side_by_side(running_mean, in_dims[1]), side_by_side(running_var, in_dims[2])]
-        if training:
-            for s, t in zip(stats, (running_mean, running_var)):
-                if s is not None and s.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
-                    raise RuntimeError("stacked BatchNorm: running statistics are not member-stacked buffers")
-        out = F.batch_norm(x.reshape(b, k * c, *x.shape[3:]), *stats, side_by_side(weight, in_dims[3]),
-                           side_by_side(bias, in_dims[4]), training, momentum, eps)
-        # not a view for autograd: an in-place op on it (the next ReLU, a residual add) needs no CopySlices
-        return torch.ops.aten._unsafe_view(out, (b, k, c, *x.shape[3:])), 1
+def _physical(t, level: int) -> tuple[Any, int | None]:
+    if isinstance(t, torch.Tensor) and _functorch.maybe_get_level(t) == level:
+        return _functorch._unwrap_batched(t, level)
+    return t, None
 
 
-_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-_BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+def _batch_norm_forward(self: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """torch's _BatchNorm.forward, its F.batch_norm on the members side by side (B, K*C, ...)."""
+    momentum = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            raise RuntimeError("stacked BatchNorm: momentum None (a cumulative average) is not stacked")
+    bn_training = self.training or (self.running_mean is None and self.running_var is None)
+    stats = self.running_mean, self.running_var
+    if self.training and not self.track_running_stats:
+        stats = None, None
+    args = [input, *stats, self.weight, self.bias]
+    level = max(_functorch.maybe_get_level(t) if isinstance(t, torch.Tensor) else -1 for t in args)
+    (x, xd), (rm, rmd), (rv, rvd), (w, wd), (b, bd) = (_physical(t, level) for t in args)
+    k = next(t.shape[d] for t, d in ((x, xd), (rm, rmd), (w, wd)) if d is not None)
+    x = x.movedim(xd, 1) if xd is not None else x.unsqueeze(1).expand(x.shape[0], k, *x.shape[1:])
+    n, c = x.shape[0], x.shape[2]
+
+    def side_by_side(t, d):
+        return None if t is None else (t.movedim(d, 0) if d is not None else t.expand(k, *t.shape)).reshape(k * c)
+
+    rm_, rv_ = side_by_side(rm, rmd), side_by_side(rv, rvd)
+    if bn_training and rm is not None and rm_.untyped_storage().data_ptr() != rm.untyped_storage().data_ptr():
+        raise RuntimeError("stacked BatchNorm: its running statistics are not member-stacked buffers")
+    out = F.batch_norm(x.reshape(n, k * c, *x.shape[3:]), rm_, rv_, side_by_side(w, wd), side_by_side(b, bd),
+                       bn_training, momentum, self.eps)
+    # not a view for autograd: the next in-place op on it needs no CopySlices
+    return _functorch._add_batch_dim(torch.ops.aten._unsafe_view(out, (n, k, c, *x.shape[3:])), 1, level)
 
 
-def _activation(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2
+def _basic_block_forward(self: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's BasicBlock.forward with `out + identity` for `out += identity` (the same values)."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
-class StackedOps(TorchFunctionMode):
-    """Active around the vmapped step: BatchNorm through :class:`_MemberBatchNorm`; an in-place ReLU
-    and an in-place add into an activation (torchvision's ``nn.ReLU(inplace=True)``, ``out +=
-    identity``) out of place, with the same values: under vmap an in-place op on a member slice is a
-    write through a view, which autograd undoes with copies (3 extra kernels each). A buffer's in-place
-    update (BatchNorm's num_batches_tracked) stays in place."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            a = {**_BN_DEFAULTS, **dict(zip(_BN_ARGS, args)), **kwargs}
-            return _MemberBatchNorm.apply(*(a[n] for n in _BN_ARGS))
-        if func is F.relu and (kwargs.get("inplace") or (len(args) > 1 and args[1])):
-            return torch.relu(args[0])
-        if func is torch.Tensor.add_ and _activation(args[0]):
-            return torch.add(*args, **kwargs)
-        if func is F.kl_div:
-            return _kl_div(*args, **kwargs)
-        return func(*args, **kwargs)
+def _bottleneck_forward(self: Bottleneck, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's Bottleneck.forward with `out + identity` for `out += identity` (the same values)."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
-def _kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
-    """F.kl_div in the ops of aten's kl_div (which has no vmap rule: vmap would loop over the members),
-    the same values: exp(t) * (t - x) or xlogy(t, t) - t * x, then the reduction."""
-    if size_average is not None or reduce is not None:
-        return F.kl_div(input, target, size_average, reduce, reduction, log_target)
-    out = torch.exp(target) * (target - input) if log_target else torch.xlogy(target, target) - target * input
-    if reduction == "batchmean":
-        return out.sum() / input.size(0)
-    return {"mean": out.mean, "sum": out.sum, "none": lambda: out}[reduction]()
+_FORWARDS = ((nn.modules.batchnorm._BatchNorm, _batch_norm_forward), (BasicBlock, _basic_block_forward),
+             (Bottleneck, _bottleneck_forward))
+
+
+@contextlib.contextmanager
+def stacked_layout(modules: list[nn.Module]) -> Iterator[None]:
+    """`modules` (and every submodule) run their stacked forwards meanwhile (the module comment above)."""
+    patched, relus = [], []
+    for root in modules:
+        for m in root.modules():
+            for kind, forward in _FORWARDS:
+                if isinstance(m, kind) and "forward" not in m.__dict__:
+                    m.forward = types.MethodType(forward, m)
+                    patched.append(m)
+            if isinstance(m, nn.ReLU) and m.inplace:
+                m.inplace = False
+                relus.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+        for m in relus:
+            m.inplace = True
 
 
 # --- member views of the engine's context -------------------------------------------------------
@@ -231,20 +242,17 @@ class _MemberMethod:
             yield dataclasses.replace(phase, step=lambda x, y, k=self.k: self.stack.step(k, x, y))
 
 
-class _StepModule(nn.Module):
-    """A phase's modules and step as one module, so torch.func.functional_call swaps every tensor the
-    step reads for the members' stacked ones."""
-
-    def __init__(self, modules: dict[str, nn.Module], step: Callable | None = None):
-        super().__init__()
-        self.parts = nn.ModuleDict(modules)
-        self.run = step
-
-    def forward(self, x, y):
-        return self.run(x, y)
-
-    def tensors(self) -> list[tuple[str, torch.Tensor]]:
-        return ([*self.named_parameters(remove_duplicate=False)] + [*self.named_buffers(remove_duplicate=False)])
+def _tensors(modules: dict[str, nn.Module]) -> list[tuple[str, dict, str, torch.Tensor]]:
+    """Every parameter and buffer of a phase's modules: (name, the dict that holds it, its key, the tensor),
+    a tensor shared by two modules once per holder."""
+    out = []
+    for key, root in modules.items():
+        for mname, m in root.named_modules(remove_duplicate=False):
+            for holder in (m._parameters, m._buffers):
+                for attr, t in holder.items():
+                    if t is not None:
+                        out.append((f"{key}.{mname}.{attr}", holder, attr, t))
+    return out
 
 
 def _stacked_like(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -279,17 +287,18 @@ class StackedPhase:
     def __init__(self, phases: list[Phase], recorder: Recorder):
         self.phases, self.recorder = phases, recorder
         lead = phases[0]
-        self.container = _StepModule(lead.modules, lead.step)
-        theirs = [dict(_StepModule(p.modules).tensors()) for p in phases]
+        mine = _tensors(lead.modules)
+        theirs = [{name: t for name, _, _, t in _tensors(p.modules)} for p in phases]
         stacked_of: dict[int, torch.Tensor] = {}  # the lead's tensor -> its stacked tensor
-        self.state, self.pairs = {}, []
+        self.slots, self.stacked, self.pairs = [], [], []
         with torch.no_grad():
-            for name, t in self.container.tensors():
+            for name, holder, attr, t in mine:
                 if id(t) not in stacked_of:
                     members = [m[name] for m in theirs]
                     stacked_of[id(t)] = _stacked_like(members).requires_grad_(t.requires_grad)
                     self.pairs.append((stacked_of[id(t)], members))
-                self.state[name] = stacked_of[id(t)]
+                self.slots.append((holder, attr))
+                self.stacked.append(stacked_of[id(t)])
         self.optimizers, self.member_optimizers = {}, {}
         for name, o0 in lead.optimizers.items():
             opts = [p.optimizers[name] for p in phases]
@@ -312,8 +321,16 @@ class StackedPhase:
                                 for key, v in states[0].items()}
             self.optimizers[name], self.member_optimizers[name] = stacked, opts
 
-    def _member_step(self, state: dict, x: torch.Tensor, y: torch.Tensor):
-        return torch.func.functional_call(self.container, state, (x, y))
+    def _member_step(self, tensors: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor):
+        """The lead's step with its tensors swapped for one member's slice of the stacked ones (vmap's view)."""
+        old = [holder[attr] for holder, attr in self.slots]
+        for (holder, attr), t in zip(self.slots, tensors):
+            holder[attr] = t
+        try:
+            return self.phases[0].step(x, y)
+        finally:
+            for (holder, attr), t in zip(self.slots, old):
+                holder[attr] = t
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step of every member on its own batch (x: (K, B, ...), y: (K, B, ...)): each
@@ -323,8 +340,8 @@ class StackedPhase:
         rec.updates = []
         rec.recording = True
         try:
-            with StackedOps():
-                losses, logits = torch.vmap(self._member_step, randomness="error")(self.state, x, y)
+            with stacked_layout(list(self.phases[0].modules.values())):
+                losses, logits = torch.vmap(self._member_step, randomness="error")(tuple(self.stacked), x, y)
         finally:
             rec.recording = False
         if len(rec.updates) != 1:

@@ -19,7 +19,7 @@ import yaml
 from l2l.device_data import DeviceData
 from l2l.engine import RunContext, load_checkpoint, train_run
 from l2l.methods import METHODS
-from l2l.stacking import Lockstep, MemberContext, StackedOps, seed_group
+from l2l.stacking import Lockstep, MemberContext, seed_group, stacked_layout
 from tests.conftest import TRAIN, make_spec, random_arrays
 
 RESNET = {"arch": "cifar_resnet", "depth": 8, "width": 2}
@@ -214,44 +214,57 @@ def test_methods_say_whether_they_stack():
 
 # --- the batching rules ---------------------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # plain vmap's kl_div loops over members
-def test_batching_rules_give_plain_vmaps_values_and_gradients(fp64):
-    """StackedOps' BatchNorm (train and eval), out-of-place ReLU and residual add, and kl_div: the same
-    outputs, running statistics and gradients as vmap without them."""
-    from torchvision.models.resnet import BasicBlock
+def test_the_stacked_layout_gives_plain_vmaps_values_and_gradients(fp64):
+    """stacked_layout's BatchNorm (train and eval), out-of-place ReLU and residual add (torchvision's blocks):
+    the same outputs, running statistics and gradients as vmap's own rules, with far fewer kernels."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from l2l.profiling import StepCounter
+
+    for block in (BasicBlock(4, 4), Bottleneck(16, 4)):
+        torch.manual_seed(0)
+        blocks = [type(block)(*((4, 4) if isinstance(block, BasicBlock) else (16, 4))) for _ in range(3)]
+        params = {n: torch.stack([dict(b.named_parameters())[n].detach() for b in blocks])
+                  for n, _ in blocks[0].named_parameters()}
+        buffers = {n: torch.stack([dict(b.named_buffers())[n] for b in blocks]) for n, _ in blocks[0].named_buffers()}
+        x = torch.randn(3, 5, params["conv1.weight"].shape[2], 6, 6)
+
+        def run(layout: bool, training: bool):
+            p = {n: v.clone().requires_grad_() for n, v in params.items()}
+            b = {n: v.clone() for n, v in buffers.items()}
+            blocks[0].train(training)
+
+            def member(pb, xi):
+                return torch.func.functional_call(blocks[0], pb, (xi,)).sum()
+
+            with stacked_layout([blocks[0]]) if layout else torch.enable_grad(), StepCounter() as count:
+                losses = torch.vmap(member, randomness="error")({**p, **b}, x)
+                losses.sum().backward()
+            return losses.detach(), {n: v.grad for n, v in p.items()}, b, count.launches
+
+        for training in (True, False):
+            (l1, g1, b1, n1), (l2, g2, b2, n2) = run(True, training), run(False, training)
+            torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
+            for n in g1:
+                torch.testing.assert_close(g1[n], g2[n], rtol=1e-10, atol=1e-12)
+            for n in b1:
+                torch.testing.assert_close(b1[n], b2[n], rtol=1e-12, atol=1e-12)
+            assert n1 < 0.75 * n2, (n1, n2)
+        updated = run(True, True)[2]["bn1.running_mean"]
+        assert all(not torch.equal(updated[k], buffers["bn1.running_mean"][k]) for k in range(3))  # per member
+        assert "forward" not in blocks[0].__dict__ and blocks[0].relu.inplace  # restored
+
+
+def test_kd_loss_is_kl_div_bit_for_bit():
+    """l2l.losses.kd_loss in elementary ops (vmap batches them) equals F.kl_div's batchmean KL and its gradient."""
+    from l2l.losses import kd_loss
 
     torch.manual_seed(0)
-    blocks = [BasicBlock(4, 4) for _ in range(3)]
-    state = {n: torch.stack([dict(b.named_parameters())[n].detach() for b in blocks]) for n, _ in
-             blocks[0].named_parameters()}
-    buffers = {n: torch.stack([dict(b.named_buffers())[n] for b in blocks]) for n, _ in blocks[0].named_buffers()}
-    x, t = torch.randn(3, 5, 4, 6, 6), torch.randn(3, 5, 10).log_softmax(-1)
-
-    def run(rules: bool, training: bool):
-        p = {n: v.clone().requires_grad_() for n, v in state.items()}
-        b = {n: v.clone() for n, v in buffers.items()}
-        blocks[0].train(training)
-
-        def member(pb, xi, ti):
-            out = torch.func.functional_call(blocks[0], pb, (xi,))
-            kd = F.kl_div(out.flatten(1)[:, :10].log_softmax(1), ti, reduction="batchmean", log_target=True)
-            return out.sum() + kd
-
-        ctx = StackedOps() if rules else torch.enable_grad()
-        with ctx:
-            losses = torch.vmap(member, randomness="error")({**p, **b}, x, t)
-        losses.sum().backward()
-        return losses.detach(), {n: v.grad for n, v in p.items()}, b
-
-    for training in (True, False):
-        (l1, g1, b1), (l2, g2, b2) = run(True, training), run(False, training)
-        torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
-        for n in g1:
-            torch.testing.assert_close(g1[n], g2[n], rtol=1e-10, atol=1e-12)
-        for n in b1:
-            torch.testing.assert_close(b1[n], b2[n], rtol=1e-12, atol=1e-12)
-    updated = run(True, True)[2]["bn1.running_mean"]
-    assert all(not torch.equal(updated[k], buffers["bn1.running_mean"][k]) for k in range(3))  # per member
+    s, t = torch.randn(64, 100, requires_grad=True), torch.randn(64, 100)
+    reference = F.kl_div((s / 4).log_softmax(1), (t / 4).log_softmax(1), reduction="batchmean", log_target=True) * 16
+    ours = kd_loss(s, t, 4.0)
+    assert torch.equal(ours, reference)
+    assert torch.equal(torch.autograd.grad(ours, s)[0], torch.autograd.grad(reference, s)[0])
 
 
 # --- through the executor and the pipeline ------------------------------------------------------
