@@ -168,6 +168,10 @@ def load_throughput(path: Path = THROUGHPUT_FILE, device: str | None = None) -> 
 # ~266 with the CPU's SGD, 177 + fused SGD here; the ResNets of P4/P5 are launch-bound, not FLOPs-bound).
 SHARE_OF_PEAK = 0.30
 LAUNCH_US = 6.0
+# A stacked step's host time per kernel launch against a separate step's: vmap's batching layer and the
+# stacked layout's Python (l2l/stacking.py), measured at host-bound sizes by benchmarks/stacking.py
+# (ResNet-20 and ResNet-110, 1.9 and 1.8; benchmarks/RESULTS.md).
+STACKED_HOST_FACTOR = 1.9
 STACK_SIZES = (2, 4, 8, 16)  # the stacks the GPU check measures (benchmarks/gpu_check.py)
 
 
@@ -181,6 +185,7 @@ class DeviceEstimate:
     sheet: DevicePeaks
     share: float = SHARE_OF_PEAK
     launch_us: float = LAUNCH_US
+    stacked_host: float = STACKED_HOST_FACTOR
 
     def peak(self, train: dict) -> float:
         """Dense TFLOP/s of the run's precision: bf16 autocast (precision auto, bf16), FP32 (precision
@@ -191,7 +196,9 @@ class DeviceEstimate:
 
     def step_seconds(self, flops_per_image: float, batch: int, launches: float, peak: float, members: int = 1
                      ) -> float:
-        return max(members * flops_per_image * batch / (self.share * peak * 1e12), launches * self.launch_us * 1e-6)
+        """One step of `members` stacked runs (1: a separate run): its FLOPs or its launches, the longer."""
+        per_launch = self.launch_us * 1e-6 * (self.stacked_host if members > 1 else 1.0)
+        return max(members * flops_per_image * batch / (self.share * peak * 1e12), launches * per_launch)
 
     def run_seconds(self, spec: RunSpec, n: dict[str, int], members: int = 1) -> float:
         """Device seconds of one run (with `members` > 1 its share of its stack's): every phase's training
@@ -222,7 +229,8 @@ class DeviceEstimate:
                 "per step on the meta device (l2l.profiling.StepCounter; a conventional ResNet-20 step 178, ResNet-110 "
                 "903, VGG16 116; issue #21's torch.profiler count 173 for ResNet-20)",
                 "a stack of K runs (executor.stack_seeds, l2l/stacking.py) takes one stacked step: its own launches "
-                "(counted the same way; ResNet-110 928 for any K) and K times the FLOPs",
+                f"(counted the same way; ResNet-110 928 for any K) at {self.stacked_host:g}x the host time each "
+                "(vmap's, measured by benchmarks/stacking.py), and K times the FLOPs",
                 "validation every epoch and the evaluate stage's passes over two checkpoints, per run: forward "
                 "FLOPs (a third of a training image's) or forward launches per batch of eval_batch_size",
                 "not included: data preparation, process and CUDA start-up, cuDNN autotuning, checkpoint writes, "
@@ -557,7 +565,9 @@ def run_costs(config: Config, throughput: Throughput | None, runs_dir: Path = Pa
             images = epochs * n["train"] * factor + (epochs * n["val"] + 2 * (n["val"] + n["test"])) / EVAL_SPEEDUP
             hours = images / rate / 3600
         result = read_json(runs_dir / s.hash / "result.json") if done[s.hash] else {}
-        out.append(RunCost(s, done[s.hash], epochs, hours, basis, features, result.get("run_seconds"),
+        # a stacked run's wall time is its stack's (l2l/stacking.py): not one run's, so no calibration point
+        measured_s = None if result.get("stacked") else result.get("run_seconds")
+        out.append(RunCost(s, done[s.hash], epochs, hours, basis, features, measured_s,
                            result.get("device_name"), mode.name, stacked.get(s.hash)))
     _save_cache()
     return out, notes
