@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import throughput as tp  # noqa: E402  (benchmarks/throughput.py: the engine and naive paths)
 from l2l.compiling import COMPILE_OPTIONS  # noqa: E402
+from l2l.config import load_params, resolve_config  # noqa: E402
 from l2l.spec import RunSpec  # noqa: E402
 from l2l.cost import train_flops_per_image  # noqa: E402
 from l2l.device_data import DeviceData  # noqa: E402
@@ -335,8 +336,6 @@ def section_slice(args, s, device, arrays, root: Path) -> dict:
 def _family_cfgs(scale: str) -> dict[str, dict]:
     if scale == "tiny":
         return {"resnet8": TINY_MODELS["resnet8"]}
-    from l2l.config import load_params, resolve_config  # noqa: E402 (pyyaml only: no mlflow, no dvc)
-
     params = {**load_params(Path(__file__).resolve().parents[1] / "params.yaml"), "profile": "paper"}
     return {n: c for n, c in resolve_config(params).profile.models.items() if n in STACK_FAMILIES["paper"]}
 

@@ -75,6 +75,8 @@ EXECUTOR: dict[str, Key] = {
 
 
 def _stack_seeds(v: Any, path: str) -> str | int:
+    if v is False:  # YAML reads an unquoted off as false
+        return "off"
     if v in ("auto", "off"):
         return v
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -86,7 +86,7 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert all(res["sections"][k].startswith("done") for k in
-               ("stamp", "methods", "throughput", "compile", "concurrency", "slice")), res["sections"]
+               ("stamp", "methods", "throughput", "stacking", "compile", "concurrency", "slice")), res["sections"]
     m = res["methods"]
     for label in ("conventional", "layerwise", "l2l_alternating", "l2l_mutual", "generations", "distill"):
         assert m[label]["epochs"] >= 1 and 0 <= m[label]["val_acc"] <= 100
@@ -100,5 +100,16 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     tp = load_throughput(out / "throughput.json")  # the format `l2l plan` reads
     assert tp.device == "cpu" and set(tp.models) == {"cnn", "resnet8"}
     assert all(tp.images_per_s(n) > 0 for n in tp.models)
+    # execution modes per family (l2l/modes.py, TEAM.md's contract): separate and stacked_K measured,
+    # runs_per_gpu only on CUDA
+    modes = tp.modes["resnet8"]
+    assert set(modes) == {"separate", "stacked_1", "stacked_2"} and res["stacking"]["runs_per_gpu"].startswith("skipped")
+    for name, m in modes.items():
+        assert m.images_per_s > 0 and m.achieved_tflops > 0 and m.runs == m.members
+    raw = json.loads((out / "throughput.json").read_text())
+    (figures,) = raw["measurements"].values()
+    assert set(figures["modes"]["resnet8"]["stacked_2"]) == {"images_per_s", "peak_memory_gib", "achieved_tflops",
+                                                             "runs"}
     md = (out / "gpu_check.md").read_text()
     assert "| model | batch | engine img/s |" in md and "| l2l_mutual |" in md
+    assert "| resnet8 | stacked_2 |" in md or "| resnet8 | stacked_2 (fastest) |" in md

@@ -204,6 +204,17 @@ def test_seed_group_ignores_the_seed_and_the_required_runs_hash():
         Lockstep([make_spec(seed=0), make_spec(seed=1, model_cfg=RESNET)])
 
 
+@pytest.mark.parametrize("value", [0, -2, "yes", True, 2.5, None])
+def test_a_bad_stack_seeds_is_one_line(value):
+    from l2l.checks import ConfigError, resolve
+    from l2l.config import EXECUTOR
+
+    with pytest.raises(ConfigError, match=r"executor\.stack_seeds: expected auto, off or a number of runs per stack"):
+        resolve(EXECUTOR, {"stack_seeds": value}, "executor")
+    assert resolve(EXECUTOR, {}, "executor")["stack_seeds"] == "auto"
+    assert resolve(EXECUTOR, {"stack_seeds": False}, "executor")["stack_seeds"] == "off"  # YAML's unquoted off
+
+
 def test_methods_say_whether_they_stack():
     assert METHODS["conventional"].stackable({}) is None and METHODS["distill"].stackable({}) is None
     assert METHODS["layerwise"].stackable({}) is None
