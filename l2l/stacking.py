@@ -7,7 +7,8 @@ function, with every member's parameters, buffers and optimizer state stacked al
 dimension. Under vmap a convolution over stacked weights is one grouped convolution; BatchNorm keeps
 per-member statistics (:func:`stacked_layout` keeps it, and the in-place activations, on that grouped
 layout: vmap's default rules take ~2.5x the kernels). A K-member step launches about as
-many kernels as one run's (ResNet-20: 229 for any K against 177 per run; ``benchmarks/RESULTS.md``).
+many kernels as one run's (ResNet-20: 201 for any K against 178 per run, ResNet-110: 926 against 903;
+``benchmarks/stacking.py``), at about twice a separate step's host time (vmap's batching layer).
 
 Exactness by construction. Each member runs the engine's own loop (:func:`l2l.engine.train_run`:
 resume, checkpoints, validation, history, ``result.json`` and its hashes) in a thread of its own;
@@ -33,7 +34,7 @@ much as a separate run does from itself under another thread count.
   stacked computation itself (out of memory) fails every member in it.
 - What may stack (``Method.stackable``): a method whose step makes exactly ONE update of one
   optimizer, as its last effect, over the phase's modules only (conventional, distill, generations
-  with the teacher on the fly, layerwise); the engine checks the one update at every stacked step.
+  with the teacher on the fly, layerwise); the stack checks the one update at every step.
 """
 from __future__ import annotations
 
@@ -54,7 +55,6 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from l2l.device_data import DeviceData
 from l2l.engine import Phase, PhaseSource, RunContext
 from l2l.spec import RunSpec
-from l2l.tasks import TopOneMeter
 
 log = logging.getLogger(__name__)
 

@@ -116,25 +116,37 @@ def test_every_stackable_method_stacks_exactly_in_fp64(tmp_path, fp64, method, o
         _same_run(tmp_path, s.seed, sep[k], stk[k], weights_tol=1e-12)
 
 
-class _Poisoned:
-    """conventional, its model's first weight NaN for one seed: a run that diverges from its first step."""
+class _OneSeedChanged:
+    """conventional, with `change(phase, spec)` applied to one seed's phases."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, change):
+        self.seed, self.change = seed, change
 
     def phases(self, spec, ctx):
         for phase in METHODS["conventional"].phases(spec, ctx):
-            if spec.seed == self.seed:
-                with torch.no_grad():
-                    next(phase.modules["model"].parameters()).view(-1)[0] = float("nan")
-            yield phase
+            yield self.change(phase, spec) if spec.seed == self.seed else phase
+
+
+def _poison(phase, spec):
+    """Its model's first weight NaN: a run that diverges from its first step."""
+    with torch.no_grad():
+        next(phase.modules["model"].parameters()).view(-1)[0] = float("nan")
+    return phase
+
+
+def _unreadable_teacher(phase, spec):
+    """Its second epoch's hook raises: a member's own code failing."""
+    def boom(epoch):
+        if epoch == 1:
+            raise OSError(f"run {spec.hash}: its teacher's checkpoint is unreadable")
+    return dataclasses.replace(phase, on_epoch_start=boom)
 
 
 def test_a_diverging_member_stays_alone_in_it(tmp_path, fp64, caplog):
     data, specs = _data(), _specs(seeds=(0, 1, 2, 3), epochs=1)
-    sep = _separate(specs, data, tmp_path, method=_Poisoned(2))
+    sep = _separate(specs, data, tmp_path, method=_OneSeedChanged(2, _poison))
     with caplog.at_level(logging.WARNING, logger="l2l.stacking"):
-        stk = _stacked(specs, data, tmp_path, method=_Poisoned(2))
+        stk = _stacked(specs, data, tmp_path, method=_OneSeedChanged(2, _poison))
     for k in (0, 1, 3):  # the others: exactly their separate runs
         _same_run(tmp_path, k, sep[k], stk[k], weights_tol=1e-12)
     nan = [r["final"]["train_loss"] for r in (sep[2], stk[2])]  # the record writes NaN as null
@@ -143,26 +155,10 @@ def test_a_diverging_member_stays_alone_in_it(tmp_path, fp64, caplog):
     assert "stacked run" in caplog.text and "diverged" in caplog.text and specs[2].hash in caplog.text
 
 
-class _FailsForOneSeed:
-    """conventional, whose second epoch's hook raises for one seed (a member's own code failing)."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def phases(self, spec, ctx):
-        for phase in METHODS["conventional"].phases(spec, ctx):
-            if spec.seed == self.seed:
-                def boom(epoch):
-                    if epoch == 1:
-                        raise OSError(f"run {spec.hash}: its teacher's checkpoint is unreadable")
-                phase = dataclasses.replace(phase, on_epoch_start=boom)
-            yield phase
-
-
 def test_a_member_whose_own_code_fails_leaves_the_stack_alone(tmp_path, fp64):
     data, specs = _data(), _specs(seeds=(0, 1, 2))
     sep = _separate([s for s in specs if s.seed != 1], data, tmp_path)
-    stk = _stacked(specs, data, tmp_path, method=_FailsForOneSeed(1))
+    stk = _stacked(specs, data, tmp_path, method=_OneSeedChanged(1, _unreadable_teacher))
     assert isinstance(stk[1], OSError) and "unreadable" in str(stk[1])
     assert not (tmp_path / "stacked-1" / "result.json").exists()
     assert (tmp_path / "stacked-1" / "last.pt").exists()  # its first epoch's resume state: it resumes later
