@@ -24,7 +24,12 @@ and says so.
   5 concurrency: aggregate images/s of 1, 2, 4 runs of a small model in spawned processes (CUDA).
   6 slice: a few real epochs of the conventional ResNet-20 and of P3's k=2 first block on the
     CIFAR-10 subset: accuracy and seconds per epoch.
-  cuda_graphs (after throughput): per launch-bound model family of the paper profile (its CIFAR
+  stacking (after throughput): per launch-bound model family of the paper profile (the ResNets of
+    P4/P5 first), aggregate training images/s, peak memory and achieved TFLOP/s of one run at a time
+    (separate), K runs stacked as one computation (stacked_K, K = 1, 2, 4, 8, 16: l2l/stacking.py)
+    and N runs in N processes (runs_per_gpu_N, N = 2, 4): throughput.json's ``modes``, from which the
+    executor and `l2l plan` take the fastest mode per family (l2l/modes.py).
+  cuda_graphs (after stacking): per launch-bound model family of the paper profile (its CIFAR
     ResNets: P4, P5, P2), images/s of the engine's step eager and replayed as a CUDA graph
     (executor.cuda_graphs, l2l/graphs.py), peak memory, TFLOP/s, the largest parameter difference
     after the same steps; every method for one epoch with graphs on and off (train.deterministic on:
@@ -63,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import throughput as tp  # noqa: E402  (benchmarks/throughput.py: the engine and naive paths)
 from l2l.compiling import COMPILE_OPTIONS  # noqa: E402
+from l2l.config import load_params, resolve_config  # noqa: E402
 from l2l.spec import RunSpec  # noqa: E402
 from l2l.cost import train_flops_per_image  # noqa: E402
 from l2l.device_data import DeviceData  # noqa: E402
@@ -74,6 +80,7 @@ from l2l.methods import METHODS  # noqa: E402
 from l2l.models import build_model  # noqa: E402
 from l2l.profiling import flops, latencies, latency_mode  # noqa: E402
 from l2l.pruning import count_parameters  # noqa: E402
+from l2l.stacking import MemberContext, Recorder, StackedPhase  # noqa: E402
 
 OFFLINE_NPZ = "/work/shared/data/cifar10_train50k_test1017_arrays.npz"
 # Model families at the paper profile's sizes (params.yaml profiles.paper.models), and toy ones.
@@ -114,14 +121,22 @@ SCALES = {  # per scale: models, the methods section's model (smoke sizes), imag
                  tf32_warmup=1, tf32_steps=2,
                  latency_models=TINY_P5_MODELS, latency_batches=[1, 8], latency_warmup=1, latency_repeats=3),
 }
-SECTIONS = ["stamp", "latency", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency", "slice"]
+SECTIONS = ["stamp", "latency", "methods", "throughput", "stacking", "cuda_graphs", "tf32", "compile", "concurrency",
+            "slice"]
 # a rough floor of each section's seconds: skipped when less than this is left of the budget
-NEEDS = {"stamp": 5, "latency": 30, "methods": 60, "throughput": 60, "cuda_graphs": 30, "tf32": 15, "compile": 90,
-         "concurrency": 60, "slice": 60}
+NEEDS = {"stamp": 5, "latency": 30, "methods": 60, "throughput": 60, "stacking": 45, "cuda_graphs": 30, "tf32": 15,
+         "compile": 90, "concurrency": 60, "slice": 60}
 # the most seconds a section may take (its per-model loops stop there; the whole command: benchmarks/RESULTS.md)
 SECTION_BUDGET_S = {"cuda_graphs": 75, "tf32": 35}
 # the share of the budget by whose end the per-model loops of a section stop (later sections keep theirs)
-ENDS_AT = {"throughput": 0.45, "compile": 0.7}
+ENDS_AT = {"throughput": 0.45, "stacking": 0.7, "compile": 0.8}
+# The stacking section's model families (names of the paper profile's models), most GPU-hours first; a
+# family with another's configuration (p5_teacher = p4_resnet, resnet20 = p5_resnet20) is that family
+# (l2l.modes.family_modes). Tiny: the CPU rehearsal's.
+STACK_FAMILIES = {"paper": ["p4_resnet", "p5_resnet20", "p5_narrow_deep", "p5_wide_resnet20", "vgg16", "cnn"],
+                  "tiny": ["resnet8"]}
+STACK_SIZES = {"paper": [1, 2, 4, 8, 16], "tiny": [1, 2]}
+RUNS_PER_GPU = [2, 4]
 
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -557,6 +572,145 @@ def section_slice(args, s, device, arrays, root: Path) -> dict:
     return out
 
 
+def _family_cfgs(scale: str) -> dict[str, dict]:
+    if scale == "tiny":
+        return {"resnet8": TINY_MODELS["resnet8"]}
+    params = {**load_params(Path(__file__).resolve().parents[1] / "params.yaml"), "profile": "paper"}
+    return {n: c for n, c in resolve_config(params).profile.models.items() if n in STACK_FAMILIES["paper"]}
+
+
+def _stacked_runner(cfg: dict, data: DeviceData, device: torch.device, batch: int, k: int):
+    """run(n): n stacked training steps of k conventional runs (seeds 0..k-1) of `cfg`, each on its own seed's
+    batches, as the executor trains a stack (l2l.stacking.StackedPhase)."""
+    specs = [spec_for("conventional", cfg, {"batch": batch}, 1) for _ in range(k)]
+    specs = [dataclasses.replace(s, seed=i) for i, s in enumerate(specs)]
+    rec = Recorder(specs)
+    phases = []
+    for s in specs:
+        torch.manual_seed(s.seed)
+        ctx = MemberContext(s, data, 10, device, runs=Path(os.devnull), stack=rec, member=s.seed)
+        phases.append(next(METHODS["conventional"].phases(s, ctx)))
+    stacked = StackedPhase(phases, rec)
+    plans, epoch, pos = None, 0, [len(data)]
+
+    def run(n: int) -> None:
+        nonlocal plans, epoch
+        for _ in range(n):
+            if pos[0] + batch > len(data):  # whole batches only: one shape
+                plans = tuple(torch.stack(t) for t in zip(*(data.epoch_by_position(s.seed, 0, epoch) for s in specs)))
+                epoch, pos[0] = epoch + 1, 0
+            x, y = data.stacked_batch(plans, pos[0], pos[0] + batch)
+            stacked.step(x, y)
+            pos[0] += batch
+    return run
+
+
+def _rpg_worker(cfg_q, out_q, arrays, device_name: str) -> None:
+    """A persistent process of the runs_per_gpu measurement: per job, an engine runner warmed up, then timed
+    when the parent says go (every job's processes start their timed steps together)."""
+    device = torch.device(device_name)
+    x, y = arrays
+    while (job := cfg_q.get()) is not None:
+        cfg, batch, warmup, steps = job
+        run = tp.engine_runner(cfg, x, y, device, batch, False)
+        run(warmup)
+        sync(device)
+        out_q.put("ready")
+        cfg_q.get()  # go
+        t0 = time.monotonic()
+        run(steps)
+        sync(device)
+        out_q.put((steps * batch, t0, time.monotonic()))
+
+
+class _Processes:
+    """N persistent worker processes sharing the GPU (runs_per_gpu): started once for every family."""
+
+    def __init__(self, n: int, arrays, device: torch.device):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.qs = [ctx.Queue() for _ in range(n)]
+        self.out = ctx.Queue()
+        self.procs = [ctx.Process(target=_rpg_worker, args=(q, self.out, arrays, str(device)), daemon=True)
+                      for q in self.qs]
+        for p in self.procs:
+            p.start()
+
+    def images_per_s(self, cfg: dict, n: int, batch: int, warmup: int, steps: int) -> float:
+        for q in self.qs[:n]:
+            q.put((cfg, batch, warmup, steps))
+        for _ in range(n):
+            assert self.out.get(timeout=600) == "ready"
+        for q in self.qs[:n]:
+            q.put("go")
+        done = [self.out.get(timeout=600) for _ in range(n)]
+        return sum(i for i, _, _ in done) / (max(e for _, _, e in done) - min(t for _, t, _ in done))
+
+    def close(self) -> None:
+        for q in self.qs:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=60)
+
+
+def section_stacking(args, s, device, arrays, deadline: float) -> dict:
+    """Per family: separate, stacked_K and runs_per_gpu_N, each as aggregate training images/s (all runs in
+    flight), peak memory and achieved TFLOP/s: the modes of throughput.json (l2l/modes.py)."""
+    scale = args.scale
+    x, y = arrays["train"]
+    n_train = len(y) // s["batch"] * s["batch"]
+    data = device_data({**arrays, "train": (x[:n_train], y[:n_train])}, device)
+    cuda = device.type == "cuda"
+    procs = _Processes(max(RUNS_PER_GPU), (x[:n_train], y[:n_train]), device) if cuda else None
+    warmup, steps = max(2, s["warmup"] // 2), max(2, s["steps"] // 2)
+    out, skipped = {}, []
+    try:
+        for name, cfg in _family_cfgs(scale).items():
+            if time.monotonic() > deadline:
+                skipped.append(name)
+                continue
+            gflop = train_flops_per_image(cfg, 10, s["batch"]) / 1e9
+            modes = {}
+
+            def record(mode: str, runs: int, seconds_or_rate, peak: float | None, rate: bool = False) -> None:
+                ips = seconds_or_rate if rate else runs * steps * s["batch"] / seconds_or_rate
+                modes[mode] = {"images_per_s": ips, "peak_memory_gib": peak, "achieved_tflops": ips * gflop / 1e3,
+                               "runs": runs}
+
+            def peak() -> float | None:
+                return torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            secs = tp._timed(tp.engine_runner(cfg, x[:n_train], y[:n_train], device, s["batch"], False), warmup,
+                             steps, device)
+            record("separate", 1, secs, peak())
+            for k in STACK_SIZES[scale]:
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    secs = tp._timed(_stacked_runner(cfg, data, device, s["batch"], k), warmup, steps, device)
+                    record(f"stacked_{k}", k, secs, peak())
+                except torch.OutOfMemoryError:
+                    modes[f"stacked_{k}"] = {"skipped": "out of memory"}
+                    break
+            for n in RUNS_PER_GPU if cuda else []:
+                if time.monotonic() > deadline:
+                    break
+                record(f"runs_per_gpu_{n}", n, procs.images_per_s(cfg, n, s["batch"], warmup, steps), None, rate=True)
+            best = max((m for m in modes if "images_per_s" in modes[m]), key=lambda m: modes[m]["images_per_s"])
+            out[name] = {"cfg": cfg, "train_gflop_per_image": gflop, "modes": modes, "fastest": best}
+    finally:
+        if procs is not None:
+            procs.close()
+    return {"families": out, "skipped_for_budget": skipped,
+            "runs_per_gpu": "measured" if cuda else "skipped: needs CUDA (runs share one GPU)"}
+
+
 # --- outputs --------------------------------------------------------------------------------
 
 def throughput_doc(results: dict, s: dict) -> dict:
@@ -570,11 +724,15 @@ def throughput_doc(results: dict, s: dict) -> dict:
         models[name] = {**row, "engine_compiled_images_per_s": comp.get("compiled_images_per_s"),
                         "share_of_bf16_peak": row["share_of_measured_ceiling"]}
     conc = results.get("concurrency") or {}
-    return {"modes": merge_modes(cuda_graphs_modes(results)),
-            "stamp": st, "data": results["data"], "images": s["train"], "warmup": s["warmup"], "steps": s["steps"],
+    # execution modes per family (l2l/modes.py): every measured mode of every family, CUDA graphs' beside them
+    modes = {name: {m: f for m, f in fam["modes"].items() if "images_per_s" in f}
+             for name, fam in (results.get("stacking") or {}).get("families", {}).items()}
+    return {"stamp": st, "data": results["data"], "images": s["train"], "warmup": s["warmup"], "steps": s["steps"],
             "naive_workers": results["naive_workers"], "peak_bf16_tflops": st.get("matmul_tflops"),
             "peak_source": "bf16 matmul measured by benchmarks/gpu_check.py", "models": models,
-            "concurrency": conc if "images_per_s" in conc else None, "source": "benchmarks/gpu_check.py"}
+            "concurrency": conc if "images_per_s" in conc else None,
+            "modes": merge_modes(modes, cuda_graphs_modes(results)),
+            "source": "benchmarks/gpu_check.py"}
 
 
 def cuda_graphs_modes(results: dict) -> dict[str, dict]:
@@ -656,6 +814,19 @@ def markdown(results: dict) -> str:
                          f"{f(r['naive_images_per_s'])} | {r['ratio']:.2f} | {f(big)} | "
                          f"{r['train_gflop_per_image']:.3f} | {r['achieved_tflops']:.2f} | {f(share, '{:.1f}')} | "
                          f"{f(r.get('peak_memory_mib'))} |")
+    fams = (results.get("stacking") or {}).get("families", {})
+    if fams:
+        lines += ["", "| family | mode | runs | aggregate img/s | x separate | peak GiB | TFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, fam in fams.items():
+            sep = fam["modes"]["separate"]["images_per_s"]
+            for mode, m in fam["modes"].items():
+                if "images_per_s" not in m:
+                    lines.append(f"| {name} | {mode} | skipped ({m.get('skipped')}) |")
+                    continue
+                lines.append(f"| {name} | {mode}{' (fastest)' if mode == fam['fastest'] else ''} | {m['runs']} | "
+                             f"{m['images_per_s']:.0f} | {m['images_per_s'] / sep:.2f} | "
+                             f"{f(m['peak_memory_gib'], '{:.1f}')} | {m['achieved_tflops']:.2f} |")
     for label, r in results.get("compile", {}).get("methods", {}).items():
         if "skipped" in r:
             lines.append(f"- compile {label}: skipped ({r['skipped']})")
@@ -809,6 +980,7 @@ def main(argv=None) -> dict | None:
                 "latency": lambda: section_latency(args, s, device),
                 "methods": lambda: section_methods(args, s, device, arrays, root),
                 "throughput": lambda: section_throughput(args, s, device, arrays, deadline, ceiling),
+                "stacking": lambda: section_stacking(args, s, device, arrays, deadline),
                 "cuda_graphs": lambda: section_cuda_graphs(args, s, device, arrays, root, deadline),
                 "tf32": lambda: section_tf32(args, s, device, arrays, deadline),
                 "compile": lambda: section_compile(args, s, device, arrays, root, deadline),

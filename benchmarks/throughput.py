@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from l2l.cost import train_flops_per_image  # noqa: E402
 from l2l.datasets import DATASETS  # noqa: E402
+from l2l.devices import peaks  # noqa: E402
 from l2l.device_data import DeviceData  # noqa: E402
 from l2l.engine import RunContext, device_info, step_batches  # noqa: E402
 from l2l.methods import conventional  # noqa: E402
@@ -65,13 +66,10 @@ MODELS = {
 # The paper profile's training settings (params.yaml) that affect speed.
 TRAIN = resolve_train({"epochs": 1, "batch_size": 128, "optimizer": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
                        "schedule": {"name": "cosine"}, "augment": {"crop_padding": 4, "flip": True}}, "benchmark.train")
-# Dense bf16 tensor-core peaks (TFLOP/s, NVIDIA data sheets, without sparsity). First match wins.
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
-                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0)]
-
-
 def peak_tflops(device_name: str) -> float | None:
-    return next((p for key, p in PEAK_BF16_TFLOPS if key in device_name), None)
+    """The dense bf16 tensor-core peak of the device's data sheet (l2l/devices.py), None if not listed."""
+    d = peaks(device_name)
+    return None if d is None else d.bf16
 
 
 # --- data ---------------------------------------------------------------------------------

@@ -83,6 +83,10 @@ EXECUTOR: dict[str, Key] = {
         "worker_uri": Key(_http_uri, None, "the URI workers log to; null: that server's (this node's name for "
                                            "host 0.0.0.0)"),
     }),
+    "stack_seeds": Key(lambda v, p: _stack_seeds(v, p), "auto",
+                       "runs differing only by seed trained as one stacked computation (l2l/stacking.py): auto = "
+                       "per model the fastest mode measured on this device (benchmarks/throughput.json, l2l/modes.py), "
+                       "separate where none is; off; or K: stacks of up to K runs; not part of a run's identity"),
     "ray": Key({
         "address": Key(optional_str, None, "null: a local Ray instance; 'auto' or ray://host:port: a cluster"),
         "cpus_per_run": Key(pos_float, 1),
@@ -105,6 +109,16 @@ EXECUTOR: dict[str, Key] = {
         "folder": Key(path_str, "slurm"),
     }),
 }
+
+
+def _stack_seeds(v: Any, path: str) -> str | int:
+    if v is False:  # YAML reads an unquoted off as false
+        return "off"
+    if v in ("auto", "off"):
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise config_error(path, "auto, off or a number of runs per stack (an integer >= 1)", v)
+    return v
 
 
 def _per_claim(v: Any, path: str) -> dict:

@@ -40,6 +40,7 @@ class Dataset:
     torchvision: str  # the torchvision.datasets class of its originals
     train_images: int  # in the official training set (VOC: trainval)
     test_images: int  # in the official test set
+    download_bytes: int = 0  # its original archives, as a download fetches them (l2l plan's disk figures)
 
     @property
     def num_classes(self) -> int:
@@ -49,12 +50,15 @@ class Dataset:
 DATASETS: dict[str, Dataset] = {
     # mean/std: the papers' CIFAR pipelines (P3's code for CIFAR-10)
     "cifar10": Dataset("cifar10", tuple(CIFAR10_CLASSES), SINGLE_LABEL,
-                       ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)), 32, "CIFAR10", 50000, 10000),
+                       ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)), 32, "CIFAR10", 50000, 10000,
+                       download_bytes=170_498_071),  # cifar-10-python.tar.gz
     "cifar100": Dataset("cifar100", tuple(CIFAR100_CLASSES), SINGLE_LABEL,
-                        ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), 32, "CIFAR100", 50000, 10000),
+                        ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), 32, "CIFAR100", 50000, 10000,
+                        download_bytes=169_001_437),  # cifar-100-python.tar.gz
     # Pascal VOC: the ImageNet statistics that VOC classification pipelines use (torchvision's)
     "voc2007": Dataset("voc2007", tuple(VOC_CLASSES), MULTI_LABEL,
-                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), None, "VOCDetection", 5011, 4952),
+                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), None, "VOCDetection", 5011, 4952,
+                       download_bytes=460_032_000 + 451_020_800),  # VOCtrainval_06-Nov-2007.tar, VOCtest_...tar
 }
 DATA_SOURCES = ("auto", "download", "mirror", "npz")
 VOC_AP_MODES = ("area", "11point")

@@ -75,6 +75,23 @@ class DeviceData:
             idx = order[i:i + batch_size]
             yield self.augment(idx, offsets[idx], flips[idx]), self.y["train"][idx]
 
+    def epoch_by_position(self, seed: int, phase: int, epoch: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The epoch of train_batches in batch order: image ids, their crop offsets, flips and labels."""
+        order, offsets, flips = self.epoch_plan(seed, phase, epoch)
+        if not self.flip:
+            flips = torch.zeros_like(flips)
+        return order, offsets[order], flips[order], self.y["train"][order]
+
+    def stacked_batch(self, plans: tuple[torch.Tensor, ...], start: int, stop: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [start, stop) of K runs' epochs (epoch_by_position of each, stacked: (K, N) each),
+        augmented in one call: images (K, B, C, H, W) and labels (K, B); each run's images are exactly
+        those train_batches gives it (augmentation is per image)."""
+        order, crops, flips, labels = (t[:, start:stop] for t in plans)
+        x = self.augment(order.reshape(-1), crops.reshape(-1, 2), flips.reshape(-1))
+        return x.view(*order.shape, *x.shape[1:]), labels
+
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x, y = self.x[split], self.y[split]
         for i in range(0, len(y), batch_size):

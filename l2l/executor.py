@@ -13,6 +13,11 @@ trained them.
   times out or is preempted is requeued and its runs resume.
 
 With more than one worker process, MLflow has one writer: :func:`l2l.tracking.single_writer`.
+
+What a backend executes is a task: one run, or a :class:`Stack` of runs that differ only by seed,
+trained as one stacked computation (l2l/stacking.py; params' ``executor.stack_seeds``: by default the
+fastest mode measured per model family on the device, l2l/modes.py). Each run of a stack keeps its
+folder, record, MLflow run and resume; one that fails fails alone (:func:`train_stack`).
 """
 from __future__ import annotations
 
@@ -42,11 +47,14 @@ from l2l.config import Config, required_hashes
 from l2l.data import DeviceDataCache
 from l2l.datasets import DataSettings, val_joins_train
 from l2l.engine import RunContext, device_info, pick_device, train_run
-from l2l.io import read_record, run_lock, write_json
+from l2l.io import read_json, read_record, run_lock, write_json
 from l2l.methods import METHODS
+from l2l import modes
+from l2l.modes import THROUGHPUT_FILE
 from l2l.mlflow_model import log_model
 from l2l.progress import RunProgress, StageProgress, bars_around_logging, bars_enabled
 from l2l.spec import RunSpec
+from l2l.stacking import Lockstep, MemberContext, seed_group
 from l2l.stage import RUNS, setup_logging
 from l2l.tracking import RunTracker, dataset_inputs, mark_failed, single_writer
 
@@ -87,13 +95,17 @@ class Worker:
     max_retries: int = 0  # a run whose process died is retried this often, first (params' executor.max_retries)
 
 
-def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> dict:
+def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker,
+              member: tuple[Lockstep, int] | None = None) -> dict | list:
     """Train one run of the plan (resuming it if interrupted): the unit every backend executes.
 
-    spec: a RunSpec as a dict. Loads the prepared data itself, so it runs in any process. Holds the
-    run folder's lock throughout (a second trainer of the run is refused, naming this one's PID); a
-    run another trainer finished meanwhile is not trained again. Returns {hash, images_per_s}.
+    spec: a RunSpec as a dict (or a :class:`Stack`'s: :func:`train_stack`). Loads the prepared data itself,
+    so it runs in any process. Holds the run folder's lock throughout (a second trainer of the run is
+    refused, naming this one's PID); a run another trainer finished meanwhile is not trained again.
+    member: (its stack, its place in it) for a run trained stacked. Returns {hash, images_per_s}.
     """
+    if "stack" in spec:
+        return train_stack(spec["stack"], profile, data, worker)
     if worker.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = worker.tracking_uri
     spec = RunSpec.from_dict(spec)
@@ -119,9 +131,19 @@ def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> d
                                                     # split.val_size 0: the validation images were trained on
                                                     {"train": "training", "val": "training"
                                                      if val_joins_train(spec.data) else "validation"}))
-                ctx = RunContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve(),
-                                 cuda_graphs=worker.cuda_graphs)
-                result = train_run(spec, METHODS[spec.method], ctx, run_dir, on_epoch=tracker.log_epoch,
+                method = METHODS[spec.method]
+                if member is None:
+                    ctx = RunContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve(),
+                                     cuda_graphs=worker.cuda_graphs)
+                else:  # trained stacked: its step is the stack's (l2l/stacking.py), the rest its own (never
+                    # captured as a CUDA graph: the stack's step is one computation of all its members)
+                    stack, k = member
+                    ctx = MemberContext(spec, arrays, num_classes, device, runs=run_dir.parent.resolve(),
+                                        stack=stack, member=k)
+                    method = stack.method(method, k)
+                    tracker.set_tags({"l2l.execution": f"stacked_{stack.size}",
+                                      "l2l.stack.seeds": ",".join(map(str, stack.seeds))})
+                result = train_run(spec, method, ctx, run_dir, on_epoch=tracker.log_epoch,
                                    on_resume=tracker.backfill, checkpoint_every=worker.checkpoint_every,
                                    checkpoint_min_seconds=worker.checkpoint_min_seconds,
                                    progress=RunProgress(spec.label, bars=worker.progress_bars and bars_enabled()))
@@ -142,11 +164,69 @@ def train_one(spec: dict, profile: str, data: DataSettings, worker: Worker) -> d
     return {"hash": spec.hash, "images_per_s": result["images_per_s"]}
 
 
+class StackFailed(RunsFailed):
+    """Some runs of a stack failed (the others finished): `hashes` names the failed ones."""
+
+    def __init__(self, message: str, hashes: list[str]):
+        super().__init__(message, hashes)
+        self.hashes = hashes
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Runs of the plan that differ only by seed, trained as one stacked computation (l2l/stacking.py):
+    a task of any backend, in place of one run (hash, label and to_dict as a RunSpec's; its hash names
+    its runs', joined by "+", which l2l.progress counts one by one)."""
+
+    members: tuple[RunSpec, ...]
+
+    @property
+    def hash(self) -> str:
+        return "+".join(s.hash for s in self.members)
+
+    @property
+    def label(self) -> str:
+        s = self.members[0]
+        return f"{s.experiment}/{s.model}/{s.dataset}/s{','.join(str(m.seed) for m in self.members)}"
+
+    def to_dict(self) -> dict:
+        return {"stack": [s.to_dict() for s in self.members], "experiment": self.members[0].experiment}
+
+
+def train_stack(specs: list[dict], profile: str, data: DataSettings, worker: Worker) -> list:
+    """Train runs that differ only by seed as one stack (l2l/stacking.py): each run as train_one trains
+    it (its lock, MLflow run, resume, record), its step the stack's. A run that fails leaves the stack
+    and fails alone; the others go on. Raises StackFailed naming the failed runs after the others ended."""
+    members = [RunSpec.from_dict(s) for s in specs]
+    stack = Lockstep(members)
+    one = replace(worker, progress_bars=False)  # K bars would fight over one line: epoch lines per run
+    log.info("stacked: %d runs of %s (seeds %s) as one computation", len(members),
+             Stack(tuple(members)).label.rsplit("/s", 1)[0], ", ".join(map(str, stack.seeds)))
+    outcomes = stack.run(lambda k: train_one(specs[k], profile, data, one, member=(stack, k)))
+    for o in outcomes:
+        if isinstance(o, BaseException) and not isinstance(o, Exception):
+            raise o  # interrupted (SIGTERM, Ctrl-C): every run of the stack was marked KILLED
+    failed = [(m, o) for m, o in zip(members, outcomes) if isinstance(o, BaseException)]
+    if failed:
+        m, err = failed[0]
+        raise StackFailed(f"{len(failed)} of {len(members)} stacked runs failed; first: {_describe(m)}: "
+                          f"{type(err).__name__}: {err}", [m.hash for m, _ in failed])
+    return outcomes
+
+
+def task_of(d: dict) -> RunSpec | Stack:
+    """A backend's task from its dict (RunSpec.to_dict or Stack.to_dict)."""
+    return Stack(tuple(RunSpec.from_dict(s) for s in d["stack"])) if "stack" in d else RunSpec.from_dict(d)
+
+
 def train_group(specs: list[dict], profile: str, data: DataSettings, worker: Worker) -> list:
     """Several runs sharing this process's GPU concurrently (one worker process each); one run: in process."""
     if len(specs) == 1:
         return [train_one(specs[0], profile, data, worker)]
-    todo = [RunSpec.from_dict(s) for s in specs]  # a spec's dict holds its fields, not its hash
+    todo = [task_of(s) for s in specs]  # a spec's dict holds its fields, not its hash
     return _pool(todo, profile, data, worker, slots=[None] * len(specs),
                  progress=StageProgress([s.hash for s in todo], bars=False))
 
@@ -555,6 +635,53 @@ def _describe(spec: RunSpec) -> str:
     return f"{spec.hash} ({spec.label})"
 
 
+# --- how each run executes: separate, stacked, or several per GPU ---------------------------
+
+def _resume_point(root: str | Path, spec: RunSpec) -> tuple | None:
+    """(phase, epoch) of a run's newest resume state (its sidecar's record), None for a fresh run: the
+    runs of one stack start from the same point."""
+    side = Path(root) / RUNS / spec.hash / "last.pt.json"
+    try:
+        rec = read_json(side)
+        return rec["phase"], rec["epoch"]
+    except (OSError, IntegrityError, KeyError, TypeError):
+        return None
+
+
+def execution(wave: list[RunSpec], config: Config, root: str | Path = ".", device: str | None = None,
+              throughput: Path = THROUGHPUT_FILE) -> list[tuple[int, list[RunSpec | Stack]]]:
+    """The wave's tasks per number of runs in flight on a GPU (runs_per_gpu), each task one run or a
+    Stack of runs that differ only by seed. executor.stack_seeds: auto = per model family the fastest
+    mode measured on `device` (default: this process's; a cluster backend: the one GPU measured, if
+    exactly one is) in benchmarks/throughput.json (l2l/modes.py), separate where none is; off; or K."""
+    cfg = config.executor
+    setting = cfg["stack_seeds"]
+    measured_on, measured = None, {}
+    if setting == "auto":
+        if device is None and cfg["backend"] == "local":
+            device = device_info(pick_device())["device_name"]
+        measured_on, measured = modes.measured(Path(root) / throughput, device)
+    groups: dict[str, list[RunSpec]] = {}
+    for s in wave:
+        groups.setdefault(seed_group(s), []).append(s)
+    out: dict[int, list[RunSpec | Stack]] = {}
+    for specs in groups.values():
+        s = specs[0]
+        name, family = modes.family_modes(s.model, s.model_cfg, measured, config.profile.models)
+        mode = modes.decide(setting, family, modes.stack_refusal(s) is None, len(specs))
+        if mode.images_per_s is not None:
+            log.info("%s/%s/%s: %s, the fastest mode measured on %s (%s: %.0f images/s)", s.experiment, s.model,
+                     s.dataset, mode.name, measured_on, name, mode.images_per_s)
+        by_start: dict[tuple | None, list[RunSpec]] = {}  # a stack's runs start from the same resume state
+        for m in specs:
+            by_start.setdefault(_resume_point(root, m) if mode.members > 1 else None, []).append(m)
+        for same in by_start.values():
+            for chunk, m in modes.assign(same, setting, family, modes.stack_refusal(s) is None):
+                n = m.concurrent if m.images_per_s is not None else cfg["runs_per_gpu"]
+                out.setdefault(n, []).append(Stack(tuple(chunk)) if len(chunk) > 1 else chunk[0])
+    return sorted(out.items())
+
+
 def run_plan(todo: list[RunSpec], config: Config, root: str | Path = ".",
              estimates: dict[str, float | None] | None = None) -> None:
     """Train every run of `todo` with the backend params.yaml names, a run after the runs it requires
@@ -593,7 +720,15 @@ def _run_waves(todo: list[RunSpec], config: Config, root: str | Path, progress: 
             raise RunsFailed(f"{len(unfinished)} runs require unfinished runs; first: {_describe(s)} requires "
                                f"{_describe(by_hash[h]) if h in by_hash else h}, which has no result.json")
         try:
-            RUNNERS[cfg["backend"]](wave, config, worker, progress)
+            errors = []
+            for runs_per_gpu, tasks in execution(wave, config, worker.root):
+                try:  # each group of its own runs per GPU; a failure in one does not stop the other
+                    RUNNERS[cfg["backend"]](tasks, replace(config, executor={**cfg, "runs_per_gpu": runs_per_gpu}),
+                                            worker, progress)
+                except Exception as e:  # noqa: BLE001 (re-raised below, after the wave's other runs)
+                    errors.append(e)
+            if errors:
+                raise errors[0]
         except Exception as e:
             later = [s for w in stages[i + 1:] for s in w]
             if not later:

@@ -74,8 +74,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     The T^2 factor keeps its gradients on the scale of the cross-entropy's as T changes.
     """
     t = temperature
-    return F.kl_div((student_logits.float() / t).log_softmax(1), (teacher_logits.float() / t).log_softmax(1),
-                    reduction="batchmean", log_target=True) * t * t
+    log_p = (teacher_logits.float() / t).log_softmax(1)
+    log_q = (student_logits.float() / t).log_softmax(1)
+    # F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) in its own ops, the same values and gradients
+    # bit for bit (tests/test_teacher_student.py), which vmap batches (aten's kl_div has no vmap rule: a stack of
+    # runs, l2l/stacking.py, would loop over its members)
+    return (log_p.exp() * (log_p - log_q)).sum() / log_q.size(0) * t * t
 
 
 def kd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label_loss: torch.Tensor,

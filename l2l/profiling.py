@@ -24,12 +24,16 @@ range), so one slow outlier does not move it. Two ways to run the pass (LATENCY_
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
+import torch.optim.optimizer as optimizer_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 
@@ -57,6 +61,110 @@ FLOP_RULES = {torch.ops.aten.convolution_backward: conv_backward_flop}
 def flop_counter() -> FlopCounterMode:
     """torch's FLOP counter with this module's corrections; use as a context, then .get_total_flops()."""
     return FlopCounterMode(display=False, custom_mapping=FLOP_RULES)
+
+
+# --- a step's FLOPs and kernel launches, counted on the meta device -----------------------------
+
+# Ops that launch no kernel on a GPU: tensor metadata queries, allocations, and views (every op whose
+# result aliases an input without writing it, and aten._unsafe_view, a view autograd does not track).
+_NO_KERNEL = {"empty", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "detach", "lift_fresh",
+              "alias", "is_same_size", "_has_compatible_shallow_copy_type", "_local_scalar_dense"}
+_METADATA = {"is_contiguous", "is_strides_like_format", "is_non_overlapping_and_dense", "size", "sym_size", "stride",
+             "sym_stride", "storage_offset", "sym_storage_offset", "numel", "sym_numel", "dim"}
+# torch's multi_tensor_apply (fused SGD on CUDA: parameters, gradients, momentum buffers) launches one kernel
+# per at most 48 tensor triples and 320 chunks of 65,536 elements (ATen/native/cuda/MultiTensorApply.cuh)
+FUSED_TENSORS_PER_LAUNCH, FUSED_ELEMENTS_PER_LAUNCH = 48, 320 * 65536
+_MEMO: dict = {}  # (op, argument shapes/strides/dtypes...) -> (output shapes/strides/dtypes, FLOPs): meta only
+
+
+class _Meta:
+    __slots__ = ("shape", "stride", "dtype")
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.stride, self.dtype = tuple(t.shape), t.stride(), t.dtype
+
+    def tensor(self) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
+
+
+def _key(a):
+    if isinstance(a, torch.Tensor):
+        if a.device.type != "meta":
+            raise TypeError("not a meta tensor")
+        return (tuple(a.shape), a.stride(), a.dtype)
+    if isinstance(a, (list, tuple)):
+        return tuple(_key(x) for x in a)
+    if isinstance(a, dict):
+        return tuple((k, _key(v)) for k, v in sorted(a.items()))
+    if a is None or isinstance(a, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return a
+    raise TypeError(type(a).__name__)
+
+
+class StepCounter(TorchDispatchMode):
+    """FLOPs and GPU kernel launches of what runs under it (a training step on the meta device).
+
+    FLOPs: torch.utils.flop_counter's formulas with this module's FLOP_RULES (the same figures as
+    :func:`flop_counter`), without its decomposition of every other op into prims (which made a meta
+    step cost ~1.5 s). Launches: every dispatched op that is not a view, an allocation or a metadata
+    query counts one kernel (``torch.profiler`` on a CPU lists the same ops: tests/test_plan.py); an
+    optimizer's step counts as fused SGD's launches on CUDA (FUSED_*), not its per-tensor ops. Ops on
+    meta tensors are memoised by their arguments' shapes, so a network's repeated blocks are shape-
+    inferred once per process."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops, self.launches = 0, 0
+        self.registry = flop_counter().flop_registry
+        self._in_step, self._hooks = 0, []
+
+    def __enter__(self):
+        self._hooks = [optimizer_hooks.register_optimizer_step_pre_hook(self._pre),
+                       optimizer_hooks.register_optimizer_step_post_hook(self._post)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def _pre(self, opt, args, kwargs) -> None:
+        self._in_step += 1
+
+    def _post(self, opt, args, kwargs) -> None:
+        self._in_step -= 1
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            self.launches += max(math.ceil(len(params) / FUSED_TENSORS_PER_LAUNCH),
+                                 math.ceil(sum(p.numel() for p in params) / FUSED_ELEMENTS_PER_LAUNCH))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        if name in _METADATA or func is torch.ops.prim.device.default:
+            return func(*args, **kwargs)
+        alias = [r.alias_info for r in func._schema.returns if r.alias_info is not None]
+        functional = not alias and not any(a.alias_info is not None and a.alias_info.is_write and a.kwarg_only
+                                           for a in func._schema.arguments)  # no out= argument
+        key = None
+        if functional and any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0]):
+            try:  # (an op with no tensor argument may follow the default device: never memoised)
+                key = (func, _key(args), _key(kwargs))
+            except TypeError:
+                key = None
+        if key is not None and key in _MEMO:
+            metas, n = _MEMO[key]
+            out = tree_map(lambda m: m.tensor() if isinstance(m, _Meta) else m, metas)
+        else:
+            out = func(*args, **kwargs)
+            f = self.registry.get(func._overloadpacket)
+            n = f(*args, **kwargs, out_val=out) if f is not None else 0
+            if key is not None and all(isinstance(t, torch.Tensor) or t is None for t in tree_flatten(out)[0]):
+                _MEMO[key] = (tree_map(lambda t: _Meta(t) if isinstance(t, torch.Tensor) else t, out), n)
+        self.flops += n
+        if not self._in_step and name not in _NO_KERNEL and not (alias and not any(a.is_write for a in alias)):
+            self.launches += 1
+        return out
 
 
 def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -125,19 +125,24 @@ class StageProgress:
             log.info("[%d/%d] %s: %s", self.done + self.failed + 1, self.total, run_hash, label)
 
     def finished(self, run_hash: str, label: str, error: BaseException | None = None) -> None:
-        if run_hash in self.left:
-            self.left.remove(run_hash)
-        if error is None:
-            self.done += 1
-            self.estimated_done += self.estimates.get(run_hash) or 0.0
-        else:
-            self.failed += 1
+        """A task ended: one run, or a stack of runs (hashes joined by "+", l2l.executor.Stack), each counted;
+        with an error, the runs it names in `hashes` failed (all of them where it names none)."""
+        runs = run_hash.split("+")
+        failed = set(getattr(error, "hashes", None) or runs) if error is not None else set()
+        for h in runs:
+            if h in self.left:
+                self.left.remove(h)
+            if h in failed:
+                self.failed += 1
+            else:
+                self.done += 1
+                self.estimated_done += self.estimates.get(h) or 0.0
         n = self.done + self.failed
         outcome = "done" if error is None else f"FAILED: {error}"
         log.info("[%d/%d runs] %s %s %s; stage %s", n, self.total, run_hash, label, outcome, self.eta_text())
         if self.bar is not None:
             self._refresh()
-            self.bar.update(1)
+            self.bar.update(len(runs))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -89,8 +89,8 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert all(res["sections"][k].startswith("done") for k in
-               ("stamp", "latency", "methods", "throughput", "cuda_graphs", "tf32", "compile", "concurrency",
-                "slice")), res["sections"]
+               ("stamp", "latency", "methods", "throughput", "stacking", "cuda_graphs", "tf32", "compile",
+                "concurrency", "slice")), res["sections"]
     lat = res["latency"]  # P5's planned students against the teacher: on a CPU, eager only (no CUDA graphs)
     assert list(lat["modes"]) == ["eager"] and list(lat["modes"]["eager"]) == ["b1", "b8"]
     assert lat["teacher"] == "p5_teacher" and set(lat["models"]) == {"p5_teacher", "p5_resnet20", "p5_wide_resnet20",
@@ -121,12 +121,23 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     tp = load_throughput(out / "throughput.json")  # the format `l2l plan` reads
     assert tp.device == "cpu" and set(tp.models) == {"cnn", "resnet8"}
     doc = json.loads((out / "throughput.json").read_text())
-    assert doc["measurements"][tp.device_name]["modes"] == {}  # no cuda_graphs mode from a CPU
+    assert not any("cuda_graphs" in m for m in doc["measurements"][tp.device_name]["modes"].values())  # none from a CPU
     assert all(tp.images_per_s(n) > 0 for n in tp.models)
+    # execution modes per family (l2l/modes.py, TEAM.md's contract): separate and stacked_K measured,
+    # runs_per_gpu only on CUDA
+    modes = tp.modes["resnet8"]
+    assert set(modes) == {"separate", "stacked_1", "stacked_2"} and res["stacking"]["runs_per_gpu"].startswith("skipped")
+    for name, m in modes.items():
+        assert m.images_per_s > 0 and m.achieved_tflops > 0 and m.runs == m.members
+    raw = json.loads((out / "throughput.json").read_text())
+    (figures,) = raw["measurements"].values()
+    assert set(figures["modes"]["resnet8"]["stacked_2"]) == {"images_per_s", "peak_memory_gib", "achieved_tflops",
+                                                             "runs"}
     md = (out / "gpu_check.md").read_text()
     assert "| model | batch | engine img/s |" in md and "| l2l_mutual |" in md
     assert "| resnet8 (resnet8) | 32 |" in md and "| p3_k2_narrow | 32 |" in md
     assert "| p5_narrow_deep |" in md and "eager b1 ms (ratio)" in md
+    assert "| resnet8 | stacked_2 |" in md or "| resnet8 | stacked_2 (fastest) |" in md
 
 
 def test_the_cuda_graphs_mode_reaches_throughput_json_per_profile_model_name(monkeypatch):

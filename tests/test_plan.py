@@ -73,10 +73,11 @@ def test_per_claim_rows(workspace, capsys):
 
 def test_unknown_device_one_line_error(workspace, capsys):
     with pytest.raises(SystemExit) as e:
-        _plan(capsys, "--device", "H100")
+        _plan(capsys, "--device", "TPU v9")
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "l2l: error: throughput.json: no measurement for device 'H100' (measured: Test CPU)"
+    assert err == ("l2l: error: throughput.json: no measurement for device 'TPU v9' (measured: Test CPU); no data "
+                   "sheet for it either (l2l/devices.py: H100 PCIe, H100 NVL, H100, H200, A100, L40S, L4)")
 
 
 def test_paper_profile_from_the_committed_measurement(capsys, monkeypatch, tmp_path):
@@ -106,7 +107,7 @@ def test_epochs_summed_over_the_methods_phases(monkeypatch):
         for j in range(3):
             yield Phase(f"block{j}", 2 + j, {}, {}, step=None, predictor=None)
 
-    monkeypatch.setitem(methods.METHODS, "three_blocks", SimpleNamespace(phases=phases))
+    monkeypatch.setitem(methods.METHODS, "three_blocks", SimpleNamespace(phases=phases, stackable=lambda o: "no"))
     assert planned_epochs(make_spec(method="three_blocks")) == 2 + 3 + 4
     assert planned_epochs(make_spec()) == make_spec().train["epochs"]
 
@@ -165,3 +166,109 @@ def test_run_timing_benchmark_fits_the_measured_runs(workspace, capsys):
     assert "Test CPU: held out (fit on 2 even-seed runs, predicting 2 odd-seed runs)" in out
     t = load_timing("Test CPU", workspace / "timing.json")
     assert t.runs == 4 and t.seconds(*costs[0].features) == pytest.approx(4 + 0.01 * costs[0].features[1], rel=1e-3)
+
+
+# --- GPU pricing: an unmeasured device's estimate, measured execution modes ------------------------
+
+def test_an_unmeasured_gpu_is_an_estimate_with_its_assumptions(workspace, capsys):
+    """`--device H100` (not measured, in l2l/devices.py): every figure marked an estimate, the assumptions
+    printed, each run the longer of its FLOPs at the share of peak and its launches at the launch cost."""
+    from l2l.cost import device_estimate, model_counts, phase_costs, run_costs
+
+    out = _plan(capsys, "--device", "H100")
+    assert "**H100 SXM: estimate, not measured**" in out and "estimate (H100 SXM, not measured), separate" in out
+    assert "bf16 989.4 TFLOP/s" in out and "at 30% of that peak" in out and "launches x 6 us" in out
+    assert "## What this profile needs" in out and "H100 SXM GPU-hours (estimate, not measured)" in out
+    config = load_config()
+    spec = next(c.spec for c in run_costs(config, None)[0] if c.spec.model == "cnn")
+    n, b, eb = {"train": 200, "val": 50, "test": 100}, spec.train["batch_size"], spec.train["eval_batch_size"]
+    flops, _, fwd_launches, _ = model_counts(spec.model_cfg, 10, b)
+    (phase,) = phase_costs(spec)
+    batches = 1 * 1 + 2 * (1 + 1)  # one epoch's validation batch, the evaluate stage's val and test of two checkpoints
+    compute_only = device_estimate("H100", launch_us=0.0)
+    peak = 0.30 * 989.4e12
+    assert compute_only.run_seconds(spec, n) == pytest.approx(
+        4 * phase.step_flops * b / peak + batches * flops / EVAL_SPEEDUP * eb / peak, rel=1e-9)  # 4 steps of 50
+    launch_bound = device_estimate("H100", launch_us=1e4)
+    assert launch_bound.run_seconds(spec, n) == pytest.approx(4 * phase.launches * 1e-2 + batches * fwd_launches * 1e-2)
+    # a stack of 2 takes one stacked step (its own launches) for both: each run half of it
+    assert launch_bound.run_seconds(spec, n, members=2) == pytest.approx(
+        4 * phase.stacked_launches * 1e-2 * launch_bound.stacked_host / 2 + batches * fwd_launches * 1e-2)
+    assert phase.stacked_launches * launch_bound.stacked_host < 2 * phase.launches
+    out = _plan(capsys, "--device", "H100", "--launch-us", "10000")
+    assert "Stacked where the method allows" in out and "stacked_2" in out
+
+
+def test_measured_modes_are_chosen_and_priced_per_family(workspace, capsys, monkeypatch):
+    """A measurement with modes: each family runs (and is priced) in its fastest executable mode, separate where
+    none was measured; the executor builds the same tasks."""
+    from l2l.cost import run_costs
+    from l2l.executor import Stack, execution
+
+    gpu = {**CPU, "stamp": {"device": "cuda", "device_name": "Test GPU", "date": "2026-12-06"},
+           "modes": {"cnn": {"separate": {"images_per_s": 100.0, "runs": 1},
+                             "stacked_2": {"images_per_s": 300.0, "runs": 2},
+                             "runs_per_gpu_2": {"images_per_s": 150.0, "runs": 2},
+                             "stacked_2_cuda_graphs": {"images_per_s": 900.0, "runs": 2}}}}
+    (workspace / "throughput.json").write_text(json.dumps({"measurements": {"Test GPU": gpu}}))
+    out = _plan(capsys, "--device", "Test GPU")
+    cnn = (200 + (50 + 2 * (50 + 100)) / EVAL_SPEEDUP) / 300.0 / 3600  # aggregate images/s of the stack
+    assert f"| cnn | cifar10 | 2 | 0 | 2 | 1 | {_hours(cnn)} | {_hours(2 * cnn)} | measured stacked_2 (cnn);" in out
+    assert "| wide | cifar10 | 2 | 0 | 2 | 1 |" in out and "FLOPs-scaled from cnn; step" in out  # nothing measured
+    config = load_config()
+    tp = load_throughput(workspace / "throughput.json", "Test GPU")
+    assert {c.spec.model: c.mode for c in run_costs(config, tp)[0]} == {"cnn": "stacked_2", "wide": "separate"}
+    tasks = dict(execution(plan(config), config, workspace, "Test GPU", "throughput.json"))
+    assert [type(t) for t in tasks[1]] == [Stack, type(plan(config)[0]), type(plan(config)[0])]
+    # a family whose fastest measured mode is several processes per GPU: its runs in flight two at a time
+    gpu["modes"]["cnn"]["runs_per_gpu_2"]["images_per_s"] = 400.0
+    (workspace / "throughput.json").write_text(json.dumps({"measurements": {"Test GPU": gpu}}))
+    tasks = dict(execution(plan(config), config, workspace, "Test GPU", "throughput.json"))
+    assert sorted(tasks) == [1, 2] and [s.model for s in tasks[2]] == ["cnn", "cnn"]
+
+
+def test_step_counter_equals_the_flop_counter_and_stacked_launches_do_not_grow_with_the_stack():
+    from l2l.cost import _count_stacked_step
+    from l2l.engine import RunContext
+    from l2l.methods import METHODS
+    from l2l.profiling import StepCounter, flop_counter, _MEMO
+    from l2l.stacking import MemberContext, Recorder, StackedPhase
+    from tests.conftest import make_spec, random_arrays
+    from l2l.device_data import DeviceData
+    import torch
+
+    spec = make_spec(model_cfg={"arch": "cifar_resnet", "depth": 20})
+    data = DeviceData(random_arrays(), "cifar10", torch.device("cpu"), crop_padding=4, flip=True)
+    rec = Recorder([spec])
+    ctx = MemberContext(spec, data, 10, torch.device("meta"), runs=REPO, stack=rec, member=0)
+    with torch.device("meta"):
+        phase = next(METHODS["conventional"].phases(spec, ctx))
+    x, y = torch.empty(32, 3, 32, 32, device="meta"), torch.zeros(32, dtype=torch.long, device="meta")
+    _MEMO.clear()
+    with StepCounter() as cold:
+        phase.step(x, y)
+    with StepCounter() as warm, flop_counter() as reference:
+        phase.step(x, y)
+    assert cold.flops == warm.flops == reference.get_total_flops() and cold.launches == warm.launches
+    assert 160 < cold.launches < 200  # issue #21's torch.profiler count: 173 per ResNet-20 step (fused SGD: 1-2)
+    counts = {}
+    for k in (2, 8):
+        stacked = StackedPhase([phase] * k, rec)
+        with StepCounter() as c:
+            stacked.step(torch.stack([x] * k), torch.stack([y] * k))
+        counts[k] = c.launches
+    assert counts[2] == counts[8] == _count_stacked_step(phase, rec, x, y, set()) < 1.5 * cold.launches
+
+
+def test_disk_and_downloads_of_a_profile():
+    from l2l.cost import disk_bytes, model_counts, run_costs
+
+    config = load_config(REPO / "params.yaml", profile="smoke", run=None)
+    costs, _ = run_costs(config, None)
+    d = disk_bytes(costs)
+    assert d["downloads"] == 170_498_071  # smoke: CIFAR-10 only
+    assert d["prepared"] == 60_000 * 3 * 32 * 32
+    c = costs[0]
+    params = model_counts(c.spec.model_cfg, 10, c.spec.train["batch_size"])[3]
+    assert params == sum(p.numel() for p in __import__("l2l.models", fromlist=["build_model"]).build_model(
+        c.spec.model_cfg, 10).parameters())

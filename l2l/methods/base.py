@@ -45,6 +45,9 @@ class Method:
       classes), so an option error surfaces before any training, naming ``path`` (the options' key);
     - phase_metrics(options) -> {phase name: measure names}: the phases whose measures (results/phases.csv)
       a claim's arm may name, and those measures (a claim naming another is refused at plan time).
+    - stackable(options) -> None where runs that differ only by seed may train as one stack
+      (l2l/stacking.py: each step makes ONE update of one optimizer, as its last effect, reading only
+      the phase's modules and its own batch), else why not in a few words (default: not declared).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Method:
     requires: Callable[[dict], dict[str, dict]] = lambda options: {}
     check: Callable[[RunSpec, int, str], None] = lambda spec, num_classes, path: None
     phase_metrics: Callable[[dict], dict[str, tuple[str, ...]]] = lambda options: {}
+    stackable: Callable[[dict], str | None] = lambda options: "its step is not declared stackable"
 
     def validate_options(self, options: dict, path: str) -> dict:
         return self.validate(options, path) if self.validate else validate(options, self.OPTIONS, path)

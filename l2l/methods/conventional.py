@@ -61,4 +61,4 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
 
 
 METHOD = Method("conventional", OPTIONS, phases, validate=validate_options, supported_tasks=supported_tasks,
-                check=check)
+                check=check, stackable=lambda options: None)

@@ -164,4 +164,4 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
 
 
 METHOD = Method("distill", OPTIONS, phases, validate=validate_options, supported_tasks=supported_tasks,
-                requires=requires)
+                requires=requires, stackable=lambda options: None)

@@ -260,5 +260,10 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                     graph_safe=g == 0 or o["teacher_on_the_fly"])
 
 
+def stackable(o: dict) -> str | None:
+    # the cached teacher's outputs are served in the member's own data order, inside its step
+    return None if o["teacher_on_the_fly"] else "teacher_on_the_fly false (its step reads its own data order)"
+
+
 METHOD = Method("generations", OPTIONS, phases, validate=validate_options, check=check,  # single-label only
-                phase_metrics=phase_metrics)
+                phase_metrics=phase_metrics, stackable=stackable)

@@ -325,4 +325,7 @@ def phases(spec: RunSpec, ctx: RunContext) -> Iterator[Phase]:
                       "l2l.split_index": ">".join(str(k) for k in dict.fromkeys(schedule))})
 
 
-METHOD = Method("l2l", OPTIONS, phases, validate=validate_options, check=check)  # single-label only
+# Not stackable: a batch makes two updates (the student's, then the teacher's on the updated student's
+# features, or the mutual pair's), and an incremental run moves its split between epochs.
+METHOD = Method("l2l", OPTIONS, phases, validate=validate_options, check=check,  # single-label only
+                stackable=lambda options: "two dependent updates per batch")

@@ -283,4 +283,5 @@ def check(spec: RunSpec, num_classes: int, path: str) -> None:
                            + ", ".join(LAYER_ARCHS) + ")", spec.model)
 
 
-METHOD = Method("layerwise", OPTIONS, phases, validate=validate_options, predictor=predictor, check=check)
+METHOD = Method("layerwise", OPTIONS, phases, validate=validate_options, predictor=predictor, check=check,
+                stackable=lambda options: None)
