@@ -26,35 +26,36 @@ def column(kind: str, name: str) -> str:
 
 
 RUN_NAME = column("attributes", "Run Name")
-# Training runs are named experiment/model/dataset/s<seed> (RunSpec.label): wide enough for the longest
-# names of the paper profile's experiments (about 60 characters)
-RUN_NAME_WIDTH = 440
 
 
-def _view(columns: list[tuple[str, int]], group_by: list[str], order_by: str) -> dict:
+def _view(name_width: int, columns: list[tuple[str, int]], group_by: list[str], order_by: str,
+          search: str = "") -> dict:
+    """A runs-table state: the run name column `name_width` pixels wide, then `columns` (id, width)."""
     return {"selectedColumns": [c for c, _ in columns],
             "columnOrder": [RUN_NAME, *(c for c, _ in columns)],
-            "columnWidths": {RUN_NAME: RUN_NAME_WIDTH, **dict(columns)},
+            "columnWidths": {RUN_NAME: name_width, **dict(columns)},
             "groupBy": {"aggregateFunction": "average",
                         "groupByKeys": [{"mode": "tag", "groupByData": k} for k in group_by]} if group_by else None,
-            "orderByKey": order_by, "orderByAsc": True, "searchFilter": ""}
+            "orderByKey": order_by, "orderByAsc": True, "searchFilter": search}
 
 
 def training_view() -> dict:
     """The training runs: seed, test metric (final and best-validation epoch), the verdicts of the claims a
     run feeds, training time; grouped by experiment and model, so arms compare side by side."""
-    return _view([(column("tags", "l2l.seed"), 70), (column("metrics", "final_test_acc"), 120),
-                  (column("metrics", "best_test_acc"), 120), (column("tags", "l2l.verdicts"), 420),
-                  (column("metrics", "train_seconds"), 110), (column("attributes", "Dataset"), 200)],
+    # run names are experiment/model/dataset/s<seed> (RunSpec.label): 360 px holds the paper profile's
+    # longest, about 50 characters
+    return _view(360, [(column("tags", "l2l.seed"), 60), (column("metrics", "final_test_acc"), 110),
+                       (column("tags", "l2l.verdicts"), 320), (column("metrics", "best_test_acc"), 110),
+                       (column("metrics", "train_seconds"), 110), (column("attributes", "Dataset"), 200)],
                  ["l2l.experiment", "l2l.model"], column("tags", "mlflow.runName"))
 
 
 def claims_view() -> dict:
     """The claims: paper, verdict, seeds, our estimate with its interval as the report prints it, Holm p."""
-    return _view([(column("tags", "l2l.paper"), 70), (column("tags", "l2l.verdict"), 200),
-                  (column("metrics", "n_a"), 70), (column("tags", "l2l.ours"), 420),
-                  (column("metrics", "p_holm"), 90), (column("tags", "l2l.claim"), 500)],
-                 [], column("tags", "mlflow.runName"))
+    return _view(280, [(column("tags", "l2l.paper"), 60), (column("tags", "l2l.verdict"), 190),
+                       (column("metrics", "n_a"), 60), (column("tags", "l2l.ours"), 440),
+                       (column("metrics", "p_holm"), 90), (column("tags", "l2l.claim"), 500)],
+                 [], column("tags", "mlflow.runName"), "tags.`l2l.kind` = 'claim'")  # not the summary run
 
 
 def view_tags(experiment_id: str, name: str, now_ms: int) -> dict[str, str]:
@@ -62,9 +63,8 @@ def view_tags(experiment_id: str, name: str, now_ms: int) -> dict[str, str]:
     experiment's description linking it. now_ms: the view's creation time (the UI sorts views by it)."""
     claims = name.endswith("-claims")
     state = claims_view() if claims else training_view()
-    what = ("one run per checked claim: paper, verdict, seeds, ours [95% CI] as the report prints it" if claims
-            else "seed, test accuracy, the verdicts of the claims each run feeds; runs grouped by experiment and "
-            "model, so arms compare side by side")
+    what = ("paper, verdict, seeds, ours [95% CI] as the report prints it" if claims
+            else "seed, test accuracy, verdicts; grouped by experiment and model")
     link = f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{WORKFLOW}"
     # the UI's saved-view envelope: name, creation and update times (ms), the view state as a JSON string
     envelope = {"name": VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms,
