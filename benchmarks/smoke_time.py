@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
             samples.append(load_average())
 
     sampler = threading.Thread(target=sample, daemon=True)
-    cmd = ["dvc", "exp", "run", "-S", "run.yaml:profile=smoke", "-S", f"run.yaml:++data.npz.cifar10={args.npz.resolve()}"]
+    cmd = ["dvc", "exp", "run", "-S", "run.yaml:profile=smoke",
+           "-S", f"run.yaml:++data.npz.cifar10={args.npz.resolve()}"]
     samples.append(load_average())
     start = time.monotonic()
     sampler.start()

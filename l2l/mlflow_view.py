@@ -52,7 +52,7 @@ def training_view() -> dict:
 
 def claims_view() -> dict:
     """The claims: paper, verdict, seeds, our estimate with its interval as the report prints it, Holm p."""
-    return _view(280, [(column("tags", "l2l.paper"), 60), (column("tags", "l2l.verdict"), 190),
+    return _view(340, [(column("tags", "l2l.paper"), 60), (column("tags", "l2l.verdict"), 190),
                        (column("metrics", "n_a"), 60), (column("tags", "l2l.ours"), 440),
                        (column("metrics", "p_holm"), 90), (column("tags", "l2l.claim"), 500)],
                  [], column("tags", "mlflow.runName"), "tags.`l2l.kind` = 'claim'")  # not the summary run

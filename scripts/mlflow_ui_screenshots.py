@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in DOCS_SHOTS:
             if (args.out / f"{name}.png").exists():
                 small = Image.open(args.out / f"{name}.png").convert("RGB").quantize(256)
-                small.save(args.docs / f"mlflow_{name}.png", optimize=True)
-                print(f"{args.docs / f'mlflow_{name}.png'} ({(args.docs / f'mlflow_{name}.png').stat().st_size // 1024} KiB)")
+                path = args.docs / f"mlflow_{name}.png"
+                small.save(path, optimize=True)
+                print(f"{path} ({path.stat().st_size // 1024} KiB)")
 
 
 if __name__ == "__main__":
