@@ -42,8 +42,9 @@ Every run here takes the engine's CUDA branches (bf16 autocast, channels_last, f
 device: with --device cpu the command is a CPU rehearsal of the GPU run (the test suite's; CUDA
 graphs then go through l2l.graphs.Rehearsal, which replays by running the step again).
 
-Data: --make-subset PATH writes a stratified subset of the offline CIFAR-10 arrays (default 14,000
-images, 41 MiB: under the 64 MiB that travels with the working tree to the device machine).
+Data: --make-subset PATH --source NPZ writes a stratified subset of the offline CIFAR-10 arrays NPZ (or
+$L2L_CIFAR10_NPZ; default 14,000 images, 41 MiB: under the 64 MiB that travels with the working tree to the
+device machine).
 The exact device-tool call (command, carry, timeout) and what to do with its files: benchmarks/RESULTS.md.
 --merge FILE folds a fetched throughput.json into benchmarks/throughput.json.
 --scale tiny runs the same sections at toy sizes on any device (the test suite's CPU rehearsal).
@@ -82,7 +83,8 @@ from l2l.profiling import flops, latencies, latency_mode  # noqa: E402
 from l2l.pruning import count_parameters  # noqa: E402
 from l2l.stacking import MemberContext, Recorder, StackedPhase  # noqa: E402
 
-OFFLINE_NPZ = "/work/shared/data/cifar10_train50k_test1017_arrays.npz"
+# The offline CIFAR-10 arrays the subset is drawn from: --source, or this environment variable (as in .ci/run)
+SOURCE_ENV = "L2L_CIFAR10_NPZ"
 # Model families at the paper profile's sizes (params.yaml profiles.paper.models), and toy ones.
 PAPER_MODELS = {"cnn": {"arch": "cnn", "width": 64}, "vgg16": {"arch": "vgg16", "width": 1.0},
                 "resnet20": {"arch": "cifar_resnet", "depth": 20},
@@ -167,7 +169,7 @@ def graph_families(models: dict[str, dict]) -> dict[str, dict]:
 
 # --- data ---------------------------------------------------------------------------------
 
-def make_subset(path: Path, n: int, source: str = OFFLINE_NPZ, seed: int = 0) -> dict:
+def make_subset(path: Path, n: int, source: str, seed: int = 0) -> dict:
     """A stratified subset of CIFAR-10's training images (n / 10 per class, drawn with `seed`) as
     x_train (n, 3, 32, 32) uint8 and y_train int64, written via a temporary file."""
     with np.load(source) as z:
@@ -931,10 +933,14 @@ def parse_args(argv=None):
                    "aot_eager, the same graph capture without Inductor's minutes of code generation)")
     p.add_argument("--make-subset", type=Path, metavar="PATH", help="write the stratified subset and exit")
     p.add_argument("--subset-images", type=int, default=14000)
-    p.add_argument("--source", default=OFFLINE_NPZ, help="the offline CIFAR-10 npz (for --make-subset)")
+    p.add_argument("--source", default=os.environ.get(SOURCE_ENV),
+                   help=f"the offline CIFAR-10 npz (x_train, y_train) for --make-subset; default ${SOURCE_ENV}")
     p.add_argument("--merge", type=Path, metavar="FILE", help="fold a fetched throughput.json into "
                    "benchmarks/throughput.json and exit")
     args = p.parse_args(argv)
+    if args.make_subset and not args.source:
+        p.error(f"--make-subset needs --source PATH (the offline CIFAR-10 .npz, e.g. "
+                f"cifar10_train50k_test1017_arrays.npz) or ${SOURCE_ENV}")
     if not (args.make_subset or args.merge or args.out):
         p.error("--out is required (or --make-subset / --merge)")
     if args.out and args.scale == "paper" and not args.data:

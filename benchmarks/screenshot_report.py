@@ -6,7 +6,8 @@ page `dvc plots show` writes), offline.
 
 Writes <out>/<page>_top.png (the first screen) and <out>/<page>_tall.png (--height pixels of the page).
 Needs a Chromium binary (Debian: `apt-get install chromium`; or --chromium PATH). The screenshots are
-for looking at, not for the repository.
+for looking at, not for the repository; --docs DIR also writes the first screen small (256 colours) as
+DIR/<page>_top.png, the README's picture of the smoke run's report (docs/report_top.png).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -49,6 +52,7 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=6000, help="height of the tall shot (pixels)")
     ap.add_argument("--chromium", help="Chromium binary (default: the first of chromium, chromium-browser, ... on PATH)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per screenshot at most")
+    ap.add_argument("--docs", type=Path, help="also write the first screen, small, as DOCS/<page>_top.png")
     args = ap.parse_args()
     if not args.page.is_file():
         sys.exit(f"screenshot_report: {args.page}: no such file (expected an HTML page)")
@@ -57,6 +61,10 @@ def main() -> None:
     stem = args.page.stem
     for name, height in (("top", args.top), ("tall", args.height)):
         screenshot(chromium, args.page, args.out / f"{stem}_{name}.png", args.width, height, args.timeout)
+    if args.docs:
+        small = args.docs / f"{stem}_top.png"
+        Image.open(args.out / f"{stem}_top.png").convert("RGB").quantize(256).save(small, optimize=True)
+        print(f"{small} ({small.stat().st_size / 1024:.0f} KiB)")
 
 
 if __name__ == "__main__":

@@ -80,11 +80,11 @@ def load_arrays(args) -> tuple[np.ndarray, np.ndarray, str]:
         from torchvision.datasets import CIFAR10
 
         ds = CIFAR10(args.cifar_root, train=True, download=False)
-        x, y, src = ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets), f"torchvision CIFAR10 at {args.cifar_root}"
+        x, y, src = ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets), "torchvision CIFAR10 (--cifar-root)"
     elif args.npz:
         with np.load(args.npz) as z:
             x, y = z["x_train"], z["y_train"]
-        x, src = x.reshape(-1, 3, 32, 32), f"npz {args.npz}"
+        x, src = x.reshape(-1, 3, 32, 32), f"npz {Path(args.npz).name}"  # the file, not this machine's path
     else:
         from l2l.data import load_prepared
 

@@ -55,6 +55,14 @@ def _estimate_range(rec: dict) -> tuple[float, float]:
     return DIFFERENCE_RANGE
 
 
+def shown_interval(rec: dict) -> tuple[float, float] | None:
+    """The claim's 95% interval on estimate()'s scale where results.interval_shown allows it (3 seeds or
+    more, inside what the metric can take), else None: the report, the claims' DVC metrics and their MLflow
+    runs all print an interval by this one rule."""
+    _, lo, hi = estimate(rec)
+    return (lo, hi) if interval_shown(_seeds(rec), lo, hi, _estimate_range(rec)) else None
+
+
 def _arm_label(rec: dict, name: str) -> str:
     """An arm by its experiment (and model, when the arms' models differ): what a reader compares."""
     arms = rec["arms"]

@@ -19,10 +19,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from l2l.io import read_json, write_text  # noqa: E402
-from l2l.results import FEWEST_SEEDS_FOR_INTERVAL, interval_shown  # noqa: E402
-from l2l.tracking import git_commit  # noqa: E402
+from l2l.results import ACCURACY_RANGE, DIFFERENCE_RANGE, FEWEST_SEEDS_FOR_INTERVAL, interval_shown  # noqa: E402,F401
+from l2l.tracking import git_commit, git_state  # noqa: E402
 
 
 @dataclass
@@ -143,10 +144,6 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-ACCURACY_RANGE = (0.0, 100.0)  # the *_acc columns: top-1 accuracy or mAP, in %
-DIFFERENCE_RANGE = (-100.0, 100.0)
-
-
 def decimals(halfwidth) -> int:
     """Decimals that the seeds support: two significant digits of the interval's half-width, the
     estimate to the same place (0 to 2 decimals; 1 when there is no interval)."""
@@ -183,6 +180,8 @@ def stamp(results: Path) -> dict[str, str]:
         "device": ", ".join(sorted(set(f"{d} ({n})" for d, n in zip(runs["device"], runs["device_name"])))),
         "torch / CUDA": ", ".join(sorted(set(f"{t} / {c}" for t, c in zip(runs["torch"], runs["cuda"])))),
         "git commit": git_commit(),
+        # what makes it -dirty: tracked code changed from the commit (not what dvc exp run writes: git_state)
+        "code changed from the commit": ", ".join(git_state()[1]) or "none",
         "dvc.lock sha256": hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else "none",
         "runs": str(len(runs)),
         "bit-reproducible": _reproducibility(runs),
@@ -261,30 +260,67 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
 CURVE_RANGES = {"train_loss": (0.0, math.inf), "val_acc": ACCURACY_RANGE}
 
 
+CURVE_PANELS = (("train_loss", "training loss"), ("val_acc", "validation"))
+
+
+def _curve_gap(df: pd.DataFrame, metric: str) -> str | None:
+    """Why a group's curve of `metric` has nothing to show, or None: no finite value (no validation split),
+    or one epoch (a single point is no curve)."""
+    finite = int(df[f"{metric}_mean"].notna().sum())
+    if finite == 0:
+        return "no validation split (split.val_size 0)" if metric == "val_acc" else f"no {metric} recorded"
+    return "one epoch (a single point is no curve)" if finite == 1 else None
+
+
 def learning_curves(doc: Doc, results: Path) -> None:
+    """Per model and dataset, the training-loss and validation panels of every group with a curve to show;
+    a panel no group has a curve for is not drawn, nor a figure with no panel, and why is said once above
+    the figures (one line per cause, naming the groups)."""
     files = sorted((results / "curves").glob("*.csv"))
     metrics = dataset_metrics(results)
     by_panel: dict[tuple[str, str], list[tuple[str, pd.DataFrame]]] = {}
     for f in files:
         experiment, model, dataset = f.stem.split("__")
         by_panel.setdefault((model, dataset), []).append((experiment, pd.read_csv(f)))
+    gaps: dict[str, dict[str, list[str]]] = {}  # cause -> "experiment (model, dataset)" -> panels
+    figures = []
     for (model, dataset), items in by_panel.items():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        drawn = {}
+        for metric, title in CURVE_PANELS:
+            shown = []
+            for experiment, df in items:
+                gap = _curve_gap(df, metric)
+                if gap:
+                    gaps.setdefault(gap, {}).setdefault(f"{experiment} ({model}, {dataset})", []).append(title)
+                else:
+                    shown.append((experiment, df))
+            if shown:
+                drawn[metric] = (title, shown)
+        if drawn:
+            figures.append((model, dataset, drawn))
+    if gaps:
+        doc.p("Not drawn, having nothing to show:")
+        doc.p("\n".join(
+            f"- {cause}: " + "; ".join(g if len(panels) == len(CURVE_PANELS) else f"{g} {', '.join(panels)}"
+                                       for g, panels in groups.items()) for cause, groups in gaps.items()))
+    for model, dataset, drawn in figures:
+        fig, axes = plt.subplots(1, len(drawn), figsize=(5 * len(drawn), 3.6), squeeze=False)
         hidden = set()
-        for experiment, df in items:
-            n = int(df["n"].min())
-            for ax, metric in zip(axes, ("train_loss", "val_acc")):
-                line, = ax.plot(df["epoch"], df[f"{metric}_mean"], label=f"{experiment} (n={df['n'].max()})")
+        for ax, (metric, (title, shown)) in zip(axes[0], drawn.items()):
+            for experiment, df in shown:
+                n = int(df["n"].min())
+                line, = ax.plot(df["epoch"], df[f"{metric}_mean"], marker="." if len(df) < 12 else None,
+                                label=f"{experiment} (n={df['n'].max()})")
                 lo, hi = df[f"{metric}_low"], df[f"{metric}_high"]
                 if lo.notna().any() and interval_shown(n, lo.min(), hi.max(), CURVE_RANGES[metric]):
                     ax.fill_between(df["epoch"], lo, hi, alpha=0.2, color=line.get_color())
                 elif lo.notna().any():
                     hidden.add(n)
-        for ax, title in zip(axes, ("training loss", f"validation {metrics.get(dataset, TOP1)}")):
             ax.set_xlabel("epoch (all phases in order)")
-            ax.set_title(title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(title if metric == "train_loss" else f"{title} {metrics.get(dataset, TOP1)}")
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7)
+            ax.legend(fontsize=7)
         note = (f"; no band where it would be too wide to mean anything (n={', '.join(map(str, sorted(hidden)))} "
                 f"seeds, under {FEWEST_SEEDS_FOR_INTERVAL}, or reaching impossible values)" if hidden else "")
         doc.figure(f"curves_{model}_{dataset}", fig,

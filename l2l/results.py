@@ -57,9 +57,15 @@ def mean_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, f
 FEWEST_SEEDS_FOR_INTERVAL = 3
 
 
+ACCURACY_RANGE = (0.0, 100.0)  # the *_acc columns: top-1 accuracy or mAP, in %
+DIFFERENCE_RANGE = (-100.0, 100.0)  # a difference of two of them
+
+
 def interval_shown(n, lo, hi, limits: tuple[float, float] | None = None) -> bool:
     """Whether a t-interval is worth drawing: enough seeds (n None: not known, not checked), finite
-    bounds, inside the values the metric can take (limits, e.g. (0, 100) for an accuracy)."""
+    bounds, inside the values the metric can take (limits, e.g. (0, 100) for an accuracy). The one rule
+    for every place an interval is shown: the report, results/metrics.json, the claims' DVC metrics and
+    their MLflow runs; where it says no, none of them prints a number."""
     if lo is None or hi is None or not np.isfinite([lo, hi]).all():
         return False
     if n is not None and n < FEWEST_SEEDS_FOR_INTERVAL:
@@ -157,6 +163,19 @@ def phase_rows(specs: list[RunSpec], runs: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", *GROUP, "seed", "phase", "metric", "value"])
 
 
+def group_metrics(summary: pd.DataFrame) -> dict[str, dict]:
+    """results/metrics.json: per group its seeds, mean test metric and, where interval_shown allows it,
+    its 95% interval (no keys otherwise, as the report prints no interval there)."""
+    out = {}
+    for r in summary.itertuples():
+        lo, hi = r.final_test_acc_ci_low, r.final_test_acc_ci_high
+        out[f"{r.experiment}/{r.model}/{r.dataset}"] = {
+            "n": int(r.n), "test_acc_mean": r.final_test_acc_mean,
+            **({"test_acc_ci_low": lo, "test_acc_ci_high": hi} if interval_shown(r.n, lo, hi, ACCURACY_RANGE) else {}),
+            "best_val_test_acc_mean": r.best_test_acc_mean}
+    return out
+
+
 def aggregate(specs: list[RunSpec], manifests: dict[str, dict], test_labels: dict[str, np.ndarray], runs: Path,
               evals: Path, out: Path, profile: str) -> pd.DataFrame:
     tmp = out.with_name(out.name + ".tmp")
@@ -169,11 +188,7 @@ def aggregate(specs: list[RunSpec], manifests: dict[str, dict], test_labels: dic
     for group, df in curves(specs, runs).items():
         df.to_csv(tmp / "curves" / f"{group}.csv", index=False)
     phase_rows(specs, runs).to_csv(tmp / "phases.csv", index=False)
-    metrics = {f"{r.experiment}/{r.model}/{r.dataset}": {
-        "n": int(r.n), "test_acc_mean": r.final_test_acc_mean, "test_acc_ci_low": r.final_test_acc_ci_low,
-        "test_acc_ci_high": r.final_test_acc_ci_high, "best_val_test_acc_mean": r.best_test_acc_mean}
-        for r in summary.itertuples()}
-    write_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "metrics.json", group_metrics(summary))
     preds = {s.hash: read_npz(evals / s.hash / "predictions.npz")["final_test"] for s in specs}  # verified above
     # The test labels travel with the predictions, so per-example tests need nothing but results/.
     preds.update({f"y_test__{ds}": y for ds, y in test_labels.items()})

@@ -28,6 +28,9 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+import yaml
+
+from l2l.mlflow_view import view_outdated, view_tags
 from l2l.tasks import task_of
 
 log = logging.getLogger(__name__)
@@ -148,20 +151,39 @@ DVC_WRITES = ("run.yaml", "params.yaml", "dvc.lock")
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def dvc_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """The paths dvc.yaml's stages write (outs, metrics, plots). After each stage `dvc exp run` stages
+    (git add) those that git does not ignore (uncached outputs: results/metrics.json, results/curves...),
+    so while it runs they are "added" files, which are results, not code."""
+    if not dvc_yaml.exists():
+        return []
+    out = []
+    for st in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).values():
+        for key in ("outs", "metrics", "plots"):
+            out += [o if isinstance(o, str) else next(iter(o)) for o in st.get(key) or []]
+    return out
+
+
 def git_state() -> tuple[str, list[str]]:
-    """(HEAD's commit, tracked files modified beyond what DVC writes); ("unknown", []) outside git."""
+    """(HEAD's commit, tracked or staged files modified beyond what DVC writes: run.yaml, params.yaml,
+    dvc.lock and dvc.yaml's outputs); ("unknown", []) outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown", []
-    return commit, [p for p in (line[3:] for line in status) if p.split(" -> ")[-1] not in DVC_WRITES]
+    outputs = [o.rstrip("/") for o in dvc_outputs()]
+
+    def dvc_wrote(path: str) -> bool:
+        return path in DVC_WRITES or any(path == o or path.startswith(o + "/") for o in outputs)
+
+    return commit, [p for p in (line[3:] for line in status) if not dvc_wrote(p.split(" -> ")[-1])]
 
 
 def git_commit() -> str:
     """HEAD's commit, "-dirty" when code differs from it (run.yaml, params.yaml and dvc.lock, which
-    `dvc exp run` rewrites, do not count: a run's params digest records them)."""
+    `dvc exp run` rewrites, do not count: a run's params digest records them; nor do the stages' outputs)."""
     commit, modified = git_state()
     return commit + ("-dirty" if modified else "")
 
@@ -171,10 +193,21 @@ def experiment_id(c, name: str) -> str:
     if exp is not None:
         if exp.tags.get("mlflow.experimentKind") is None:  # a store made before the kind was set
             c.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        _saved_view(c, exp.experiment_id, name, exp.tags)
         return exp.experiment_id
     # Artifacts beside the store (not in the cwd-relative default), so the UI finds them.
-    return c.create_experiment(name, artifact_location=(Path.cwd() / "mlartifacts" / name).resolve().as_uri(),
-                               tags=EXPERIMENT_KIND)
+    exp_id = c.create_experiment(name, artifact_location=(Path.cwd() / "mlartifacts" / name).resolve().as_uri(),
+                                 tags=EXPERIMENT_KIND)
+    _saved_view(c, exp_id, name, {})
+    return exp_id
+
+
+def _saved_view(c, exp_id: str, name: str, tags: dict[str, str]) -> None:
+    """The runs table's saved view and the description linking it (l2l.mlflow_view), unless the experiment
+    holds this version's already."""
+    if view_outdated(tags, name):
+        for k, v in view_tags(exp_id, name, int(time.time() * 1000)).items():
+            c.set_experiment_tag(exp_id, k, v)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -433,13 +466,18 @@ def _claim_run(c, exp_id: str, key: str, value: str, name: str, kind: str) -> st
     return c.create_run(exp_id, run_name=name, tags={key: value, "l2l.kind": kind}).info.run_id
 
 
-def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
+def log_claims(profile: str, records: list[dict], show_interval: Callable[[dict], bool] = lambda rec: True,
+               ours: Callable[[dict], str] | None = None) -> dict[str, str]:
     """Experiment l2l-<profile>-claims: one MLflow run per checked claim (its statistics and verdict;
     the training runs behind it are tagged ``l2l.claim.<id> = <arm>``, so the UI answers "which runs
     produced this verdict"), and one run "claims summary" holding the count per verdict and, in its
     note, every claim not run, one line per reason; a claim not run gets no run of its own (a run it
     had from an earlier check is tagged "not run"). Every run is tagged l2l.kind (claim | claims_summary).
-    Returns claim id -> MLflow run id (checked claims only)."""
+    show_interval(record): whether the report prints the claim's interval (claims_report.shown_interval);
+    where it does not, ci_low/ci_high are not logged (NaN over a value an earlier check logged), as in the
+    report and DVC's metrics; ours(record): the report's text of our estimate (tag l2l.ours). Each training
+    run behind a checked claim is tagged l2l.verdicts: its claims by verdict ("supported: P1-C1; inconclusive:
+    P1-S2"), a column of the training runs' saved view. Returns claim id -> MLflow run id (checked claims only)."""
     from mlflow.entities import RunTag
 
     c = client()
@@ -447,6 +485,7 @@ def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
     by_hash = {r.data.tags.get(HASH_TAG): r.info.run_id for r in c.search_runs([train_exp], max_results=50000)}
     exp_id = experiment_id(c, f"l2l-{profile}-claims")  # beside the training runs, not among them
     out, not_run = {}, {}
+    verdicts: dict[str, dict[str, list[str]]] = {}  # training run id -> verdict -> claim ids
     for rec in records:
         if rec["verdict"] == "not run":
             not_run.setdefault(str(rec.get("reason", "")), []).append(rec["id"])
@@ -456,18 +495,27 @@ def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
             continue
         run_id = _claim_run(c, exp_id, "l2l.claim_id", rec["id"], f"claim {rec['id']}", "claim")
         comp = rec.get("comparison") or {}
-        log_once(c, run_id, {**{k: comp.get(k) for k in CLAIM_METRICS}, "p_holm": rec.get("p_holm")})
+        metrics = {**{k: comp.get(k) for k in CLAIM_METRICS}, "p_holm": rec.get("p_holm")}
+        if not show_interval(rec):
+            had = c.get_run(run_id).data.metrics
+            metrics.update({k: math.nan if k in had else None for k in ("ci_low", "ci_high")})
+        log_once(c, run_id, metrics)
         hashes = {f"{arm}:{seed}": h for arm, a in rec["arms"].items() for seed, h in a["runs"].items()}
         tags = {"l2l.paper": rec["paper"], "l2l.claim": rec["claim"][:5000], "l2l.verdict": rec["verdict"],
                 "l2l.reason": str(rec.get("reason", ""))[:5000], "l2l.profile": profile, "l2l.kind": "claim",
                 "l2l.runs": ",".join(sorted(set(hashes.values()))) or "none",
+                **({"l2l.ours": ours(rec)[:5000]} if ours else {}),
                 "mlflow.note.content": f"{rec['claim']}\n\nVerdict: {rec['verdict']} ({rec.get('reason', '')})"}
         c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         c.set_terminated(run_id, "FINISHED")
         for key, h in hashes.items():
             if h in by_hash:
                 c.set_tag(by_hash[h], f"l2l.claim.{rec['id']}", key.split(":")[0])
+                verdicts.setdefault(by_hash[h], {}).setdefault(rec["verdict"], []).append(rec["id"])
         out[rec["id"]] = run_id
+    for train_run, by_verdict in verdicts.items():
+        c.set_tag(train_run, "l2l.verdicts",
+                  "; ".join(f"{v}: {', '.join(ids)}" for v, ids in sorted(by_verdict.items()))[:5000])
     counts: dict[str, int] = {}
     for rec in records:
         counts[rec["verdict"]] = counts.get(rec["verdict"], 0) + 1

@@ -13,7 +13,12 @@ its log printed if it gives up), then screenshots, for the profile's experiment 
   logged model, the system/ metrics' values);
 - run_system_metrics.png: its system metrics tab (headless Chromium may catch the charts loading);
 - experiment_models.png: the experiment's logged models;
-- claims_runs.png: the claims experiment (<experiment>-claims), when there is one.
+- claims_runs.png: the claims experiment (<experiment>-claims), when there is one;
+- view_runs.png, view_claims.png: the harness's saved view of each (l2l.mlflow_view: run names in full,
+  seed, test accuracy and verdicts as columns, runs grouped by experiment and model; the claims' verdicts).
+
+--docs writes view_runs.png and view_claims.png (1600 pixels wide, 256 colours: small) into docs/ for the
+README, from the smoke run's store.
 
 Chromium: /usr/bin/chromium (Debian's ``chromium`` package) or --chromium. Nothing leaves 127.0.0.1.
 """
@@ -26,7 +31,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from PIL import Image
+
+from l2l.mlflow_view import VIEW_KEY
 from l2l.tracking import mlflow_server
+
+DOCS_SHOTS = ("view_runs", "view_claims")  # what --docs keeps, as docs/mlflow_<name>.png
 
 
 def shoot(chromium: str, url: str, png: Path, wait_ms: int, height: int = 1000) -> None:
@@ -48,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "l2l-mlflow-ui")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     ap.add_argument("--wait-ms", type=int, default=20000, help="virtual time the page gets to render")
+    ap.add_argument("--docs", type=Path, help="also write the saved views' shots, small, as <DOCS>/mlflow_*.png")
     args = ap.parse_args(argv)
     if not args.store.exists():
         raise SystemExit(f"{args.store}: no such tracking store (run the train stage first, or pass --store)")
@@ -73,10 +84,20 @@ def main(argv: list[str] | None = None) -> None:
                  ("run_overview", f"{base}/runs/{run_id}{ml}", 2600),
                  ("run_system_metrics", f"{base}/runs/{run_id}/system-metrics{ml}", 1000),
                  ("experiment_models", f"{base}/models{ml}", 1000)]
+        view = f"?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+        shots.append(("view_runs", f"{base}/runs{view}", 1000))
         if claims is not None:
             shots.append(("claims_runs", f"{uri}/#/experiments/{claims.experiment_id}/runs{ml}", 1000))
+            shots.append(("view_claims", f"{uri}/#/experiments/{claims.experiment_id}/runs{view}", 1000))
         for name, url, height in shots:
             shoot(args.chromium, url, args.out / f"{name}.png", args.wait_ms, height)
+    if args.docs:
+        for name in DOCS_SHOTS:
+            if (args.out / f"{name}.png").exists():
+                small = Image.open(args.out / f"{name}.png").convert("RGB").quantize(256)
+                path = args.docs / f"mlflow_{name}.png"
+                small.save(path, optimize=True)
+                print(f"{path} ({path.stat().st_size // 1024} KiB)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """DVC stage `claims`: check every claim of claims.yaml against results/ (l2l.stats), write
-results/claims.json (+ per-claim estimate, interval and verdict for `dvc metrics show/diff`) and, in MLflow,
-one run per checked claim and one summary run (l2l.tracking.log_claims)."""
-import math
+results/claims.json (+ per-claim estimate, interval and verdict in results/claims_metrics.json, and DVC's
+metrics, the verdicts counted per paper, in results/verdicts/) and, in MLflow, one run per checked claim and
+one summary run (l2l.tracking.log_claims)."""
+import shutil
+from pathlib import Path
 
 import pandas as pd
 
@@ -9,23 +11,37 @@ from l2l import stage
 from l2l.claims import check, load_predictions
 from l2l.io import remove_stale_temps, write_json
 from l2l.layerwise_analysis import record_stage_figure
-from l2l.claims_report import estimate
+from l2l.claims_report import estimate, ours, shown_interval
+from l2l.findings import verdict_counts
 from l2l.selection import load_selection
 from l2l.stats import VERDICT_RULE
 from l2l.tracking import log_claims, log_figure
 
 
 def claims_metrics(records: list[dict]) -> dict:
-    """DVC's metrics: what a person compares across experiments, per checked claim its estimate (the
-    report's forest plot: a - b, or ours - the paper's number), 95% interval and verdict; the rest is in
-    results/claims.json and results/metrics.json (README: `dvc exp show --keep/--drop`)."""
+    """results/claims_metrics.json (`dvc metrics show results/claims_metrics.json`): per checked claim its
+    estimate (the report's forest plot: a - b, or ours - the paper's number), verdict and 95% interval where
+    the report shows one (claims_report.shown_interval); the rest is in results/claims.json."""
     out = {}
     for r in records:
         if r.get("comparison") is not None:
-            est, lo, hi = estimate(r)
-            out[r["id"]] = {"estimate": round(est, 2), "verdict": r["verdict"],  # no NaN in JSON: no interval, no key
-                            **({"ci_low": round(lo, 2), "ci_high": round(hi, 2)} if math.isfinite(lo + hi) else {})}
+            est, _, _ = estimate(r)
+            shown = shown_interval(r)
+            out[r["id"]] = {"estimate": round(est, 2), "verdict": r["verdict"],
+                            **({"ci_low": round(shown[0], 2), "ci_high": round(shown[1], 2)} if shown else {})}
     return out
+
+
+def write_verdict_counts(records: list[dict], folder: Path) -> None:
+    """DVC's metrics (dvc.yaml): <folder>/<paper>.json per selected paper and all.json, claims per verdict
+    (findings.verdict_counts): `dvc metrics show` prints one row per paper, `dvc exp show` compares them."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, counts in verdict_counts(records).items():
+        write_json(tmp / f"{name}.json", counts)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def run() -> None:
@@ -36,7 +52,7 @@ def run() -> None:
     phases = pd.read_csv(stage.RESULTS / "phases.csv")
     records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), profile,
                     alpha=settings["alpha"], min_seeds=settings["min_seeds"])
-    mlflow_ids = log_claims(profile, records)
+    mlflow_ids = log_claims(profile, records, show_interval=lambda rec: shown_interval(rec) is not None, ours=ours)
     for rec in records:  # per-stage claims carry their architecture's per-stage figure
         fig = record_stage_figure(rec, phases)
         if fig is not None and rec["id"] in mlflow_ids:  # a claim not run has no MLflow run (the summary lists it)
@@ -46,6 +62,7 @@ def run() -> None:
     write_json(stage.RESULTS / "claims.json", {"profile": profile, "papers": config.papers or "all",
                                                "settings": settings, "verdict_rule": VERDICT_RULE, "claims": records})
     write_json(stage.RESULTS / "claims_metrics.json", claims_metrics(records))
+    write_verdict_counts(records, stage.RESULTS / "verdicts")
     counts = pd.Series([r["verdict"] for r in records]).value_counts().to_dict()
     stage.log.info("claims: %d checked: %s", len(records), counts)
 

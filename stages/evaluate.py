@@ -48,7 +48,8 @@ def run() -> None:
                 preds[f"{which}_{split}"] = ev["pred"]  # class ids, or per-class scores (multi-label)
         files = {"predictions.npz": write_atomic(out / "predictions.npz", lambda f: np.savez_compressed(f, **preds))}
         write_record(out / "eval.json", metrics, files)
-        log_to_run(spec.hash, config.profile.name, {k: v for k, v in metrics.items() if k != "final_sha256"},
+        # 4 decimals: the accuracy of float32 sums printed as 13.95, not 13.950000330 (MLflow's columns)
+        log_to_run(spec.hash, config.profile.name, {k: round(v, 4) for k, v in metrics.items() if k != "final_sha256"},
                    datasets=dataset_inputs(*cache.prepared(spec.dataset), config.data.prepared_dir(spec.dataset),
                                            {"test": "evaluation"}))
         stage.log.info("%s: test acc final %.2f best-val %.2f", spec.hash, metrics["final_test_acc"],

@@ -132,6 +132,32 @@ def test_git_commit_is_not_dirty_for_what_dvc_rewrites(tmp_path, monkeypatch):
     assert git_commit() == head + "-dirty" and git_state() == (head, ["code.py"])
 
 
+def test_outputs_dvc_exp_run_stages_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
+    """After each stage `dvc exp run` git-adds the stage's outputs that git does not ignore (uncached:
+    results/metrics.json...): later stages see them as added files, which are results, not code."""
+    from l2l.tracking import git_commit, git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"aggregate": {
+        "cmd": "x", "outs": [{"results/metrics.json": {"cache": False}}, "results/runs.csv"],
+        "metrics": [{"results/verdicts": {"cache": False}}]}}}))
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.chdir(tmp_path)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results/verdicts").mkdir(parents=True)
+    (tmp_path / "results/metrics.json").write_text("{}")
+    (tmp_path / "results/verdicts/all.json").write_text("{}")
+    git("add", "results/metrics.json", "results/verdicts")  # what dvc exp run does after the stage
+    assert git_commit() == head
+    (tmp_path / "new_module.py").write_text("x = 1\n")
+    git("add", "new_module.py")  # new code, staged: not DVC's
+    assert git_state() == (head, ["new_module.py"])
+
+
 def _record(cid, verdict, diff=None, reason=""):
     rec = {"id": cid, "paper": "PX", "claim": f"claim {cid}", "verdict": verdict, "reason": reason,
            "arms": {"a": {"runs": {}}}}

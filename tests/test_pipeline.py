@@ -97,6 +97,35 @@ def test_claims_in_report_and_mlflow(workspace):
     assert len(tagged) == 2  # both seeds' training runs point at the claim
 
 
+def test_verdict_counts_report_top_and_mlflow_views(workspace):
+    """DVC's metrics count the verdicts per paper; the report opens with that tally; every experiment holds
+    the saved view of its runs table, whose columns (seed, test metric, verdicts) its runs carry."""
+    ws, _ = workspace
+    counts = {p.name: json.loads(p.read_text()) for p in (ws / "results/verdicts").iterdir()}
+    assert counts == {n: {"supported": 0, "contradicted": 0, "inconclusive": 1, "not_run": 1}
+                      for n in ("PX.json", "all.json")}
+    md = (ws / "reports/report.md").read_text()
+    assert md.index("## What it found") < md.index("## Claims at a glance")
+    assert "| PX | 2 (2) | 0 | 0 | 1 (1) | 1 (1) |" in md and "**Undecided primary claims** (2)" in md
+    from l2l.mlflow_view import DESCRIPTION_TAG, SHARED_VIEW_TAG, VIEW_KEY, training_view
+
+    client, runs = mlflow_runs(ws)
+    for name in ("l2l-smoke", "l2l-smoke-claims"):
+        exp = client.get_experiment_by_name(name)
+        view = json.loads(exp.tags[SHARED_VIEW_TAG + VIEW_KEY])
+        assert view["name"] == "l2l-bench" and f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey=l2l" \
+            in exp.tags[DESCRIPTION_TAG]
+    state = json.loads(json.loads(client.get_experiment_by_name("l2l-smoke").tags[SHARED_VIEW_TAG + VIEW_KEY])["state"])
+    assert state == training_view()
+    for r in runs:  # the view's columns exist on every run
+        assert r.data.tags["l2l.seed"] in ("0", "1") and "final_test_acc" in r.data.metrics
+        assert r.data.tags["l2l.verdicts"] == "inconclusive (smoke scale): PX-C1"
+    claims = client.get_experiment_by_name("l2l-smoke-claims")
+    (claim,) = client.search_runs([claims.experiment_id], filter_string="tags.`l2l.kind` = 'claim'")
+    assert "(interval too wide, n=2); " in claim.data.tags["l2l.ours"]  # the report's text
+    assert "ci_low" not in claim.data.metrics and claim.data.metrics["n_a"] == 2  # as the report: no interval at n=2
+
+
 def test_rerun_trains_nothing_and_adding_a_seed_trains_only_it(workspace, monkeypatch):
     ws, params = workspace
     monkeypatch.chdir(ws)

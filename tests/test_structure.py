@@ -117,3 +117,10 @@ def test_dvc_stages_depend_on_every_project_file_they_run():
         missing = sorted(f for f in files if f not in deps and not any(f.startswith(d.rstrip("/") + "/") for d in deps))
         assert str(script.relative_to(REPO)) in deps, f"stage {name}: its script is not a dep"
         assert not missing, f"dvc.yaml stage {name}: runs {missing} but does not depend on them"
+
+
+def test_no_machine_path_in_the_repository():
+    """No absolute path of one machine in any committed file (data sources are settings: run.yaml, --source)."""
+    out = subprocess.run(["git", "grep", "-I", "-n", "-E", r"(^|[^A-Za-z0-9_.~-])/(work|home|Users|root|mnt|scratch)/",
+                          "HEAD", "--", "."], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 1 and not out.stdout, f"machine paths:\n{out.stdout[:3000]}{out.stderr[-1000:]}"
