@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psutil
-
 import yaml
 
 from l2l.mlflow_view import view_outdated, view_tags
