@@ -331,7 +331,7 @@ def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[
 
 
 CLAIM_METRICS = ("diff", "ci_low", "ci_high", "p_value", "mean_a", "mean_b", "n_a", "n_b", "effect_size",
-                 "seeds_needed", "mcnemar_p")
+                 "seeds_needed", "mcnemar_p", "p_contra", "level_support", "level_contra", "adj_ci_low", "adj_ci_high")
 SUMMARY_RUN = "claims summary"
 
 
@@ -365,7 +365,8 @@ def log_claims(profile: str, records: list[dict]) -> dict[str, str]:
             continue
         run_id = _claim_run(c, exp_id, "l2l.claim_id", rec["id"], f"claim {rec['id']}", "claim")
         comp = rec.get("comparison") or {}
-        log_once(c, run_id, {**{k: comp.get(k) for k in CLAIM_METRICS}, "p_holm": rec.get("p_holm")})
+        look = (rec.get("sequential") or {}).get("look")  # the look of the sequential design it stopped at (or is at)
+        log_once(c, run_id, {**{k: comp.get(k) for k in CLAIM_METRICS}, "look": look})
         hashes = {f"{arm}:{seed}": h for arm, a in rec["arms"].items() for seed, h in a["runs"].items()}
         tags = {"l2l.paper": rec["paper"], "l2l.claim": rec["claim"][:5000], "l2l.verdict": rec["verdict"],
                 "l2l.reason": str(rec.get("reason", ""))[:5000], "l2l.profile": profile, "l2l.kind": "claim",

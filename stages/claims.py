@@ -1,6 +1,7 @@
 """DVC stage `claims`: check every claim of claims.yaml against results/ (l2l.stats), write
-results/claims.json (+ per-claim estimate, interval and verdict for `dvc metrics show/diff`) and, in MLflow,
-one run per checked claim and one summary run (l2l.tracking.log_claims)."""
+results/claims.json (+ per-claim estimate, interval and verdict for `dvc metrics show/diff`), the next look
+of the sequential design (results/next_look.json, l2l.looks) and, in MLflow, one run per checked claim and one
+summary run (l2l.tracking.log_claims)."""
 import math
 
 import pandas as pd
@@ -9,6 +10,7 @@ from l2l import stage
 from l2l.claims import check, load_predictions
 from l2l.io import write_json
 from l2l.layerwise_analysis import record_stage_figure
+from l2l.looks import NEXT_LOOK, design_of, next_look
 from l2l.claims_report import estimate
 from l2l.selection import load_selection
 from l2l.stats import VERDICT_RULE
@@ -33,8 +35,10 @@ def run() -> None:
     settings, profile = config.stats, config.profile.name
     runs = pd.read_csv(stage.RESULTS / "runs.csv")
     phases = pd.read_csv(stage.RESULTS / "phases.csv")
+    design = design_of(config)  # sequential on a look (run.yaml seeds), else one look: the fixed plan
     records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), profile,
-                    alpha=settings["alpha"], min_seeds=settings["min_seeds"])
+                    alpha=settings["alpha"], min_seeds=settings["min_seeds"], design=design,
+                    failed_run=settings["failed_run"])
     mlflow_ids = log_claims(profile, records)
     for rec in records:  # per-stage claims carry their architecture's per-stage figure
         fig = record_stage_figure(rec, phases)
@@ -43,7 +47,9 @@ def run() -> None:
     for rec in records:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])
     write_json(stage.RESULTS / "claims.json", {"profile": profile, "papers": config.papers or "all",
-                                               "settings": settings, "verdict_rule": VERDICT_RULE, "claims": records})
+                                               "settings": settings, "verdict_rule": VERDICT_RULE,
+                                               "design": design.text(), "claims": records})
+    write_json(NEXT_LOOK, next_look(config, claims, records, design))
     write_json(stage.RESULTS / "claims_metrics.json", claims_metrics(records))
     counts = pd.Series([r["verdict"] for r in records]).value_counts().to_dict()
     stage.log.info("claims: %d checked: %s", len(records), counts)

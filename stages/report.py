@@ -3,11 +3,13 @@ from l2l import stage
 from l2l.claims_report import claims_sections
 from l2l.layerwise_analysis import report_section as stage_section
 from l2l.report import build
+from l2l.sequential_report import looks_section
 from l2l.teacher_report import teacher_student_section
 
 
 def run() -> None:
-    build(stage.RESULTS, stage.REPORTS, extra_sections=[claims_sections, stage_section, teacher_student_section])
+    build(stage.RESULTS, stage.REPORTS,
+          extra_sections=[claims_sections, looks_section, stage_section, teacher_student_section])
     stage.log.info("wrote %s/report.md and %s/report.html", stage.REPORTS, stage.REPORTS)
 
 
