@@ -435,6 +435,12 @@ def failed_runs(runs: pd.DataFrame, rule: dict | None) -> dict[str, str]:
                                              runs["train_acc"].astype(float), floor, bad) if b}
 
 
+def failed_rule(config: Config) -> dict:
+    """The active profile's failed-run rule: {train_acc_floor: dataset -> floor, max_per_arm}."""
+    rule = config.stats["failed_run"]
+    return {"train_acc_floor": rule["train_acc_floor"].get(config.profile.name, {}), "max_per_arm": rule["max_per_arm"]}
+
+
 def failed_text(rule: dict | None) -> str:
     floors = ", ".join(f"{ds} {v:g}" for ds, v in ((rule or {}).get("train_acc_floor") or {}).items())
     return (f"failed runs, excluded by the pre-registered rule (stats.failed_run: non-finite final training loss or "

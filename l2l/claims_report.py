@@ -45,8 +45,8 @@ def estimate(rec: dict) -> tuple[float, float, float]:
     lo, hi = (math.nan if c[k] is None else c[k] for k in ("ci_low", "ci_high"))
     if rec["kind"] == "reported_value":
         r = _paper_value(rec)
-        return c["mean_a"] - r, lo - r, hi - r
-    return c["diff"], lo, hi
+        return (math.nan if c["mean_a"] is None else c["mean_a"] - r), lo - r, hi - r
+    return (math.nan if c["diff"] is None else c["diff"]), lo, hi
 
 
 def _estimate_range(rec: dict) -> tuple[float, float]:
@@ -83,6 +83,8 @@ def ours(rec: dict) -> str:
         return (f"{format_interval(c['mean_a'], c['ci_low'], c['ci_high'], n)}; "
                 f"{rounded(c['mean_a'] - _paper_value(rec), d, signed=True)} from the paper")
     est, lo, hi = estimate(rec)
+    if not math.isfinite(est):  # every run of an arm failed (the failed-run rule): nothing to estimate
+        return "no estimate: " + "; ".join(f"arm {a}: {len(f)} failed" for a, f in (rec.get("failed") or {}).items())
     first, second = _order(rec)
     d = decimals((hi - lo) / 2)
     means = {k: sum(v["values"].values()) / len(v["values"]) for k, v in rec["arms"].items()}
@@ -292,7 +294,7 @@ def claims_overview(doc: Doc, records: list[dict], profile: str) -> None:
         folded = fold_not_run(recs)
         if folded:
             doc.p("\n".join(not_run_line(why, rs) for why, rs in folded.items()))
-    checked = [r for r in records if r.get("comparison") is not None]
+    checked = [r for r in records if r.get("comparison") is not None and math.isfinite(estimate(r)[0])]
     if checked:
         doc.figure("forest", forest_figure(checked),
                    "Every checked claim: arm a − arm b (an ordering: last − first arm), or ours − the paper's number "
@@ -372,6 +374,8 @@ def claims_sections(doc: Doc, results: Path) -> None:
                 f"arm {a} seed {s_}: {why}" for a, f in rec["failed"].items() for s_, why in f.items()))
         details += [f"note: {note}" for note in c.get("notes", [])]
         doc.p("\n".join(f"- {x}" for x in details))
+        if not all(a["values"] for a in rec["arms"].values()):  # an arm whose every run failed: nothing to draw
+            continue
         doc.figure(f"claim_{rec['id'].replace('/', '_')}", claim_figure(rec, metrics.get(rec["dataset"])),
                    f"{rec['id']}: " + ("each seed's line across the arms; right: per-seed differences and their mean"
                                        if c["paired"] and len(rec["arms"]) > 1 else "per-seed values and their mean")

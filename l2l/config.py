@@ -84,9 +84,11 @@ def _looks(v: Any, path: str) -> dict:
 
 
 def _floors(v: Any, path: str) -> dict:
-    one_of_keys(mapping(v, path), path, DATASETS)
-    for ds, x in v.items():
-        number(x, f"{path}.{ds}", 0, 100)
+    """profile -> dataset -> floor (%)."""
+    for name, floors in mapping(v, path).items():
+        one_of_keys(mapping(floors, f"{path}.{name}"), f"{path}.{name}", DATASETS)
+        for ds, x in floors.items():
+            number(x, f"{path}.{name}.{ds}", 0, 100)
     return v
 
 
@@ -99,8 +101,8 @@ STATS: dict[str, Key] = {  # how claims are checked (l2l/stats.py: the verdict r
     "margins": Key(_per_claim, {}, "claim id -> equivalence margin (accuracy points), overriding claims.yaml"),
     "tolerances": Key(_per_claim, {}, "claim id -> reported-value tolerance (points), overriding claims.yaml"),
     "failed_run": Key({  # pre-registered: which runs count as failed (l2l.claims.failed_runs)
-        "train_acc_floor": Key(_floors, {"cifar10": 11.0, "cifar100": 2.0, "voc2007": 10.0},
-                               "dataset -> final training accuracy (mAP on VOC) below which a run failed"),
+        "train_acc_floor": Key(_floors, {"paper": {"cifar10": 11.0, "cifar100": 2.0, "voc2007": 10.0}, "smoke": {}},
+                               "profile -> dataset -> final training accuracy (mAP on VOC) below which a run failed"),
         "max_per_arm": Key(nonneg_int, 1, "more failed runs than this in an arm -> inconclusive"),
     }),
     "sequential": Key({  # the group-sequential design (l2l.stats.Design; l2l adapt)
@@ -228,8 +230,10 @@ def resolve_config(params: dict, profile: str | None = None) -> Config:
         papers = name_list(papers, "papers")  # validated against claims.yaml's papers by l2l.selection
     resolved = {p: _resolve_profile(profiles, p, data) for p in profiles}
     stats = resolve(STATS, params.get("stats"), "stats")
-    for p in stats["sequential"]["looks"]:
-        choice(p, "stats.sequential.looks", list(profiles))
+    for key in ("sequential.looks", "failed_run.train_acc_floor"):  # keyed by profile
+        section, sub = key.split(".")
+        for p in stats[section][sub]:
+            choice(p, f"stats.{key}", list(profiles))
     active = resolved[name]
     if params.get("seeds", "profile") != "profile":
         active = _with_look(active, look_form(params["seeds"], str(RUN_FILE)))

@@ -121,7 +121,8 @@ def looks_section(doc: Doc, results: Path) -> None:
         seq = r["sequential"]
         hours, where = _verdict_hours(r, runs)
         last = seq["looks"][-1] if seq["looks"] else {}
-        rows.append({"claim": r["id"], "looks": "; ".join(f"{x['seeds']}: {x['decision']}" for x in seq["looks"]),
+        looks = "; ".join(f"{x['seeds']} seeds: {x['decision']}" for x in seq["looks"])
+        rows.append({"claim": r["id"], "looks": looks,
                      "levels (support / contra)": f"{_g(last.get('level_support'))} / {_g(last.get('level_contra'))}",
                      "status": seq["status"] + ("" if seq["status"] == "continue" else f" ({seq['why']})"),
                      "failed runs": failed_text(r), "verdict": r["verdict"],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from l2l import stats
-from l2l.claims import Claim, effect_of_interest, failed_mask, profile_claims
+from l2l.claims import Claim, effect_of_interest, failed_mask, failed_rule, profile_claims
 from l2l.config import Config
 
 SCENARIOS = ("null", "true", "effect")
@@ -95,20 +95,24 @@ def _noise(rng: np.random.Generator, shape: tuple, sd: float, noise: str) -> np.
 
 
 def draw(claim: Claim, t: dict, R: int, N: int, sd: float, rng: np.random.Generator, noise: str = "normal",
-         failed: str = "", floor: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+         failed: str = "", floor: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-seed quantities of a claim, (R, N, Q) with NaN for runs the failed-run rule excludes, the failed
     runs per arm (R, N) of the arm that has them, and the true value of the shown quantity.
     failed: "" none; "rule": seed 0 of the first arm failed (excluded by the rule); "kept": the same run
-    with no rule (its low value tested like any other). floor: the rule's training-accuracy floor."""
+    with no rule (its low value tested like any other). floor: the rule's training-accuracy floor (None: the
+    profile has none, and the failed run's training loss is not finite instead)."""
     d = float(t["diff"])
     e = lambda s=sd: _noise(rng, (R, N), s, noise)  # noqa: E731
     first_low = np.zeros((R, N))
     bad = np.zeros((R, N), bool)
     if failed:
         first_low[:, 0] = FAILED_OFFSET
-        acc = np.full((R, N), 90.0)
-        acc[:, 0] = min(floor, 100.0) - 1.0  # its training accuracy: below the floor (near chance)
-        bad = failed_mask(np.zeros((R, N)), acc, floor) if failed == "rule" else bad
+        acc, loss = np.full((R, N), 90.0), np.zeros((R, N))
+        if floor is None:
+            loss[:, 0] = np.nan
+        else:
+            acc[:, 0] = floor - 1.0  # its training accuracy: below the floor (near chance)
+        bad = failed_mask(loss, acc, -np.inf if floor is None else floor) if failed == "rule" else bad
     k = claim.kind
     if k == "reported_value":
         a = d + e() + first_low
@@ -166,17 +170,17 @@ def interval_agrees(tests: stats.Tests, q: np.ndarray, lo: np.ndarray, hi: np.nd
 
 def simulate(members: list[Member], design: stats.Design, alpha: float, sd: float, scenario: str, R: int,
              rng: np.random.Generator, noise: str = "normal", failed: str = "",
-             failed_rule: dict | None = None, intervals: bool = True) -> Outcome:
+             rule: dict | None = None, intervals: bool = True) -> Outcome:
     """One family through the rule: R replicates of every member's truth (its own, else the scenario's).
     design: the sequential design, or Design(None) for the fixed plan (each member at its own seeds);
-    failed_rule: stats.failed_run (its floors and max_per_arm); intervals: False skips coverage and agreement."""
-    rule = failed_rule or {"train_acc_floor": {}, "max_per_arm": 1}
+    rule: the failed-run rule (l2l.claims.failed_rule); intervals: False skips coverage and agreement."""
+    rule = rule or {"train_acc_floor": {}, "max_per_arm": 1}
     looks = list(design.looks) if design.looks is not None else None
     grid, shown = [], []
     for m in members:
         N = looks[-1] if looks else m.n
         x, bad, s = draw(m.claim, m.truth or truth(m.claim, scenario), R, N, sd, rng, noise, failed,
-                         rule["train_acc_floor"].get(m.claim.dataset, 11.0))
+                         rule["train_acc_floor"].get(m.claim.dataset))
         tests = claim_tests(m.claim)
         row = []
         for n in (looks or [m.n]):
@@ -223,7 +227,7 @@ def expected(config: Config, claims: list[Claim], design: stats.Design, sds: lis
     sd -> {"power", "seeds" (mean per arm at the stop), "fixed_power", "draws" (seeds at the stop per
     replicate: replicates pair across a family's claims, so a group's seeds are the most any of its claims
     took)}}."""
-    alpha, rule = config.stats["alpha"], config.stats["failed_run"]
+    alpha, rule = config.stats["alpha"], failed_rule(config)
     rng = np.random.default_rng(seed)
     fixed = stats.Design(None, design.spending, 0.0, design.min_seeds)
     out: dict[str, dict] = {}
@@ -231,8 +235,8 @@ def expected(config: Config, claims: list[Claim], design: stats.Design, sds: lis
         for m in members:
             out[m.claim.id] = {"family": fam, "family_tests": len(members), "fixed_seeds": m.n}
         for sd in sds:
-            seq = simulate(members, design, alpha, sd, "effect", replicates, rng, failed_rule=rule, intervals=False)
-            fix = simulate(members, fixed, alpha, sd, "effect", replicates, rng, failed_rule=rule, intervals=False)
+            seq = simulate(members, design, alpha, sd, "effect", replicates, rng, rule=rule, intervals=False)
+            fix = simulate(members, fixed, alpha, sd, "effect", replicates, rng, rule=rule, intervals=False)
             for c, m in enumerate(members):
                 out[m.claim.id][sd] = {"power": float(np.mean(seq.code[:, c] == stats.SUPPORTED)),
                                        "seeds": float(seq.seeds[:, c].mean()), "draws": seq.seeds[:, c],

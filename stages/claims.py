@@ -7,7 +7,7 @@ import math
 import pandas as pd
 
 from l2l import stage
-from l2l.claims import check, load_predictions
+from l2l.claims import check, failed_rule, load_predictions
 from l2l.io import write_json
 from l2l.layerwise_analysis import record_stage_figure
 from l2l.looks import NEXT_LOOK, design_of, next_look
@@ -25,6 +25,9 @@ def claims_metrics(records: list[dict]) -> dict:
     for r in records:
         if r.get("comparison") is not None:
             est, lo, hi = estimate(r)
+            if not math.isfinite(est):  # every run of an arm failed: no estimate, the verdict says why
+                out[r["id"]] = {"verdict": r["verdict"]}
+                continue
             out[r["id"]] = {"estimate": round(est, 2), "verdict": r["verdict"],  # no NaN in JSON: no interval, no key
                             **({"ci_low": round(lo, 2), "ci_high": round(hi, 2)} if math.isfinite(lo + hi) else {})}
     return out
@@ -38,7 +41,7 @@ def run() -> None:
     design = design_of(config)  # sequential on a look (run.yaml seeds), else one look: the fixed plan
     records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), profile,
                     alpha=settings["alpha"], min_seeds=settings["min_seeds"], design=design,
-                    failed_run=settings["failed_run"])
+                    failed_run=failed_rule(config))
     mlflow_ids = log_claims(profile, records)
     for rec in records:  # per-stage claims carry their architecture's per-stage figure
         fig = record_stage_figure(rec, phases)
