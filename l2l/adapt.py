@@ -91,13 +91,14 @@ def adapt(budget_hours: float, profile: str | None = None, papers: list[str] | s
     for _ in range(max_looks):
         look, what, config, claims = plan_look(profile, papers)
         if not look:
-            print(f"l2l adapt: {what}: nothing left to run (results/next_look.json); {spent:.2f} h spent here")
+            print(f"l2l adapt: {what}: nothing left to run (results/next_look.json); ~{spent:.3g} h estimated for "
+                  "the looks run here")
             return 0
         runs, hours = look_cost(config, claims, look, throughput, timing, device)
         n = max(len(s) for s in look.values())
-        line = f"{what}: up to {n} seeds per arm, {runs} runs to train, ~{hours:.2f} h estimated"
+        line = f"{what}: up to {n} seeds per arm, {runs} runs to train, ~{hours:.3g} h estimated"
         if spent + hours > budget_hours:
-            print(f"l2l adapt: {line}: stopping here, it would pass the budget ({spent:.2f} h spent + {hours:.2f} h > "
+            print(f"l2l adapt: {line}: stopping here, it would pass the budget ({spent:.3g} h spent + {hours:.3g} h > "
                   f"{budget_hours:g} h); run again with a larger --budget-hours to go on")
             return 0
         cmd = dvc_command(config.profile.name, config.papers, look, f"l2l adapt: {what} ({n} seeds per arm)")

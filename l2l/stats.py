@@ -491,19 +491,27 @@ def compare_ordering(arms: list[Arm | None], *, alpha: float = 0.05,
     return c, steps
 
 
+def _two_part(kind: str, labels: tuple[str, str], better: Arm, worse: Arm, gains: Arm, threshold: float,
+              min_effect: float | None, alpha: float) -> Comparison:
+    """better - worse > 0 (contradicted below min_effect) AND the per-seed gains below `threshold`
+    (contradicted above it); the numbers shown are better vs worse's."""
+    shown = compare_superiority(better, worse, alpha=alpha, min_effect=min_effect)
+    gain, dropped = _one_sample(gains, labels[1])
+    c = _combined(kind, shown, rise_then_gain_tests(labels, min_effect, threshold),
+                  [_diff_quantity(shown, labels[0]), gain], dropped=dropped)
+    c.notes.append(f"mean gain {_fmt(gain['est'], '+.3g')} vs threshold {threshold:g}")
+    c.min_effect, c.effect_of_interest = min_effect, min_effect
+    return c
+
+
 def compare_saturation(end_to_end_full: Arm, layerwise_full: Arm, last_gain: Arm, *, threshold: float,
                        min_effect: float | None, alpha: float = 0.05) -> Comparison:
     """P2's saturation claim: end-to-end beats layerwise at full depth (the gap > 0, contradicted below
     min_effect) AND the layerwise curve's gain over its last units (per seed; the claim's ``window``,
     default the last unit) is below `threshold` (contradicted above it); the numbers shown are the
     full-depth comparison's."""
-    shown = compare_superiority(end_to_end_full, layerwise_full, alpha=alpha, min_effect=min_effect)
-    gain, dropped = _one_sample(last_gain, "gain")
-    c = _combined("saturation", shown, rise_then_gain_tests(("gap", "gain"), min_effect, threshold),
-                  [_diff_quantity(shown, "gap"), gain], dropped=dropped)
-    c.notes.append(f"mean gain {_fmt(gain['est'], '+.3g')} vs threshold {threshold:g}")
-    c.min_effect, c.effect_of_interest = min_effect, min_effect
-    return c
+    return _two_part("saturation", ("gap", "gain"), end_to_end_full, layerwise_full, last_gain, threshold,
+                     min_effect, alpha)
 
 
 def compare_rise_then_plateau(start: Arm, peak: Arm, end: Arm, *, threshold: float, min_effect: float | None,
@@ -512,13 +520,7 @@ def compare_rise_then_plateau(start: Arm, peak: Arm, end: Arm, *, threshold: flo
     (superiority, min_effect) AND the per-seed gain end - peak is below `threshold`, tested as
     :func:`compare_saturation` tests its two parts; the numbers shown are peak vs start."""
     gains = {s: float(end[s]) - float(peak[s]) for s in set(peak) & set(end)}
-    shown = compare_superiority(peak, start, alpha=alpha, min_effect=min_effect)
-    gain, dropped = _one_sample(gains, "gain")
-    c = _combined("rise_then_plateau", shown, rise_then_gain_tests(("rise", "gain"), min_effect, threshold),
-                  [_diff_quantity(shown, "rise"), gain], dropped=dropped)
-    c.notes.append(f"mean gain {_fmt(gain['est'], '+.3g')} vs threshold {threshold:g}")
-    c.min_effect, c.effect_of_interest = min_effect, min_effect
-    return c
+    return _two_part("rise_then_plateau", ("rise", "gain"), peak, start, gains, threshold, min_effect, alpha)
 
 
 def compare_cost_equivalence(a: Arm, b: Arm, ratios: Mapping[str, Arm], ratio_max: Mapping[str, float], *,
