@@ -491,39 +491,175 @@ def _compare(claim: Claim, ctx: Context) -> tuple[stats.Comparison, list[stats.C
     return comp, steps, {}
 
 
-def decide(claims: list[Claim], comps: list[stats.Comparison | None], alpha: float,
-           min_seeds: int, power: bool = True) -> list[dict | None]:
-    """The verdicts of checked claims (comps[i] None = not run): Holm within each family, separately for
-    the supporting and the contradicting p; fills each comparison's family size, adjusted interval,
-    power and seeds needed (power=False skips those: they never change a verdict). -> per claim {verdict, reason, p_holm, p_contra_holm, family} or None."""
-    out: list[dict | None] = [None] * len(claims)
-    families: dict[str, list[int]] = {}
-    for i, (cl, c) in enumerate(zip(claims, comps)):
-        if c is not None:
-            families.setdefault(cl.family_key, []).append(i)
-    for fam, idx in families.items():
-        m = len(idx)
-        p_adj = stats.holm([comps[i].p_value for i in idx])  # type: ignore[union-attr]
-        pc_adj = stats.holm([comps[i].p_contra for i in idx])  # type: ignore[union-attr]
-        for i, p, pc in zip(idx, p_adj, pc_adj):
-            cl, c = claims[i], comps[i]
-            assert c is not None
-            stats.adjust(c, m, alpha)
-            n = min(c.n_a, c.n_b) if c.n_b else c.n_a
-            if power and c.sd is not None and c.sd > 0:
-                c.power = claim_power(cl, n, c.sd, alpha, m)[0] if n >= 2 else None
-                c.seeds_needed = seeds_needed(cl, c.sd, alpha, m, start=max(min_seeds, 2))
-            v, r = stats.verdict(c, alpha=alpha, p_adjusted=p, p_contra_adjusted=pc, min_seeds=min_seeds)
-            out[i] = {"verdict": v, "reason": r, "p_holm": p, "p_contra_holm": pc, "family": fam,
-                      "family_size": m}
+# --- failed runs (pre-registered: decided by training figures, never by the tested metric) ---------
+
+def failed_mask(train_loss: Any, train_acc: Any, floor: float) -> np.ndarray:
+    """The failed-run rule, elementwise: a non-finite final training loss, or a final training accuracy
+    below the floor (or not finite)."""
+    loss, acc = np.asarray(train_loss, dtype=float), np.asarray(train_acc, dtype=float)
+    return ~np.isfinite(loss) | ~(acc >= floor)
+
+
+def failed_runs(runs: pd.DataFrame, rule: dict | None) -> dict[str, str]:
+    """run hash -> why it failed by the rule (stats.failed_run): a non-finite final training loss, or a final
+    training accuracy below its dataset's floor (train_acc_floor). Tables without those columns (hand-made
+    ones) have no failed run."""
+    if not rule or runs.empty or not {"train_loss", "train_acc"} <= set(runs.columns):
+        return {}
+    floors = rule.get("train_acc_floor") or {}
+    floor = runs["dataset"].map(floors).fillna(-math.inf).to_numpy(dtype=float)
+    bad = failed_mask(runs["train_loss"], runs["train_acc"], floor)
+    return {run: ("final training loss not finite" if not math.isfinite(loss) else
+                  f"final training accuracy {acc:.1f} below the floor {fl:g}")
+            for run, loss, acc, fl, b in zip(runs["run"], runs["train_loss"].astype(float),
+                                             runs["train_acc"].astype(float), floor, bad) if b}
+
+
+def failed_rule(config: Config) -> dict:
+    """The active profile's failed-run rule: {train_acc_floor: dataset -> floor, max_per_arm}."""
+    rule = config.stats["failed_run"]
+    return {"train_acc_floor": rule["train_acc_floor"].get(config.profile.name, {}), "max_per_arm": rule["max_per_arm"]}
+
+
+def failed_text(rule: dict | None) -> str:
+    floors = ", ".join(f"{ds} {v:g}" for ds, v in ((rule or {}).get("train_acc_floor") or {}).items())
+    return (f"failed runs, excluded by the pre-registered rule (stats.failed_run: non-finite final training loss or "
+            f"final training accuracy below {floors or 'no floor'}; at most {(rule or {}).get('max_per_arm', 1)} "
+            "per arm)")
+
+
+# --- checking: looks, families, verdicts -----------------------------------------------------------
+
+@dataclass
+class _Looks:
+    """One claim's looks that its runs make available: per look its seeds, comparison (with an ordering's
+    steps and a custom kind's numbers), failed runs per arm and whether they stop it."""
+
+    seeds: list[list[int]] = field(default_factory=list)
+    comps: list[stats.Comparison] = field(default_factory=list)
+    steps: list[list[stats.Comparison]] = field(default_factory=list)  # an ordering's steps
+    extra: list[dict] = field(default_factory=list)  # a custom kind's numbers for the report
+    failed: list[dict[str, dict[int, str]]] = field(default_factory=list)
+    halt: list[bool] = field(default_factory=list)
+
+
+def _look_seeds(design: stats.Design, seeds: set[int]) -> list[list[int]]:
+    """The seeds of each look: the design's first n_k seeds (0, 1, ...); one look at every seed without looks."""
+    if design.looks is None:
+        return [sorted(seeds)]
+    return [list(range(n)) for n in design.looks]
+
+
+def _claim_looks(claim: Claim, ctx: Context, design: stats.Design, failed: dict[str, str],
+                 max_failed: int) -> _Looks:
+    """Replay the looks of one claim on the runs there are: look k is available when every arm has each
+    of its seeds (failed or not); failed runs are left out of what its comparison sees."""
+    arm_runs_ = {a.name: arm_runs(ctx.runs, claim, a) for a in claim.arms}
+    present = {a.name: set(arm_values(ctx.runs, claim, a, ctx.phases)) for a in claim.arms}
+    every = set.union(*present.values()) if present else set()
+    out = _Looks()
+    for seeds in _look_seeds(design, every):
+        if design.looks is not None and not all(set(seeds) <= present[a] for a in present):
+            break
+        keep = set(seeds)
+        bad = {a: {s: failed[r] for s, r in arm_runs_[a].items() if s in keep and r in failed} for a in arm_runs_}
+        drop = {arm_runs_[a][s] for a in bad for s in bad[a]}
+        runs = ctx.runs[ctx.runs["seed"].isin(keep) & ~ctx.runs["run"].isin(drop)]
+        phases = ctx.phases if ctx.phases.empty else ctx.phases[ctx.phases["seed"].isin(keep)
+                                                                 & ~ctx.phases["run"].isin(drop)]
+        comp, steps, extra = _compare(claim, Context(runs, phases, ctx.alpha))
+        out.seeds.append(seeds)
+        out.comps.append(comp)
+        out.steps.append(steps)
+        out.extra.append(extra)
+        out.failed.append(bad)
+        out.halt.append(any(len(v) > max_failed for v in bad.values()))
     return out
 
 
+def decide(claims: list[Claim], looks: list[_Looks | None], alpha: float, design: stats.Design,
+           power: bool = True) -> list[dict | None]:
+    """The verdicts of checked claims (looks[i] None = not run): l2l.stats.run_family within each family;
+    per claim its verdict, reason and the record of its looks (None for claims not run)."""
+    out: list[dict | None] = [None] * len(claims)
+    families: dict[str, list[int]] = {}
+    for i, (cl, lk) in enumerate(zip(claims, looks)):
+        if lk is not None:
+            families.setdefault(cl.family_key, []).append(i)
+    for fam, idx in families.items():
+        m = len(idx)
+        grid = [[stats.LookStats.of(c, h) if c.tests is not None else _untestable(h)
+                 for c, h in zip(looks[i].comps, looks[i].halt)] for i in idx]  # type: ignore[union-attr]
+        result = stats.run_family(grid, design, alpha)
+        for j, i in enumerate(idx):
+            cl, lk = claims[i], looks[i]
+            assert lk is not None
+            code, stop, last = int(result.code[0, j]), int(result.stop[0, j]), int(result.last[0, j])
+            k = stop if stop >= 0 else max(last, 0)
+            k = min(k, len(lk.comps) - 1)
+            c = lk.comps[k]
+            assert c is not None
+            c.family_size = m
+            n = c.n
+            if power and c.sd is not None and c.sd > 0 and n >= 2:
+                c.power = claim_power(cl, n, c.sd, alpha, m)[0]
+                c.seeds_needed = seeds_needed(cl, c.sd, alpha, m, start=max(design.min_seeds, 2))
+            failed_here = {a: v for a, v in lk.failed[k].items() if v}
+            halted = "; ".join(f"arm {a}: {len(v)} failed" for a, v in failed_here.items())
+            v, r = stats.describe(c, code, k, design, float(result.level_support[0, j]),
+                                  float(result.level_contra[0, j]), _finite(result.chance[0, j]), halted)
+            if failed_here:
+                r += "; " + "; ".join(f"arm {a} seed {s}: {why}" for a, f in failed_here.items()
+                                      for s, why in f.items())
+            out[i] = {"verdict": v, "reason": r, "family": fam, "family_size": m, "look": k, "code": code,
+                      "comparison": c, "steps": lk.steps[k], "extra": lk.extra[k], "seeds": lk.seeds[k],
+                      "failed": failed_here,
+                      "sequential": _sequential_record(design, lk, result, j, k, code)}
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def _untestable(halt: bool) -> stats.LookStats:
+    """A look with no test (a kind that could not compare): it stays in its family, deciding nothing."""
+    nan = np.full((1, 1), np.nan)
+    return stats.LookStats(stats.superiority_tests(None), nan, nan, nan, np.array([0]), np.array([halt]))
+
+
+def _sequential_record(design: stats.Design, lk: _Looks, result: stats.FamilyOutcome, j: int, k: int,
+                       code: int) -> dict:
+    """Per look taken: seeds per arm, p-values, the levels (the boundary) and what happened."""
+    rows = []
+    for i, (seeds, c) in enumerate(zip(lk.seeds, lk.comps)):
+        if c is None or i > k:
+            break
+        rows.append({"look": i + 1, "seeds": len(seeds), "n": c.n,
+                     "estimate": _finite(c.quantities[c.tests.shown]["est"]) if c.tests else None,
+                     "p_support": c.p_value, "p_contra": c.p_contra,
+                     "level_support": _finite(result.level_support[0, j]) if i == k else None,
+                     "level_contra": _finite(result.level_contra[0, j]) if i == k else None,
+                     "failed": sum(len(v) for v in lk.failed[i].values()),
+                     "decision": stats.OUTCOMES[code] if i == k else "continue"})
+    stopped = code != stats.CONTINUE
+    nxt = None if stopped or design.looks is None else design.looks[min(k + 1, design.count - 1)]
+    c = lk.comps[k]
+    return {"design": design.text(), "looks": rows, "look": k + 1, "of": design.count, "status":
+            "stopped" if stopped else "continue", "why": stats.OUTCOMES[code], "seeds_per_arm": len(lk.seeds[k]),
+            "next_seeds": nxt, "decision_interval": c.decision, "ci95": [c.ci_low, c.ci_high]}
+
+
 def check(claims: list[Claim], runs: pd.DataFrame, phases: pd.DataFrame, preds: Any, profile: str,
-          alpha: float, min_seeds: int) -> list[dict]:
-    """Every claim -> a JSON-safe record with statistics, family-adjusted p-values and verdict."""
+          alpha: float, min_seeds: int, design: stats.Design | None = None, failed_run: dict | None = None
+          ) -> list[dict]:
+    """Every claim -> a JSON-safe record with its looks, statistics and verdict. design: the sequential
+    design (None: one look at the seeds there are, the fixed plan); failed_run: stats.failed_run."""
+    design = design or stats.Design(None, min_seeds=min_seeds)
     ctx = Context(runs, phases, alpha)
-    records, comps = [], []
+    failed = failed_runs(runs, failed_run)
+    max_failed = int((failed_run or {}).get("max_per_arm", 1))
+    records, looks = [], []
     for claim in claims:
         rec = {"id": claim.id, "paper": claim.paper, "citation": claim.citation, "claim": claim.claim,
                "kind": claim.kind, "metric": claim.metric, "dataset": claim.dataset, "protocol": claim.protocol,
@@ -535,30 +671,42 @@ def check(claims: list[Claim], runs: pd.DataFrame, phases: pd.DataFrame, preds: 
                                  "values": arm_values(runs, claim, a, phases), "runs": arm_runs(runs, claim, a)}
                         for a in claim.arms}, **claim.extra}
         missing = [a for a in claim.arms if not rec["arms"][a.name]["values"]]
-        if missing:
+        lk = None if missing else _claim_looks(claim, ctx, design, failed, max_failed)
+        if missing or not lk.comps:  # type: ignore[union-attr]
+            why = f"its runs are not in profile {profile}" if missing else \
+                f"fewer seeds than the design's first look ({design.looks[0] if design.looks else 1} per arm)"
             # why: the general cause, which the report folds not-run claims on; reason: the runs it lacks
-            rec.update(status="not run", verdict="not run", why=f"its runs are not in profile {profile}",
-                       reason="; ".join(f"{a.label} on {claim.dataset} is not in profile {profile}" for a in missing))
-            comps.append(None)
-        else:
-            comp, steps, extra = _compare(claim, ctx)
-            comp.mcnemar_p = _mcnemar(claim, runs, preds)
-            rec.update(status="run", comparison=comp, steps=steps, **extra)
-            comps.append(comp)
+            rec.update(status="not run", verdict="not run", why=why,
+                       reason="; ".join(f"{a.label} on {claim.dataset} is not in profile {profile}" for a in missing)
+                       if missing else why)
+            lk = None
         records.append(rec)
-    for rec, comp, d in zip(records, comps, decide(claims, comps, alpha, min_seeds)):
-        if comp is None or d is None:
+        looks.append(lk)
+    for rec, lk, d in zip(records, looks, decide(claims, looks, alpha, design)):
+        if lk is None or d is None:
             continue
+        comp, steps, extra = d.pop("comparison"), d.pop("steps"), d.pop("extra")
+        keep = set(d.pop("seeds"))
+        for name, arm in rec["arms"].items():  # what the verdict used: the stopping look's seeds, failed runs out
+            bad = set(d["failed"].get(name, {}))
+            arm["values"] = {s: v for s, v in arm["values"].items() if s in keep and s not in bad}
+            arm["runs"] = {s: r for s, r in arm["runs"].items() if s in keep}
+        comp.mcnemar_p = _mcnemar(claim_of(claims, rec["id"]), runs[runs["seed"].isin(keep)], preds)
         verdict, reason = d.pop("verdict"), d.pop("reason")
-        rec.update(d)
+        rec.update(status="run", steps=[s.to_dict() for s in steps], **extra, **d)
+        rec["sequential"] = stats.json_safe(rec["sequential"])
+        rec["failed_rule"] = failed_text(failed_run) if failed_run else ""
         if profile == "smoke":  # smoke scale can support nothing: say what the numbers alone would give
             rec.update(verdict="inconclusive (smoke scale)", reason=f"smoke scale; the statistics alone: {verdict}"
                        f" ({reason})")
         else:
             rec.update(verdict=verdict, reason=reason)
         rec["comparison"] = comp.to_dict()
-        rec["steps"] = [s.to_dict() for s in rec["steps"]]
     return records
+
+
+def claim_of(claims: list[Claim], cid: str) -> Claim:
+    return next(c for c in claims if c.id == cid)
 
 
 def load_predictions(path: Path) -> dict[str, np.ndarray] | None:

@@ -13,8 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from l2l.io import read_json  # noqa: E402
-from l2l.report import (ACCURACY_RANGE, DIFFERENCE_RANGE, Doc, calibration_section, dataset_metrics,  # noqa: E402
-                        decimals, format_interval, rounded)
+from l2l.report import (ACCURACY_RANGE, DIFFERENCE_RANGE, Doc, dataset_metrics, decimals,  # noqa: E402
+                        format_interval, rounded)
+from l2l.sequential_report import calibration_section, decision_text, failed_text  # noqa: E402
 from l2l.results import FEWEST_SEEDS_FOR_INTERVAL, interval_shown, mean_interval  # noqa: E402
 
 
@@ -44,8 +45,8 @@ def estimate(rec: dict) -> tuple[float, float, float]:
     lo, hi = (math.nan if c[k] is None else c[k] for k in ("ci_low", "ci_high"))
     if rec["kind"] == "reported_value":
         r = _paper_value(rec)
-        return c["mean_a"] - r, lo - r, hi - r
-    return c["diff"], lo, hi
+        return (math.nan if c["mean_a"] is None else c["mean_a"] - r), lo - r, hi - r
+    return (math.nan if c["diff"] is None else c["diff"]), lo, hi
 
 
 def _estimate_range(rec: dict) -> tuple[float, float]:
@@ -90,6 +91,8 @@ def ours(rec: dict) -> str:
         return (f"{format_interval(c['mean_a'], c['ci_low'], c['ci_high'], n)}; "
                 f"{rounded(c['mean_a'] - _paper_value(rec), d, signed=True)} from the paper")
     est, lo, hi = estimate(rec)
+    if not math.isfinite(est):  # every run of an arm failed (the failed-run rule): nothing to estimate
+        return "no estimate: " + "; ".join(f"arm {a}: {len(f)} failed" for a, f in (rec.get("failed") or {}).items())
     first, second = _order(rec)
     d = decimals((hi - lo) / 2)
     means = {k: sum(v["values"].values()) / len(v["values"]) for k, v in rec["arms"].items()}
@@ -129,8 +132,9 @@ def verdict_table(records: list[dict]) -> pd.DataFrame:
                and interval_shown(_seeds(r), alo + shift, ahi + shift, _estimate_range(r)) else "not shown")
         rows.append({"claim": _claim_name(r), "family": _family(r), "kind": r["kind"], "n": _seeds(r),
                      "estimate [95% CI]": format_interval(est, lo, hi, _seeds(r), _estimate_range(r), signed=True),
-                     "family-adjusted interval": adj, "p (Holm)": _p(r.get("p_holm")),
-                     "contra p (Holm)": _p(r.get("p_contra_holm")), "verdict": r["verdict"]})
+                     "decision interval": decision_text(c, adj), "p / level": f"{_p(c['p_value'])} / "
+                     f"{_p(c.get('level_support'))}", "contra p / level": f"{_p(c.get('p_contra'))} / "
+                     f"{_p(c.get('level_contra'))}", "failed runs": failed_text(r), "verdict": r["verdict"]})
     return pd.DataFrame(rows)
 
 
@@ -298,7 +302,7 @@ def claims_overview(doc: Doc, records: list[dict], profile: str) -> None:
         folded = fold_not_run(recs)
         if folded:
             doc.p("\n".join(not_run_line(why, rs) for why, rs in folded.items()))
-    checked = [r for r in records if r.get("comparison") is not None]
+    checked = [r for r in records if r.get("comparison") is not None and math.isfinite(estimate(r)[0])]
     if checked:
         doc.figure("forest", forest_figure(checked),
                    "Every checked claim: arm a − arm b (an ordering: last − first arm), or ours − the paper's number "
@@ -328,8 +332,11 @@ def claims_sections(doc: Doc, results: Path) -> None:
         doc.table(verdict_table(checked))
     else:
         doc.p("No claim has its arms in this profile.")
-    doc.p(f"alpha = {st['alpha']} per family, at least {st['min_seeds']} seeds per arm; p-values Holm-adjusted "
-          "within each family (supporting and contradicting tests separately); intervals are t-intervals. "
+    doc.p(f"alpha = {st['alpha']} per family over every look, at least {st['min_seeds']} seeds per arm; each "
+          "test's level is its family's Holm share of alpha times the look's spending (supporting and contradicting "
+          "tests separately; the sequential design below); the decision interval is the one the verdict compared "
+          "with the claim's bounds, each bound at the level shown (for a reported value: ours, not ours minus the "
+          "paper's number); the 95% interval is repeated over looks; intervals are t-intervals. "
           "Estimates are arm a minus arm b (the last minus the first arm for an ordering), or ours minus the "
           "paper's number for a reported value, in points of the claim's metric (accuracy; mAP on VOC). "
           "Families and the number of tests each holds:")
@@ -356,9 +363,9 @@ def claims_sections(doc: Doc, results: Path) -> None:
                    f"family {_family(rec)}, {rec.get('family_size')} tests"
                    + (f"; {rec['role_reason']}" if rec.get("role_reason") else ""),
                    f"{'paired by seed' if c['paired'] else 'unpaired'}; ours: {ours(rec)}",
-                   f"supporting test p = {_p(c['p_value'])}, Holm {_p(rec.get('p_holm'))}; "
-                   f"contradicting test ({c.get('contra_test')}) p = {_p(c.get('p_contra'))}, "
-                   f"Holm {_p(rec.get('p_contra_holm'))}; non-parametric p = {_p(c['p_nonparam'])} (descriptive)",
+                   f"supporting test p = {_p(c['p_value'])} at level {_p(c.get('level_support'))}; "
+                   f"contradicting test ({c.get('contra_test')}) p = {_p(c.get('p_contra'))} at level "
+                   f"{_p(c.get('level_contra'))}; non-parametric p = {_p(c['p_nonparam'])} (descriptive)",
                    f"effect size {_num(c['effect_size'])}; P(a > b across seeds) = {_num(c['prob_superiority'])}"]
         if c.get("mcnemar_p") is not None:
             details.append(f"per-example McNemar (combined over seeds; descriptive: it compares trained networks, "
@@ -370,8 +377,13 @@ def claims_sections(doc: Doc, results: Path) -> None:
             details.append(f"seeds per arm for 80% power: {c['seeds_needed']}")
         if c.get("dropped"):
             details.append("runs left out: " + ", ".join(c["dropped"]))
+        if rec.get("failed"):
+            details.append(f"{rec.get('failed_rule') or 'failed runs'}: " + "; ".join(
+                f"arm {a} seed {s_}: {why}" for a, f in rec["failed"].items() for s_, why in f.items()))
         details += [f"note: {note}" for note in c.get("notes", [])]
         doc.p("\n".join(f"- {x}" for x in details))
+        if not all(a["values"] for a in rec["arms"].values()):  # an arm whose every run failed: nothing to draw
+            continue
         doc.figure(f"claim_{rec['id'].replace('/', '_')}", claim_figure(rec, metrics.get(rec["dataset"])),
                    f"{rec['id']}: " + ("each seed's line across the arms; right: per-seed differences and their mean"
                                        if c["paired"] and len(rec["arms"]) > 1 else "per-seed values and their mean")

@@ -1,23 +1,30 @@
 """The ``l2l`` command. ``l2l plan``: the runs a profile implies (per experiment/model/dataset and
-per claim), which are done, and the remaining device-hours estimated from measured throughput.
-Run it from the repository root (params.yaml, claims.yaml, runs/)."""
+per claim), which are done, the remaining device-hours estimated from measured throughput, and the
+sequential design's expected seeds and hours per claim. ``l2l adapt``: run the design's looks
+(l2l.adapt). Run it from the repository root (params.yaml, claims.yaml, runs/)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+from l2l.adapt import adapt
 from l2l.checks import ConfigError
-from l2l.claims import Claim, power_table
+from l2l.claims import Claim, planning_sd, power_table
 from l2l.config import Config
 from l2l.cost import (LAUNCH_US, SHARE_OF_PEAK, THROUGHPUT_FILE, DeviceEstimate, RunCost, device_estimate, disk_bytes,
                       load_throughput, measured_against, pick_timing, run_costs)
 from l2l.devices import DEVICES
 from l2l.modes import parse as parse_mode
 from l2l.io import read_json
+from l2l.looks import sequential_design
 from l2l.selection import load_selection
-from l2l.stats import MAX_SEEDS
+from l2l.simulate import expected
+from l2l.stats import MAX_SEEDS, SPENDING
 from l2l.timing import TIMING_FILE
 
 CLAIMS_RESULT = Path("results/claims.json")
@@ -72,7 +79,7 @@ def _needs(costs: list[RunCost], remaining: float | None, what: str) -> list[str
 
 def plan_report(config: Config, claims: list[Claim], throughput_path: Path, device: str | None, list_runs: bool,
                 claims_path: Path, timing_path: Path = TIMING_FILE, share: float = SHARE_OF_PEAK,
-                launch_us: float = LAUNCH_US) -> str:
+                launch_us: float = LAUNCH_US, spending: str | None = None) -> str:
     profile = config.profile.name
     throughput, estimate = _pricing(throughput_path, device, share, launch_us)
     timing = None if estimate is not None else pick_timing(device, timing_path)
@@ -119,6 +126,9 @@ def plan_report(config: Config, claims: list[Claim], throughput_path: Path, devi
                   rows)
     out += _needs(costs, _sum(costs), what)
     out += ["", "## Per claim", ""] + _claims(config, claims, costs, claims_path)
+    if spending is not None:  # another spending function than params.yaml's, to compare designs
+        config = replace(config, stats={**config.stats, "sequential": {**config.stats["sequential"], "spending": spending}})
+    out += ["", "## The sequential design: seeds and hours to a verdict", ""] + sequential_table(config, claims, costs)
     if list_runs:
         out += ["", "## Runs", ""] + _table(["run", *GROUP, "seed", "status", "hours"], [
             [c.spec.hash, *(getattr(c.spec, k) for k in GROUP), c.spec.seed, "done" if c.done else "to do",
@@ -188,6 +198,82 @@ def _power(config: Config, claims: list) -> list[str]:
         ["claim", "family (tests)", "kind", "seeds per arm", "effect / bound", "sd", "power", "seeds for 80%"], rows)
 
 
+SDS = (0.2, 1.0)  # between-seed sds per run that the design is priced at, with stats.planning_sd between
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def sequential_table(config: Config, claims: list[Claim], costs: list[RunCost], replicates: int = 200) -> list[str]:
+    """Per claim and per paper's primary claims: the sequential design's power, expected and maximum seeds
+    per arm and device-hours at between-seed sd 0.2 / stats.planning_sd / 1.0 per run, against the fixed
+    plan's seeds, hours and power (l2l.simulate: the real rule simulated, the effect of interest)."""
+    try:
+        design = sequential_design(config)
+    except ConfigError as e:
+        return [f"No sequential design: {e}"]
+    sds = sorted({SDS[0], config.stats["planning_sd"], SDS[1]})
+    sim = expected(config, claims, design, sds, replicates)
+    if not sim:
+        return ["No claim has its arms in this profile."]
+    per_run: dict[tuple, list[float | None]] = defaultdict(list)
+    for c in costs:
+        per_run[(c.spec.experiment, c.spec.model, c.spec.dataset)].append(c.hours)
+    hours = {g: None if any(h is None for h in v) else float(np.mean(v)) for g, v in per_run.items()}
+    by_id = {c.id: c for c in claims}
+
+    def groups(cl: Claim) -> list[tuple]:  # a run counts once per claim (arms may be phases of one run)
+        return list(dict.fromkeys((a.experiment, a.model, cl.dataset) for a in cl.arms))
+
+    def cost(gs: list[tuple], seeds) -> float | None:
+        hs = [hours.get(g) for g in gs]
+        return None if any(h is None for h in hs) else float(np.mean(sum(h * seeds[g] for g, h in zip(gs, hs))))
+
+    fixed_seeds = {g: len(config.profile.seeds_of(g)) for g in hours}
+    head = [f"The design: {design.text()}; alpha {config.stats['alpha']} per family over all looks "
+            f"(l2l.stats.VERDICT_RULE). Simulated through the rule ({replicates} replicates per family and sd, "
+            "normal seeds, every claim at its effect of interest): power = supported; seeds = per arm at the "
+            "stop, mean (the cap is the most); hours = its arms' runs at those seeds priced as the rows above "
+            "(a run serving several claims counts in each). Fixed: today's plan (params.yaml seeds, one look) "
+            "through the same rule. A difference of two runs has sqrt 2 x the sd per run.", ""]
+    rows = []
+    for cid, r in sim.items():
+        cl = by_id[cid]
+        gs = groups(cl)
+        cells = [cid, f"{r['family']} ({r['family_tests']})", r["fixed_seeds"],
+                 _hours(cost(gs, {g: fixed_seeds.get(g, r["fixed_seeds"]) for g in gs})),
+                 " / ".join(_pct(r[sd]["fixed_power"]) for sd in sds)]
+        for sd in sds:
+            hours_sd = _hours(cost(gs, dict.fromkeys(gs, r[sd]["seeds"])))
+            cells.append(f"{_pct(r[sd]['power'])}, {r[sd]['seeds']:.1f}, {hours_sd}")
+        cells += [design.cap, _hours(cost(gs, dict.fromkeys(gs, design.cap)))]
+        rows.append(cells)
+    sd_head = [f"sd {sd:g}: power, seeds, hours" for sd in sds]
+    out = head + _table(["claim", "family (tests)", "fixed seeds", "fixed hours",
+                         "fixed power (sd " + " / ".join(f"{sd:g}" for sd in sds) + ")", *sd_head,
+                         "max seeds", "max hours"], rows)
+    out += ["", "Per paper, its primary claims together (a run counts once: a group's seeds are the most any of "
+            "the paper's primary claims took in that replicate; power: the mean over its primary claims):", ""]
+    rows = []
+    for paper in dict.fromkeys(by_id[cid].paper for cid in sim):
+        prim = [cid for cid in sim if by_id[cid].paper == paper and by_id[cid].role == "primary"]
+        if not prim:
+            continue
+        gs = list(dict.fromkeys(g for cid in prim for g in groups(by_id[cid])))
+        fixed_h = cost(gs, {g: fixed_seeds.get(g, 0) for g in gs})
+        cells = [paper, len(prim), _hours(fixed_h)]
+        for sd in sds:
+            draws = {g: np.max([sim[cid][sd]["draws"] for cid in prim if g in groups(by_id[cid])], 0) for g in gs}
+            cells.append(f"{np.mean([sim[cid][sd]['seeds'] for cid in prim]):.1f}, {_hours(cost(gs, draws))}, "
+                         f"{_pct(float(np.mean([sim[cid][sd]['fixed_power'] for cid in prim])))} fixed, "
+                         f"{_pct(float(np.mean([sim[cid][sd]['power'] for cid in prim])))} sequential")
+        cells.append(_hours(cost(gs, dict.fromkeys(gs, design.cap))))
+        rows.append(cells)
+    return out + _table(["paper", "primary claims", "fixed hours",
+                         *(f"sd {sd:g}: seeds per arm, hours, mean power" for sd in sds), "max hours"], rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="l2l", description="l2l-bench tools (run from the repository root)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,11 +295,24 @@ def main(argv: list[str] | None = None) -> None:
                    help="per-run calibrations (benchmarks/run_timing.py); the device's is used where there is one")
     p.add_argument("--claims", type=Path, default=Path("claims.yaml"))
     p.add_argument("--runs", action="store_true", help="list every run with its status")
+    p.add_argument("--spending", choices=SPENDING, help="the sequential design's spending function for its table "
+                                                         "(default: params.yaml stats.sequential.spending)")
+    a = sub.add_parser("adapt", help="run the sequential design's looks (each a dvc exp run) until every claim "
+                                     "has stopped or the budget is spent")
+    a.add_argument("--budget-hours", type=float, required=True,
+                   help="device-hours (l2l plan's estimate) the runs of this call's looks may take in all")
+    a.add_argument("--profile", help="a profile of params.yaml (default: run.yaml's profile)")
+    a.add_argument("--papers", type=lambda v: v if v == "all" else v.split(","),
+                   help="all, or paper ids, comma-separated (default: run.yaml's papers)")
+    a.add_argument("--device", help="price runs at this device's calibration or throughput (as l2l plan)")
+    a.add_argument("--dry-run", action="store_true", help="print the next look's dvc exp run and stop")
     args = parser.parse_args(argv)
     try:
+        if args.command == "adapt":
+            sys.exit(adapt(args.budget_hours, args.profile, args.papers, args.dry_run, device=args.device))
         config, claims = load_selection(claims_path=args.claims, profile=args.profile, papers=args.papers)
         print(plan_report(config, claims, args.throughput, args.device, args.runs, args.claims, args.timing,
-                          args.share, args.launch_us))
+                          args.share, args.launch_us, args.spending))
     except ConfigError as e:
         print(f"l2l: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,21 +26,23 @@ from typing import Any, Iterator
 import torch
 import yaml
 
-from l2l.checks import (SOURCE, ConfigError, Key, boolean, choice, config_error, deep_merge, integer, mapping,
-                        name_list, nonneg_float, nonneg_int, number, one_of_keys, optional_str, path_str, pos_float,
+from l2l.checks import (SOURCE, ConfigError, Key, boolean, choice, config_error, deep_merge, increasing_ints,
+                        integer, mapping, name_list, nonneg_float, nonneg_int, number, one_of_keys, optional_str,
+                        path_str, pos_float,
                         pos_int, resolve, seeds)
 from l2l.datasets import DATASETS, DataSettings, resolve_data, resolve_experiment_split, resolve_split
 from l2l.methods import METHODS
 from l2l.io import read_json
 from l2l.models import ARCHS, build_model, with_defaults
 from l2l.spec import RunSpec, resolve_train
+from l2l.stats import SPENDING
 
-__all__ = ["Config", "Experiment", "Profile", "load_config", "load_params", "load_workspace",
-           "plan", "prepared_plan", "required_hashes", "resolve_config", "restrict"]
+__all__ = ["Config", "Experiment", "Profile", "load_config", "load_params", "load_workspace", "look_form",
+           "look_mapping", "plan", "prepared_plan", "required_hashes", "resolve_config", "restrict", "with_look"]
 
 PARAMS_FILE = Path("params.yaml")
 RUN_FILE = Path("run.yaml")
-RUN_KEYS = ("profile", "papers", "data")  # run.yaml's keys: the workspace's selection and data sources
+RUN_KEYS = ("profile", "papers", "data", "seeds")  # run.yaml's keys: the workspace's selection and data sources
 
 # --- the sections resolved here (the others live beside the code that uses them) ------------
 
@@ -127,6 +129,21 @@ def _per_claim(v: Any, path: str) -> dict:
     return v
 
 
+def _looks(v: Any, path: str) -> dict:
+    for name, looks in mapping(v, path).items():
+        increasing_ints(looks, f"{path}.{name}", low=1, allow_empty=False)
+    return v
+
+
+def _floors(v: Any, path: str) -> dict:
+    """profile -> dataset -> floor (%)."""
+    for name, floors in mapping(v, path).items():
+        one_of_keys(mapping(floors, f"{path}.{name}"), f"{path}.{name}", DATASETS)
+        for ds, x in floors.items():
+            number(x, f"{path}.{name}.{ds}", 0, 100)
+    return v
+
+
 STATS: dict[str, Key] = {  # how claims are checked (l2l/stats.py: the verdict rule)
     "alpha": Key(lambda v, p: number(v, p, 0, 0.5, low_open=True, high_open=True), 0.05),
     "min_seeds": Key(lambda v, p: integer(v, p, 3), 3,
@@ -135,9 +152,21 @@ STATS: dict[str, Key] = {  # how claims are checked (l2l/stats.py: the verdict r
                                         "until runs exist"),
     "margins": Key(_per_claim, {}, "claim id -> equivalence margin (accuracy points), overriding claims.yaml"),
     "tolerances": Key(_per_claim, {}, "claim id -> reported-value tolerance (points), overriding claims.yaml"),
+    "failed_run": Key({  # pre-registered: which runs count as failed (l2l.claims.failed_runs)
+        "train_acc_floor": Key(_floors, {"paper": {"cifar10": 11.0, "cifar100": 2.0, "voc2007": 10.0}, "smoke": {}},
+                               "profile -> dataset -> final training accuracy (mAP on VOC) below which a run failed"),
+        "max_per_arm": Key(nonneg_int, 1, "more failed runs than this in an arm -> inconclusive"),
+    }),
+    "sequential": Key({  # the group-sequential design (l2l.stats.Design; l2l adapt)
+        "looks": Key(_looks, {"paper": [3, 5, 8, 13, 20], "smoke": [2, 3]},
+                     "profile -> seeds per arm at each look (the last: the cap)"),
+        "spending": Key(lambda v, p: choice(v, p, SPENDING), "obrien_fleming"),
+        "futility": Key(lambda v, p: number(v, p, 0, 1, high_open=True), 0.1,
+                        "stop a claim whose chance of a decision by the cap is below this (0: never)"),
+    }),
 }
 
-TOP_LEVEL = ("profile", "papers", "data", "executor", "stats", "profiles")
+TOP_LEVEL = ("profile", "papers", "seeds", "data", "executor", "stats", "profiles")
 PROFILE_KEYS = ("extends", "seeds", "datasets", "split", "models", "train", "experiments")
 EXPERIMENT_KEYS = ("method", "models", "datasets", "seeds", "split", "train", "options")
 
@@ -164,11 +193,18 @@ class Profile:
     experiments: dict[str, Experiment]
     # the (experiment, model, dataset) combinations the plan keeps; None: all (l2l.selection narrows it)
     only: frozenset[tuple[str, str, str]] | None = None
+    # a look of the sequential design (run.yaml seeds): the seeds of every group it trains, no other group;
+    # None: every experiment's own seeds (the fixed plan)
+    look: dict[tuple[str, str, str], tuple[int, ...]] | None = None
 
     def trains(self) -> set[tuple[str, str, str]]:
         """Every (experiment, model, dataset) this profile trains."""
         return {(e, m, d) for e, exp in self.experiments.items() for m in exp.models for d in exp.datasets
-                if self.only is None or (e, m, d) in self.only}
+                if (self.only is None or (e, m, d) in self.only) and (self.look is None or (e, m, d) in self.look)}
+
+    def seeds_of(self, group: tuple[str, str, str]) -> list[int]:
+        """The seeds a group trains: the look's, else its experiment's."""
+        return list(self.look[group]) if self.look is not None else self.experiments[group[0]].seeds
 
 
 @dataclass(frozen=True)
@@ -205,7 +241,7 @@ def load_workspace(path: Path | str = PARAMS_FILE, run: Path | str | None = RUN_
     for k in sel:
         if k not in RUN_KEYS:
             raise config_error(k, "one of " + ", ".join(RUN_KEYS), problem="unknown key", source=str(run))
-    for k in ("profile", "papers"):
+    for k in ("profile", "papers", "seeds"):
         if k in params:
             raise config_error(k, problem=f"set in {run} (the workspace's selection), not here", source=str(path))
     profiles = params.get("profiles")
@@ -215,7 +251,9 @@ def load_workspace(path: Path | str = PARAMS_FILE, run: Path | str | None = RUN_
     if papers != "all" and not (isinstance(papers, list) and papers and all(isinstance(x, str) for x in papers)):
         raise config_error("papers", "all or a non-empty list of paper ids (claims.yaml papers:)", papers,
                            source=str(run))
-    out = {**params, **{k: sel[k] for k in ("profile", "papers") if k in sel}}
+    if "seeds" in sel:
+        look_form(sel["seeds"], str(run))
+    out = {**params, **{k: sel[k] for k in ("profile", "papers", "seeds") if k in sel}}
     if sel.get("data") is not None:
         if not isinstance(sel["data"], dict):
             raise config_error("data", "a mapping of params.yaml data keys", sel["data"], source=str(run))
@@ -264,8 +302,68 @@ def resolve_config(params: dict, profile: str | None = None) -> Config:
     if papers != "all":
         papers = name_list(papers, "papers")  # validated against claims.yaml's papers by l2l.selection
     resolved = {p: _resolve_profile(profiles, p, data) for p in profiles}
-    return Config(resolved[name], resolved, data, resolve(EXECUTOR, params.get("executor"), "executor"),
-                  resolve(STATS, params.get("stats"), "stats"), None if papers == "all" else papers)
+    stats = resolve(STATS, params.get("stats"), "stats")
+    for key in ("sequential.looks", "failed_run.train_acc_floor"):  # keyed by profile
+        section, sub = key.split(".")
+        for p in stats[section][sub]:
+            choice(p, f"stats.{key}", list(profiles))
+    active = resolved[name]
+    if params.get("seeds", "profile") != "profile":
+        active = _with_look(active, look_form(params["seeds"], str(RUN_FILE)))
+    return Config(active, resolved, data, resolve(EXECUTOR, params.get("executor"), "executor"), stats,
+                  None if papers == "all" else papers)
+
+
+# --- a look of the sequential design (run.yaml seeds) -------------------------------------
+
+def look_form(v: Any, source: str) -> dict[tuple[str, str, str], tuple[int, ...]] | None:
+    """run.yaml seeds: "profile" (None: the fixed plan) or experiment -> model -> dataset -> seeds."""
+    if v == "profile":
+        return None
+    form = "profile, or a mapping experiment -> model -> dataset -> a list of seeds (a look: l2l adapt writes it)"
+    if not isinstance(v, dict) or not v:
+        raise config_error("seeds", form, v, source=source)
+    out = {}
+    for e, models in v.items():
+        if not isinstance(models, dict) or not models:
+            raise config_error(f"seeds.{e}", "a mapping model -> dataset -> seeds", models, source=source)
+        for m, datasets in models.items():
+            if not isinstance(datasets, dict) or not datasets:
+                raise config_error(f"seeds.{e}.{m}", "a mapping dataset -> seeds", datasets, source=source)
+            for d, s in datasets.items():
+                try:
+                    out[(str(e), str(m), str(d))] = tuple(seeds(s, f"seeds.{e}.{m}.{d}"))
+                except ConfigError as err:
+                    raise ConfigError(str(err).replace("params.yaml:", f"{source}:", 1)) from None
+    return out
+
+
+def look_mapping(look: dict[tuple[str, str, str], Any]) -> dict:
+    """The nested form of a look (what run.yaml holds): experiment -> model -> dataset -> sorted seeds."""
+    out: dict = {}
+    for (e, m, d), s in sorted(look.items()):
+        out.setdefault(e, {}).setdefault(m, {})[d] = sorted(int(x) for x in s)
+    return out
+
+
+def with_look(config: Config, look: dict[tuple[str, str, str], tuple[int, ...]]) -> Config:
+    """The workspace's configuration with its active profile training `look` (papers not yet applied)."""
+    return replace(config, profile=_with_look(config.profiles[config.profile.name], look))
+
+
+def _with_look(prof: Profile, look: dict[tuple[str, str, str], tuple[int, ...]]) -> Profile:
+    """The profile training exactly the look's groups at the look's seeds (each a group of the profile)."""
+    groups = {(e, m, d) for e, exp in prof.experiments.items() for m in exp.models for d in exp.datasets}
+    for e, m, d in look:
+        if (e, m, d) not in groups:
+            raise config_error(f"seeds.{e}.{m}.{d}", problem=f"profile {prof.name} does not train model {m} of "
+                               f"experiment {e} on {d}", source=str(RUN_FILE))
+    out = replace(prof, look=dict(look))
+    try:
+        _resolve_required_runs(_specs(out, None, {}), out)  # every run a look's run requires is in the look
+    except ConfigError as e:
+        raise ConfigError(f"{RUN_FILE}: seeds: a look must hold every run its runs require ({e})") from None
+    return out
 
 
 def restrict(config: Config, keep: set[tuple[str, str, str]]) -> Config:
@@ -390,15 +488,18 @@ def _resolve_model(cfg: Any, path: str, datasets: list[str]) -> dict:
 
 # --- the plan ---------------------------------------------------------------------------
 
-def _specs(prof: Profile, data: DataSettings, fingerprints: dict[str, str]) -> list[RunSpec]:
+def _specs(prof: Profile, data: DataSettings | None, fingerprints: dict[str, str]) -> list[RunSpec]:
     specs = []
     for exp, e in prof.experiments.items():
         for model in e.models:
             for dataset in e.datasets:
                 if prof.only is not None and (exp, model, dataset) not in prof.only:
                     continue
-                run_data = {**data.run_data(prof.split, dataset, e.split), "fingerprint": fingerprints.get(dataset)}
-                for seed in e.seeds:
+                if prof.look is not None and (exp, model, dataset) not in prof.look:
+                    continue
+                run_data = ({} if data is None else
+                            {**data.run_data(prof.split, dataset, e.split), "fingerprint": fingerprints.get(dataset)})
+                for seed in prof.seeds_of((exp, model, dataset)):
                     specs.append(RunSpec(exp, e.method, model, dataset, seed, prof.models[model], e.train, e.options,
                                          run_data))
     return specs

@@ -327,34 +327,6 @@ def learning_curves(doc: Doc, results: Path) -> None:
                    f"Learning curves, {model} on {dataset}: mean across seeds, band = 95% t-interval{note}")
 
 
-CALIBRATION_FILE = Path("benchmarks/calibration.json")
-CALIBRATION_COLUMNS = {"false_supported": "false supported", "false_contradicted": "false contradicted",
-                       "power": "power", "coverage": "95% CI coverage"}
-
-
-def calibration_section(doc: Doc, profile: str, path: Path = CALIBRATION_FILE) -> None:
-    """The rule's simulated error rates for this profile's families and seeds (benchmarks/calibration.py)."""
-    doc.h(3, "The rule's measured error rates (calibration)")
-    data = read_json(path).get(profile) if path.exists() else None
-    if not data:
-        doc.p(f"No calibration for profile {profile} in {path}: run `python benchmarks/calibration.py "
-              f"--profile {profile}`. Without it this report's verdicts come with no measured error rates.")
-        return
-    doc.p(f"Simulated through the same functions as these verdicts ({data['replicates']} replicates per "
-          f"scenario, normal seeds with between-seed sd {data['planning_sd']} points per run, alpha "
-          f"{data['alpha']}, this profile's seeds and families; ± one Monte Carlo standard error). False "
-          "supported: claims false at their boundary (no effect; a difference at the margin; the paper's number "
-          "off by the tolerance); false contradicted: claims true at the edge of their contradicting test "
-          "(effect = min_effect; difference at the margin; the paper's number exact); power: supported at the "
-          "effect of interest; coverage: the 95% t-interval holding the true value.")
-    doc.table(pd.DataFrame([{"family (tests)": f"{r['family']} ({r['family_tests']})", "kind": r["kind"],
-                             "seeds": r["seeds"], "claims": r["claims"],
-                             **{name: f"{100 * r[k]:.1f} ± {100 * r[k + '_se']:.1f}%"
-                                for k, name in CALIBRATION_COLUMNS.items()}} for r in data["rows"]]))
-
-
-
-
 def build(results: Path, out: Path, extra_sections=None) -> Doc:
     """extra_sections: functions (doc, results) that write their sections after the stamp line, in order
     (stages/report.py: the claims first, claims_report.claims_sections). Write out/report.md, out/report.html, out/forest.png + .svg and out/figures/*.png from results/."""

@@ -103,7 +103,8 @@ def run_rows(specs: list[RunSpec], runs: Path, evals: Path) -> pd.DataFrame:
                      "metric": task_of(spec.data).metric,  # what the *_acc columns hold
                      **{k: v for k, v in ev.items() if k not in ("final_sha256", "files", "sha256")},
                      **_images(result),
-                     "train_acc": result["final"]["train_acc"], "epochs": result["epochs"],
+                     "train_acc": result["final"]["train_acc"], "train_loss": result["final"]["train_loss"],
+                     "epochs": result["epochs"],
                      "updates": result["updates"], "train_seconds": result["train_seconds"],
                      "images_per_s": result["images_per_s"],
                      **{k: result[k] for k in ("device", "device_name", "torch", "cuda")},

@@ -34,7 +34,7 @@ def select(config: Config, claims: list[Claim], source: str = str(RUN_FILE)) -> 
         if p not in known:
             raise config_error("papers", "paper ids of claims.yaml (" + ", ".join(known) + ")", p, source=source)
     prof = config.profile
-    trained = prof.trains()
+    trained = config.profiles[prof.name].trains()  # whatever a look trains: the datasets stay the papers' own
     keep = {(a.experiment, a.model, c.dataset) for c in selected_claims(config, claims) for a in c.arms} & trained
     if not keep:
         raise config_error("papers", problem=f"profile {prof.name} trains no arm of the claims of "

@@ -454,7 +454,7 @@ def log_to_run(run_hash: str, profile: str, metrics: dict[str, Any], tags: dict[
 
 
 CLAIM_METRICS = ("diff", "ci_low", "ci_high", "p_value", "mean_a", "mean_b", "n_a", "n_b", "effect_size",
-                 "seeds_needed", "mcnemar_p")
+                 "seeds_needed", "mcnemar_p", "p_contra", "level_support", "level_contra", "adj_ci_low", "adj_ci_high")
 SUMMARY_RUN = "claims summary"
 
 
@@ -494,7 +494,8 @@ def log_claims(profile: str, records: list[dict], show_interval: Callable[[dict]
             continue
         run_id = _claim_run(c, exp_id, "l2l.claim_id", rec["id"], f"claim {rec['id']}", "claim")
         comp = rec.get("comparison") or {}
-        metrics = {**{k: comp.get(k) for k in CLAIM_METRICS}, "p_holm": rec.get("p_holm")}
+        look = (rec.get("sequential") or {}).get("look")  # the look of the sequential design it stopped at (or is at)
+        metrics = {**{k: comp.get(k) for k in CLAIM_METRICS}, "p_holm": rec.get("p_holm"), "look": look}
         if not show_interval(rec):
             had = c.get_run(run_id).data.metrics
             metrics.update({k: math.nan if k in had else None for k in ("ci_low", "ci_high")})

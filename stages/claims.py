@@ -1,16 +1,19 @@
 """DVC stage `claims`: check every claim of claims.yaml against results/ (l2l.stats), write
 results/claims.json (+ per-claim estimate, interval and verdict in results/claims_metrics.json, and DVC's
-metrics, the verdicts counted per paper, in results/verdicts/) and, in MLflow, one run per checked claim and
-one summary run (l2l.tracking.log_claims)."""
+metrics, the verdicts counted per paper, in results/verdicts/), the next look of the sequential design
+(results/next_look.json, l2l.looks) and, in MLflow, one run per checked claim and one summary run
+(l2l.tracking.log_claims)."""
+import math
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from l2l import stage
-from l2l.claims import check, load_predictions
+from l2l.claims import check, failed_rule, load_predictions
 from l2l.io import remove_stale_temps, write_json
 from l2l.layerwise_analysis import record_stage_figure
+from l2l.looks import NEXT_LOOK, design_of, next_look
 from l2l.claims_report import estimate, ours, shown_interval
 from l2l.findings import verdict_counts
 from l2l.selection import load_selection
@@ -26,7 +29,10 @@ def claims_metrics(records: list[dict]) -> dict:
     for r in records:
         if r.get("comparison") is not None:
             est, _, _ = estimate(r)
-            shown = shown_interval(r)
+            if not math.isfinite(est):  # every run of an arm failed: no estimate, the verdict says why
+                out[r["id"]] = {"verdict": r["verdict"]}
+                continue
+            shown = shown_interval(r)  # no NaN in JSON: no interval shown, no key
             out[r["id"]] = {"estimate": round(est, 2), "verdict": r["verdict"],
                             **({"ci_low": round(shown[0], 2), "ci_high": round(shown[1], 2)} if shown else {})}
     return out
@@ -50,8 +56,10 @@ def run() -> None:
     settings, profile = config.stats, config.profile.name
     runs = pd.read_csv(stage.RESULTS / "runs.csv")
     phases = pd.read_csv(stage.RESULTS / "phases.csv")
+    design = design_of(config)  # sequential on a look (run.yaml seeds), else one look: the fixed plan
     records = check(claims, runs, phases, load_predictions(stage.RESULTS / "predictions.npz"), profile,
-                    alpha=settings["alpha"], min_seeds=settings["min_seeds"])
+                    alpha=settings["alpha"], min_seeds=settings["min_seeds"], design=design,
+                    failed_run=failed_rule(config))
     mlflow_ids = log_claims(profile, records, show_interval=lambda rec: shown_interval(rec) is not None, ours=ours)
     for rec in records:  # per-stage claims carry their architecture's per-stage figure
         fig = record_stage_figure(rec, phases)
@@ -60,7 +68,9 @@ def run() -> None:
     for rec in records:
         rec["mlflow_run_id"] = mlflow_ids.get(rec["id"])
     write_json(stage.RESULTS / "claims.json", {"profile": profile, "papers": config.papers or "all",
-                                               "settings": settings, "verdict_rule": VERDICT_RULE, "claims": records})
+                                               "settings": settings, "verdict_rule": VERDICT_RULE,
+                                               "design": design.text(), "claims": records})
+    write_json(NEXT_LOOK, next_look(config, claims, records, design))
     write_json(stage.RESULTS / "claims_metrics.json", claims_metrics(records))
     write_verdict_counts(records, stage.RESULTS / "verdicts")
     counts = pd.Series([r["verdict"] for r in records]).value_counts().to_dict()

@@ -5,11 +5,12 @@ from l2l.fidelity import report_section as fidelity_section
 from l2l.findings import report_top
 from l2l.layerwise_analysis import report_section as stage_section
 from l2l.report import build
+from l2l.sequential_report import looks_section
 from l2l.teacher_report import teacher_student_section
 
 
 def run() -> None:
-    build(stage.RESULTS, stage.REPORTS, extra_sections=[report_top, claims_sections, stage_section,
+    build(stage.RESULTS, stage.REPORTS, extra_sections=[report_top, claims_sections, looks_section, stage_section,
                                                            teacher_student_section, fidelity_section])
     stage.log.info("wrote %s/report.md and %s/report.html", stage.REPORTS, stage.REPORTS)
 

@@ -69,6 +69,14 @@ def test_per_claim_rows(workspace, capsys):
     n80 = seeds_for_power(lambda n: tost_power(0.0, 1.0, 0.6, n, 0.05))
     assert f"| PX-C1 | PX (1) | reported_value | 2 | 1 | 0.60 | {100 * tost_power(0.0, 1.0, 0.6, 2, 0.05):.0f}% | " \
            f"{n80} |" in power and "PX-C2" not in power
+    # the sequential design (smoke: looks at 2 and 3 seeds): per claim its power, seeds and hours at sd 0.2 /
+    # 0.6 / 1.0 beside the fixed plan's, and per paper; 2 seeds test nothing (min_seeds 3), so it goes to 3
+    seq = out[out.index("## The sequential design"):]
+    assert "looks at 2, 3 seeds per arm (cap 3)" in seq
+    row = next(line for line in seq.splitlines() if line.startswith("| PX-C1 | PX (1) | 2 |"))
+    cells = row.split(" | ")
+    assert cells[4] == "0% / 0% / 0%" and all(c.split(", ")[1] == "3.0" for c in cells[5:8]) and cells[8] == "3"
+    assert "| PX | 1 |" in seq
 
 
 def test_unknown_device_one_line_error(workspace, capsys):

@@ -93,7 +93,8 @@ def test_run_yaml_selects_over_the_shipped_params(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("run, params_extra, message", [
-    ({"profile": "smoke", "seeds": [1]}, {}, "run.yaml: seeds: unknown key; expected one of profile, papers, data"),
+    ({"profile": "smoke", "sedes": [1]}, {}, "run.yaml: sedes: unknown key; expected one of profile, papers, data, seeds"),
+    ({"profile": "smoke", "seeds": [1]}, {}, "run.yaml: seeds: expected profile, or a mapping experiment -> model"),
     ({"profile": "fast"}, {}, "run.yaml: profile: expected one of paper, smoke, got 'fast'"),
     ({"profile": "smoke", "papers": "P3"}, {}, "run.yaml: papers: expected all or a non-empty list of paper ids"),
     ({"profile": "smoke"}, {"profile": "paper"}, "params.yaml: profile: set in run.yaml (the workspace's selection)"),

@@ -16,9 +16,9 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
-from l2l.stats import (VERDICT_RULE, Comparison, adjust, combine_mcnemar, compare_equivalence, compare_ordering,
-                       compare_reported, compare_saturation, compare_superiority, holm, mcnemar_paired, rule_power,
-                       seeds_for_power, tost_power, verdict)
+from l2l.stats import (VERDICT_RULE, Comparison, Design, LookStats, combine_mcnemar, compare_equivalence,
+                       compare_ordering, compare_reported, compare_saturation, compare_superiority, decide_alone,
+                       mcnemar_paired, rule_power, run_family, seeds_for_power, tost_power, SUPPORTED)
 
 ALPHA = 0.05
 
@@ -29,11 +29,8 @@ def arm(values, seeds=None) -> dict[int, float]:
 
 
 def decide_one(c: Comparison, m: int = 1, min_seeds: int = 3) -> tuple[str, str]:
-    """The verdict of a claim alone in its family, or at the first Holm step of a family of m."""
-    adjust(c, m, ALPHA)
-    p = None if c.p_value is None else min(1.0, m * c.p_value)
-    pc = None if c.p_contra is None else min(1.0, m * c.p_contra)
-    return verdict(c, alpha=ALPHA, p_adjusted=p, p_contra_adjusted=pc, min_seeds=min_seeds)
+    """The verdict of a claim alone in its family, or at the first Holm step of a family of m (one look)."""
+    return decide_alone(c, ALPHA / m, min_seeds)
 
 
 def rate(hits: list[bool]) -> tuple[float, float]:
@@ -57,9 +54,12 @@ def test_paired_t_and_interval_match_scipy():
     ci = sps.ttest_rel(a, b).confidence_interval(0.95)
     assert (c.ci_low, c.ci_high) == pytest.approx((ci.low, ci.high))
     assert c.p_contra == pytest.approx(sps.ttest_1samp(a - b, 0.5, alternative="less").pvalue)
-    adjust(c, 4, ALPHA)  # family of 4: each bound at alpha/4
+    assert decide_one(c)[0] == "supported" and c.adj_ci_low > 0  # alone: p 0.015 < alpha
+    # at the first Holm step of a family of 4 (each bound at alpha/4) p 0.015 is not enough, and the
+    # decision interval printed beside "inconclusive" holds 0
+    assert decide_one(c, m=4)[0] == "inconclusive"
     ci4 = sps.ttest_rel(a, b).confidence_interval(1 - 2 * ALPHA / 4)
-    assert (c.adj_ci_low, c.adj_ci_high) == pytest.approx((ci4.low, ci4.high))
+    assert (c.adj_ci_low, c.adj_ci_high) == pytest.approx((ci4.low, ci4.high)) and c.adj_ci_low < 0 < c.adj_ci_high
 
 
 def test_reported_value_is_tost_against_the_tolerance():
@@ -69,11 +69,18 @@ def test_reported_value_is_tost_against_the_tolerance():
     tost = max(sps.ttest_1samp(v, 89.0, alternative="greater").pvalue,
                sps.ttest_1samp(v, 91.0, alternative="less").pvalue)
     assert c.p_value == pytest.approx(tost)
-    assert c.p_contra == pytest.approx(sps.ttest_1samp(v, 90.0).pvalue)
+    # contradicting: the difference shown outside the tolerance, one side at a time (Bonferroni over the two)
+    assert c.p_contra == pytest.approx(min(1.0, 2 * min(sps.ttest_1samp(v, 91.0, alternative="greater").pvalue,
+                                                        sps.ttest_1samp(v, 89.0, alternative="less").pvalue)))
     assert decide_one(c)[0] == "supported"
-    # our mean 2 points above the paper's: never supported, here rejected (the planted P3-C3 case)
+    # our mean 2 points above the paper's: never supported, here shown more than the tolerance off
     far = compare_reported({s: v + 2.0 for s, v in x.items()}, 90.0, tolerance=1.0)
-    assert decide_one(far, m=5)[0] == "contradicted"
+    v_far, reason = decide_one(far, m=5)
+    assert v_far == "contradicted" and "shown more than 1 from the paper's number" in reason
+    assert far.adj_ci_low > 91.0  # the printed decision interval lies beyond the tolerance
+    # 0.9 points off at a small sd: equality is rejected (the old rule's "contradicted"), the tolerance holds
+    near = compare_reported({s: v + 0.9 for s, v in x.items()}, 90.0, tolerance=1.0)
+    assert sps.ttest_1samp(v + 0.9, 90.0).pvalue < 0.01 and decide_one(near, m=5)[0] != "contradicted"
     with pytest.raises(ValueError):
         compare_reported(x, 90.0, tolerance=0)
 
@@ -102,18 +109,14 @@ def test_no_meaningful_effect_contradicts_superiority():
 
 
 def test_one_point_effect_supported_in_a_per_paper_family():
-    """+1 point at sd(diff) 0.3 with 5 seeds: supported after Holm in a family of 5."""
-    from l2l.claims import Claim, decide
-
+    """+1 point at sd(diff) 0.3 with 5 seeds: supported with Holm's sharing in a family of 5 (one look)."""
     rng = np.random.default_rng(4)
-    comps, claims = [], []
-    for i in range(5):
+    looks = []
+    for _ in range(5):
         b = rng.normal(90, 0.6, 5)
-        comps.append(compare_superiority(arm(b + 1.0 + rng.normal(0, 0.3, 5)), arm(b), min_effect=0.5))
-        claims.append(Claim(f"X{i}", "P9", "", "", "superiority", "final_test_acc", "cifar10", [], "not public", "",
-                            min_effect=0.5, family="P9"))
-    out = decide(claims, comps, ALPHA, 3)
-    assert [o["verdict"] for o in out] == ["supported"] * 5 and out[0]["family_size"] == 5
+        looks.append([LookStats.of(compare_superiority(arm(b + 1.0 + rng.normal(0, 0.3, 5)), arm(b), min_effect=0.5))])
+    out = run_family(looks, Design(None), ALPHA)
+    assert (out.code == SUPPORTED).all()
 
 
 def test_ordering_is_intersection_union():
@@ -137,7 +140,7 @@ def test_saturation_keeps_improving_contradicts():
 
 def test_zero_variance_needs_three_seeds():
     two = compare_superiority(arm([90.5, 91.5]), arm([90.0, 91.0]), min_effect=0.5)
-    assert two.zero_variance and decide_one(two, min_seeds=2)[0] == "inconclusive"
+    assert two.zero_variance and decide_one(two)[1].startswith("only 2 seeds")  # min_seeds is at least 3
     three = compare_superiority(arm([90.5, 91.5, 92.5]), arm([90.0, 91.0, 92.0]), min_effect=0.5)
     assert three.zero_variance and decide_one(three)[0] == "supported"
     small = compare_superiority(arm([90.2, 91.2, 92.2]), arm([90.0, 91.0, 92.0]), min_effect=0.5)
@@ -161,17 +164,21 @@ def test_diverged_runs_are_named_and_pairing_uses_shared_seeds():
     json.dumps(c.to_dict(), allow_nan=False)
 
 
-def test_holm_matches_statsmodels_with_none_passthrough():
+def test_one_look_of_the_family_procedure_is_holm():
+    """With one look (the fixed plan) the family procedure rejects exactly what statsmodels' Holm rejects."""
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        p = list(rng.uniform(0, 0.2, 6))
-        p[1] = p[3]  # ties
-        assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]))
-    assert holm([None, 0.01, float("nan"), 0.04]) == [None, pytest.approx(0.02), None, pytest.approx(0.04)]
+    for _ in range(30):
+        comps = [compare_superiority(arm(rng.normal(rng.choice([0.0, 0.6]), 0.5, 5)), arm(np.zeros(5)), rank_test=False)
+                 for _ in range(6)]
+        p = [c.p_value for c in comps]
+        out = run_family([[LookStats.of(c)] for c in comps], Design(None), ALPHA)
+        assert list(out.code[0] == SUPPORTED) == list(multipletests(p, alpha=ALPHA, method="holm")[0])
 
 
 def test_rule_text_is_the_module_constant():
-    assert "Holm" in VERDICT_RULE and "min_seeds (at least 3)" in VERDICT_RULE and "no bootstrap" in VERDICT_RULE
+    for text in ("Holm", "min_seeds (at least 3)", "No bootstrap", "Lan-DeMets", "failed run", "decision interval",
+                 "repeated confidence interval", "futility"):
+        assert text in VERDICT_RULE
 
 
 # ---------------------------------------------------------------- power

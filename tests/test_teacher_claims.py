@@ -133,7 +133,7 @@ def test_rise_then_plateau_each_way(rise, plateau, expected):
 
 def _supported(c: stats.Comparison, level: float) -> bool:
     """Supported by the rule at a test level (alpha / m: the first Holm level of a family of m)."""
-    return stats.verdict(c, alpha=level, p_adjusted=c.p_value, p_contra_adjusted=c.p_contra)[0] == "supported"
+    return stats.decide_alone(c, level)[0] == "supported"
 
 
 def _rate(events: list[bool]) -> tuple[float, float]:
