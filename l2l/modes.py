@@ -3,7 +3,7 @@ the execution modes that benchmarks/gpu_check.py measured on that device.
 
 benchmarks/throughput.json holds, per device, ``modes[<model name of the profile>][<mode>] =
 {images_per_s (aggregate training images/s of every run in flight), peak_memory_gib, achieved_tflops,
-runs (how many runs in flight)}`` (the contract in /work/notes/TEAM.md). Mode names:
+runs (how many runs in flight)}`` (this module is where that format is defined). Mode names:
 
 - ``separate``: one run at a time, one process (the engine as it is);
 - ``stacked_<K>``: K runs that differ only by seed as one stacked computation (l2l/stacking.py);

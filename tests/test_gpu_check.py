@@ -123,7 +123,7 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     doc = json.loads((out / "throughput.json").read_text())
     assert not any("cuda_graphs" in m for m in doc["measurements"][tp.device_name]["modes"].values())  # none from a CPU
     assert all(tp.images_per_s(n) > 0 for n in tp.models)
-    # execution modes per family (l2l/modes.py, TEAM.md's contract): separate and stacked_K measured,
+    # execution modes per family (l2l/modes.py's format): separate and stacked_K measured,
     # runs_per_gpu only on CUDA
     modes = tp.modes["resnet8"]
     assert set(modes) == {"separate", "stacked_1", "stacked_2"} and res["stacking"]["runs_per_gpu"].startswith("skipped")
@@ -141,7 +141,7 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
 
 
 def test_the_cuda_graphs_mode_reaches_throughput_json_per_profile_model_name(monkeypatch):
-    """TEAM contract: measurements[<device>]["modes"][<profile model name>]["cuda_graphs"] = {images_per_s,
+    """l2l/modes.py's format: measurements[<device>]["modes"][<profile model name>]["cuda_graphs"] = {images_per_s,
     peak_memory_gib, achieved_tflops, runs}; one measurement per distinct configuration, written under every
     name of the paper profile that has it; nothing from a CPU."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
