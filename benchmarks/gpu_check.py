@@ -738,7 +738,7 @@ def throughput_doc(results: dict, s: dict) -> dict:
 
 
 def cuda_graphs_modes(results: dict) -> dict[str, dict]:
-    """throughput.json's mode `cuda_graphs` per profile model name (TEAM contract: images/s, peak memory
+    """throughput.json's mode `cuda_graphs` per profile model name (l2l/modes.py's format: images/s, peak memory
     GiB, achieved TFLOP/s, runs in flight), from the cuda_graphs section: CUDA measurements only (a CPU
     rehearsal replays by running the step again, which says nothing of a graph's speed)."""
     sec = results.get("cuda_graphs") or {}

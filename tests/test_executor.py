@@ -78,7 +78,7 @@ def test_submitit_local_executor_same_results_as_local(tmp_path, monkeypatch, lo
     ({"backend": "dask"}, "executor.backend: expected one of local, ray, slurm, got 'dask'"),
     ({"runs_per_gpu": 0}, "executor.runs_per_gpu: expected a positive integer, got 0"),
     ({"gpus": 2}, "executor.gpus: unknown key; expected one of backend, checkpoint_every, checkpoint_min_seconds, "
-                  "cpu_threads, cuda_graphs, max_retries, ray, runs_per_gpu, slurm, tracking"),
+                  "cpu_threads, cuda_graphs, max_retries, ray, runs_per_gpu, slurm, stack_seeds, tracking"),
     ({"ray": {"address": 5}}, "executor.ray.address: expected a name or null, got 5"),
     ({"cpu_threads": "all"}, "executor.cpu_threads: expected a positive integer, got 'all'"),
     ({"checkpoint_every": 0}, "executor.checkpoint_every: expected a positive integer, got 0"),
