@@ -38,10 +38,10 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "equivalence": ("margin",),
     "ordering": ("min_effect",),
     "reported_value": ("tolerance",),
-    "saturation": ("min_effect", "threshold", "window", "unit"),  # l2l.layerwise_analysis.saturation_check
+    "saturation": ("min_effect", "threshold", "window", "unit", "end_to_end"),  # layerwise_analysis.saturation_check
     "early_overfit": ("min_effect", "early_stages", "unit"),  # l2l.layerwise_analysis.early_overfit_check
     "rise_then_plateau": ("min_effect", "threshold"),
-    "cost_equivalence": ("margin", "flops_ratio_max", "latency_ratio_max", "cost_phase"),
+    "cost_equivalence": ("margin", "flops_ratio_max", "latency_ratio_max", "cost_phase", "latency_batches"),
 }
 ATTRIBUTES = ("margin", "min_effect", "tolerance")  # kind fields a Claim holds as attributes; the others: Claim.extra
 # params.yaml's per-claim overrides: stats.<key> -> the record field it overrides (on the kinds that have it)
@@ -235,10 +235,10 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
             if not (isinstance(rec.get(key), (int, float)) and not isinstance(rec.get(key), bool) and rec[key] > 0):
                 raise _err(cid, key, f"expected a positive number for a {rec['kind']} claim, got {rec.get(key)!r}")
         lb = rec.get("latency_batches")
-        if lb is not None and not (rec["kind"] == "cost_equivalence" and isinstance(lb, list) and lb and all(
+        if lb is not None and not (isinstance(lb, list) and lb and all(  # a cost_equivalence field (KIND_FIELDS)
                 isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lb)):
-            raise _err(cid, "latency_batches", "expected, on a cost_equivalence claim, a non-empty list of the batch "
-                                               f"sizes whose latency ratios decide it, got {lb!r}")
+            raise _err(cid, "latency_batches", "expected a non-empty list of the batch sizes whose latency ratios "
+                                               f"decide the claim, got {lb!r}")
         if rec["kind"] in ("equivalence", "cost_equivalence") and (not isinstance(margin, (int, float)) or margin <= 0):
             raise _err(cid, "margin", f"expected a positive number for an equivalence claim, got {margin!r}")
         tolerance = st["tolerances"].get(cid, rec.get("tolerance"))

@@ -202,7 +202,6 @@ def test_an_unmeasured_gpu_is_an_estimate_with_its_assumptions(workspace, capsys
     # a stack of 2 takes one stacked step (its own launches) for both: each run half of it
     assert launch_bound.run_seconds(spec, n, members=2) == pytest.approx(
         4 * phase.stacked_launches * 1e-2 * launch_bound.stacked_host / 2 + batches * fwd_launches * 1e-2)
-    assert phase.stacked_launches * launch_bound.stacked_host < 2 * phase.launches
     out = _plan(capsys, "--device", "H100", "--launch-us", "10000")
     assert "Stacked where the method allows" in out and "stacked_2" in out
 
