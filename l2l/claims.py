@@ -204,12 +204,13 @@ def load_claims(config: Config, path: Path = CLAIMS_FILE) -> list[Claim]:
         if not isinstance(records, list):
             raise ConfigError(f"{inc_path}: expected a list of claim records")
         doc["claims"] = doc["claims"] + records
-    experiments, measures = {}, {}
+    experiments, measures = {}, {}  # measures: (experiment, model) -> {phase: its measure names}
     for prof in config.profiles.values():
         for e, exp in prof.experiments.items():
             experiments.setdefault(e, set()).update(exp.models)
-            for phase, names in METHODS[exp.method].phase_metrics(exp.options).items():
-                measures.setdefault(e, {}).setdefault(phase, set()).update(names)
+            for model in exp.models:
+                for phase, names in METHODS[exp.method].phase_metrics(exp.options, prof.models[model]).items():
+                    measures.setdefault((e, model), {}).setdefault(phase, set()).update(names)
     kinds = BUILTIN_KINDS + tuple(CUSTOM_KINDS)
     out, seen = [], set()
     for i, rec in enumerate(doc["claims"]):
@@ -298,7 +299,7 @@ def _closed_fields(cid: str, rec: dict) -> None:
                                  f"one of {', '.join(sorted(allowed))}")
 
 
-def _check_metric(cid: str, metric: Any, arms: list[Arm], measures: dict[str, dict[str, set]]) -> None:
+def _check_metric(cid: str, metric: Any, arms: list[Arm], measures: dict[tuple[str, str], dict[str, set]]) -> None:
     """The claim's metric is a column the plan's results will have: of results/runs.csv for a run's
     arm, of the phase's measures (results/phases.csv, as its method declares them) for a phase's."""
     for arm in arms:
@@ -307,11 +308,11 @@ def _check_metric(cid: str, metric: Any, arms: list[Arm], measures: dict[str, di
                 raise _err(cid, "metric", "expected a metric column of results/runs.csv"
                                           f"{_did_you_mean(metric, RUN_METRICS)} ({', '.join(RUN_METRICS)}), got {metric!r}")
             continue
-        phases = measures.get(arm.experiment, {})
+        phases = measures.get((arm.experiment, arm.model), {})
         if arm.phase not in phases:
-            raise _err(cid, f"arms.{arm.name}.phase", f"expected a phase of {arm.experiment} whose measures "
-                                                      f"results/phases.csv holds ({', '.join(phases) or 'none'}), "
-                                                      f"got {arm.phase!r}")
+            raise _err(cid, f"arms.{arm.name}.phase", f"expected a phase of {arm.experiment}/{arm.model} whose "
+                                                      f"measures results/phases.csv holds "
+                                                      f"({', '.join(phases) or 'none'}), got {arm.phase!r}")
         if metric not in phases[arm.phase]:
             raise _err(cid, "metric", f"expected a measure of phase {arm.phase} of {arm.experiment} (arm {arm.name})"
                                       f"{_did_you_mean(metric, phases[arm.phase])}: "

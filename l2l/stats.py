@@ -147,6 +147,17 @@ def rise_then_gain_tests(labels: tuple[str, str], min_effect: float | None, thre
                                                                    Side(1, t, True)))
 
 
+def saturation_tests(min_effect: float | None, threshold: float, keeps_improving: bool) -> Tests:
+    """Saturation's two parts (rise_then_gain_tests: the gap, the layerwise gain); with P2's other reading of
+    its end-to-end side (keeps_improving) a third: the end-to-end probes' gain over the same units > 0,
+    contradicted when shown below `threshold`."""
+    two = rise_then_gain_tests(("gap", "gain"), min_effect, threshold)
+    if not keeps_improving:
+        return two
+    return Tests(two.labels + ("probe gain",), two.support + (Side(2, 0.0, True),),
+                 two.contra + (Side(2, float(threshold), False),))
+
+
 def cost_tests(margin: float, maxima: Sequence[tuple[str, float]]) -> Tests:
     """Accuracy within +-margin AND every cost ratio below its maximum; contradicted by either side shown."""
     m = float(margin)
@@ -492,26 +503,32 @@ def compare_ordering(arms: list[Arm | None], *, alpha: float = 0.05,
 
 
 def _two_part(kind: str, labels: tuple[str, str], better: Arm, worse: Arm, gains: Arm, threshold: float,
-              min_effect: float | None, alpha: float) -> Comparison:
+              min_effect: float | None, alpha: float, probe_gain: Arm | None = None) -> Comparison:
     """better - worse > 0 (contradicted below min_effect) AND the per-seed gains below `threshold`
-    (contradicted above it); the numbers shown are better vs worse's."""
+    (contradicted above it); the numbers shown are better vs worse's. `probe_gain` (saturation's
+    keeps_improving reading): a third part, saturation_tests'."""
     shown = compare_superiority(better, worse, alpha=alpha, min_effect=min_effect)
     gain, dropped = _one_sample(gains, labels[1])
-    c = _combined(kind, shown, rise_then_gain_tests(labels, min_effect, threshold),
-                  [_diff_quantity(shown, labels[0]), gain], dropped=dropped)
+    quantities, tests = [_diff_quantity(shown, labels[0]), gain], rise_then_gain_tests(labels, min_effect, threshold)
+    if probe_gain is not None:
+        probe, more = _one_sample(probe_gain, "probe gain")
+        quantities, dropped = quantities + [probe], dropped + more
+        tests = saturation_tests(min_effect, threshold, keeps_improving=True)
+    c = _combined(kind, shown, tests, quantities, dropped=dropped)
     c.notes.append(f"mean gain {_fmt(gain['est'], '+.3g')} vs threshold {threshold:g}")
     c.min_effect, c.effect_of_interest = min_effect, min_effect
     return c
 
 
 def compare_saturation(end_to_end_full: Arm, layerwise_full: Arm, last_gain: Arm, *, threshold: float,
-                       min_effect: float | None, alpha: float = 0.05) -> Comparison:
+                       min_effect: float | None, alpha: float = 0.05, probe_gain: Arm | None = None) -> Comparison:
     """P2's saturation claim: end-to-end beats layerwise at full depth (the gap > 0, contradicted below
     min_effect) AND the layerwise curve's gain over its last units (per seed; the claim's ``window``,
     default the last unit) is below `threshold` (contradicted above it); the numbers shown are the
-    full-depth comparison's."""
+    full-depth comparison's. `probe_gain` (per seed: the end-to-end network's last-unit probe minus the
+    probe `window` units before) adds the keeps_improving reading's third part (saturation_tests)."""
     return _two_part("saturation", ("gap", "gain"), end_to_end_full, layerwise_full, last_gain, threshold,
-                     min_effect, alpha)
+                     min_effect, alpha, probe_gain)
 
 
 def compare_rise_then_plateau(start: Arm, peak: Arm, end: Arm, *, threshold: float, min_effect: float | None,

@@ -276,10 +276,20 @@ def test_fields_metrics_and_overrides_are_checked_when_the_registry_loads(tmp_pa
     doc = json.loads(json.dumps(CLAIMS))
     doc["claims"][0]["arms"]["a"]["phase"] = "gen1"
     assert load_claims(config_of(params), write(tmp_path, doc))[0].arm("a").phase == "gen1"
-    for phase, metric, message in (("gen2", "final_test_acc", "PX-C1.arms.a.phase: expected a phase of better whose "
+    for phase, metric, message in (("gen2", "final_test_acc", "PX-C1.arms.a.phase: expected a phase of better/cnn whose "
                                                               "measures results/phases.csv holds (gen0, gen1), got 'gen2'"),
                                    ("gen1", "final_tset_acc", "PX-C1.metric: expected a measure of phase gen1 of better "
                                                               "(arm a) (did you mean final_test_acc?)")):
         doc["claims"][0]["arms"]["a"]["phase"], doc["claims"][0]["metric"] = phase, metric
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
             load_claims(config_of(params), write(tmp_path, doc))
+    # a layerwise run's phases are its model's units (the cnn's three stages), with the stage measures
+    params["profiles"]["paper"]["experiments"]["better"] = {"method": "layerwise", "datasets": ["cifar10"]}
+    doc["claims"][0]["arms"] = {"a": {"experiment": "better", "model": "cnn", "phase": "stage3"},
+                                "b": {"experiment": "better", "model": "cnn", "phase": "stage1"}}
+    doc["claims"][0]["metric"] = "ensemble_test_acc"
+    assert load_claims(config_of(params), write(tmp_path, doc))[0].arm("a").phase == "stage3"
+    doc["claims"][0]["arms"]["a"]["phase"] = "stage4"
+    with pytest.raises(ConfigError, match=r"PX-C1.arms.a.phase: expected a phase of better/cnn whose measures "
+                                          r"results/phases.csv holds \(stage1, stage2, stage3\), got 'stage4'"):
+        load_claims(config_of(params), write(tmp_path, doc))

@@ -653,7 +653,8 @@ def test_p3_claims_declare_the_precision_bn_init_and_images_their_arms_train_wit
     params = shipped_params()
     claims = [c for c in load_claims(config_of(params), tmp_path / "claims.yaml") if c.paper == "P3"]
     specs = plan_of(params, "paper")
-    assert {c.id for c in claims if c.role == "sensitivity"} == {f"P3-C{k}-paper-text" for k in (1, 2, 3)}
+    assert {c.id for c in claims if c.role == "sensitivity"} == {*(f"P3-C{k}-paper-text" for k in (1, 2, 3)),
+                                                                 "P3-C5-iterative"}
     for c in claims:
         assert "fp32 with TF32 off" in c.protocol and "U(0,1)" in c.protocol and "50,000" in c.protocol, c.id
         assert c.stated_in != "unconfirmed" and c.harness_choices, c.id

@@ -43,8 +43,9 @@ class Method:
       ``<name>_run`` = {hash, model_cfg}, and the train stage trains them first;
     - check(spec, num_classes, path): plan-time checks that need the run (its model, its dataset's
       classes), so an option error surfaces before any training, naming ``path`` (the options' key);
-    - phase_metrics(options) -> {phase name: measure names}: the phases whose measures (results/phases.csv)
-      a claim's arm may name, and those measures (a claim naming another is refused at plan time).
+    - phase_metrics(options, model_cfg) -> {phase name: measure names}: the phases of a run of that model
+      whose measures (results/phases.csv) a claim's arm may name, and those measures (a claim naming
+      another is refused at plan time).
     - stackable(options) -> None where runs that differ only by seed may train as one stack
       (l2l/stacking.py: each step makes ONE update of one optimizer, as its last effect, reading only
       the phase's modules and its own batch), else why not in a few words (default: not declared).
@@ -58,7 +59,7 @@ class Method:
     supported_tasks: Callable[[dict], tuple[str, ...]] = lambda options: (SINGLE_LABEL,)
     requires: Callable[[dict], dict[str, dict]] = lambda options: {}
     check: Callable[[RunSpec, int, str], None] = lambda spec, num_classes, path: None
-    phase_metrics: Callable[[dict], dict[str, tuple[str, ...]]] = lambda options: {}
+    phase_metrics: Callable[[dict, dict], dict[str, tuple[str, ...]]] = lambda options, model_cfg: {}
     stackable: Callable[[dict], str | None] = lambda options: "its step is not declared stackable"
 
     def validate_options(self, options: dict, path: str) -> dict:

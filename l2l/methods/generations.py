@@ -216,7 +216,7 @@ GENERATION_MEASURES = ("final_val_acc", "final_test_acc", "confidence", "entropy
                        "ensemble_final_test_acc", "params", "flops")  # _measures' keys (+ kd_weight from gen1 on)
 
 
-def phase_metrics(options: dict) -> dict[str, tuple[str, ...]]:
+def phase_metrics(options: dict, model_cfg: dict) -> dict[str, tuple[str, ...]]:
     """Phases gen0..gen<generations>, each with _measures' keys (what a claim's arm may name)."""
     return {f"gen{g}": GENERATION_MEASURES + (("kd_weight",) if g else ()) for g in range(options["generations"] + 1)}
 

@@ -275,6 +275,25 @@ def _stage_metrics(ctx: RunContext, model: nn.Sequential, heads: nn.ModuleList, 
     return out
 
 
+STAGE_MEASURES = ("head_train_acc", "head_test_acc", "ensemble_test_acc", "params")  # _stage_metrics' keys
+
+
+def phase_metrics(options: dict, model_cfg: dict) -> dict[str, tuple[str, ...]]:
+    """Phases <unit>1..<unit>S of the model (and <unit>s_pruned with pruning), each with _stage_metrics'
+    keys; the last (and its pruned phase) also with the probes' (<unit><s>_probe_*_acc) when it probes."""
+    with torch.device("meta"):  # the unit count only: no weights initialised
+        units = len(stage_ends(unit_view(build_model(model_cfg, 10), options["unit"])))
+    probes = tuple(f"{options['unit']}{s}_probe_{split}_acc" for s in range(1, units + 1) for split in ("train", "test")
+                   ) if options["probe_epochs"] else ()
+    out = {}
+    for s in range(1, units + 1):
+        names = [f"{options['unit']}{s}"] + ([f"{options['unit']}{s}_pruned"] if options["prune_to"] else [])
+        for i, name in enumerate(names):
+            last = s == units and (i == len(names) - 1 if options["prune_to"] else True)
+            out[name] = STAGE_MEASURES + (probes if last else ())
+    return out
+
+
 def check(spec: RunSpec, num_classes: int, path: str) -> None:
     """Plan time: pruning only on a model whose blocks can be masked; layer units only where they exist."""
     _model_cfg(spec, path)
@@ -284,4 +303,4 @@ def check(spec: RunSpec, num_classes: int, path: str) -> None:
 
 
 METHOD = Method("layerwise", OPTIONS, phases, validate=validate_options, predictor=predictor, check=check,
-                stackable=lambda options: None)
+                phase_metrics=phase_metrics, stackable=lambda options: None)
