@@ -67,11 +67,12 @@ def _train(paper: str, values: dict, sources: dict, sensitivity: dict | None = N
 PROFILE_TRAIN = {"epochs": 100, "batch_size": 128, "eval_batch_size": 1000, "optimizer.name": "sgd",
                  "optimizer.lr": 0.05, "optimizer.momentum": 0.9, "optimizer.weight_decay": 5e-4,
                  "optimizer.nesterov": False, "schedule.name": "cosine", "augment.crop_padding": 4,
-                 "augment.flip": True, "precision": "auto", "compile": False, "deterministic": False}
+                 "augment.flip": True, "precision": "auto", "tf32": False, "compile": False, "deterministic": False}
 PROFILE_TRAIN_SOURCES = {
     "*": H + ": the profile's CIFAR training (SGD momentum 0.9, wd 5e-4, cosine over 100 epochs, crop 4 + flip)",
     "eval_batch_size": H + ": evaluation only (no effect on any result)",
     "precision": H + ": bf16 autocast on CUDA, fp32 on CPU",
+    "tf32": H + ": off (IEEE fp32 wherever fp32 runs; torch's CUDA default would be TF32 for cuDNN convolutions)",
     "compile": H + ": torch.compile off until a GPU measurement shows it faster",
     "deterministic": H + ": off (cuDNN autotuner on), recorded in every result.json",
 }
@@ -127,7 +128,7 @@ SETTINGS: list[Setting] = [
                    "optimizer.lr": 0.1, "optimizer.momentum": 0.9, "optimizer.weight_decay": 5e-4,
                    "optimizer.nesterov": False, "schedule.name": "step", "schedule.step_size": 15,
                    "schedule.gamma": 0.2, "augment.crop_padding": 4, "augment.flip": True, "precision": "fp32",
-                   "compile": False, "deterministic": False},
+                   "tf32": False, "compile": False, "deterministic": False},
             {"*": P3_CODE + ", per unit: P2 builds on P3's scheme (abstract), its own schedule is not public",
              "epochs": P3_CODE + " --nepochs 50 (per unit; P2's not public)",
              "optimizer.lr": P3_CODE + " --lr 0.1, divided by 5 every --epochdecay 15 epochs",
@@ -135,6 +136,7 @@ SETTINGS: list[Setting] = [
              "optimizer.weight_decay": P3_CODE + ": optim.SGD(momentum=0.9, weight_decay=5e-4)",
              "optimizer.momentum": P3_CODE + ": optim.SGD(momentum=0.9, weight_decay=5e-4)",
              "precision": P3_CODE + ": fp32 (no autocast, no .half())",
+             "tf32": P3_CODE + ": PyTorch 0.3/0.4-era code (loss.data[0], Variable(volatile=True)), older than TF32",
              "augment.crop_padding": P3_CODE + ": RandomCrop(32, padding=4), RandomHorizontalFlip",
              "augment.flip": P3_CODE + ": RandomCrop(32, padding=4), RandomHorizontalFlip",
              "eval_batch_size": PROFILE_TRAIN_SOURCES["eval_batch_size"], "compile": PROFILE_TRAIN_SOURCES["compile"],
