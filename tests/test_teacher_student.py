@@ -273,7 +273,7 @@ def test_generation_teacher_is_the_previous_checkpoint_frozen(tmp_path):
     metrics = result["phase_metrics"]
     assert list(metrics) == ["gen0", "gen1", "gen2"]
     # what the method declares a claim may name (l2l.claims checks claims against it at plan time)
-    declared = generations.phase_metrics(spec.options)
+    declared = generations.phase_metrics(spec.options, spec.model_cfg)
     assert {g: set(m) for g, m in metrics.items()} == {g: set(v) for g, v in declared.items()}
     for g, m in enumerate(metrics.values()):
         assert {"final_val_acc", "final_test_acc", "confidence", "entropy", "ensemble_final_test_acc", "params",

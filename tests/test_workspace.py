@@ -170,7 +170,7 @@ def repo_copy(ws: Path, run_yaml: str | None = None) -> Path:
     params.pop("profile")  # run.yaml's
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (ws / "claims.yaml").write_text(yaml.safe_dump(CLAIMS, sort_keys=False))
-    (ws / "run.yaml").write_text(run_yaml or "profile: smoke\npapers: all\ndata: {}\n")
+    (ws / "run.yaml").write_text(run_yaml or "profile: smoke\npapers: all\nseeds: profile\ndata: {}\n")
     for cmd in (["init", "-q"], ["config", "user.email", "test@l2l.local"], ["config", "user.name", "test"],
                 ["add", "-A"], ["commit", "-qm", "workspace"]):
         _git(ws, *cmd)
@@ -229,6 +229,7 @@ def test_two_experiments_at_once_the_first_keeps_its_selection(tmp_path):
 SHIPPED_SHAPE = """# the workspace's selection, shaped like the shipped run.yaml (comments in a column)
 profile: smoke   # one of params.yaml's profiles
 papers: all      # all | a list of paper ids of claims.yaml, e.g. [P3]
+seeds: profile   # the look's seeds (l2l adapt)
 data: {}         # this machine's data sources
 """
 
