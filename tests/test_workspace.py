@@ -154,13 +154,18 @@ if gate and sys.argv and sys.argv[0].endswith("stages/train.py"):
 """
 
 
+# What a pipeline run leaves in the checkout (CI runs the tests after the smoke run): not the project's
+# files, and a copied dvc.lock would name outputs whose cache the copy lacks.
+PIPELINE_OUTPUTS = ("dvc.lock", "results/", "reports/", "runs/", "evals/", "data/", "slurm/")
+
+
 def repo_copy(ws: Path, run_yaml: str | None = None) -> Path:
-    """A git repository holding this project's files (tracked and new), a tiny smoke profile of two
-    experiments (conventional: PX's claim, other: PY's), committed."""
+    """A git repository holding this project's files (tracked and new, not a pipeline run's outputs), a
+    tiny smoke profile of two experiments (conventional: PX's claim, other: PY's), committed."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
-        if (REPO / f).is_file():
+        if (REPO / f).is_file() and not f.startswith(PIPELINE_OUTPUTS):
             (ws / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, ws / f)
     npz = write_npz(ws.parent / f"{ws.name}-arrays.npz")
