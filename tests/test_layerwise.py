@@ -288,6 +288,8 @@ def test_train_run_records_stages_and_resumes_exactly(data, tmp_path):
     full = train_run(spec, layerwise, ctx, tmp_path / "full")
     names = ["stage1", "stage1_pruned", "stage2", "stage2_pruned", "stage3", "stage3_pruned"]
     assert list(full["phase_metrics"]) == names
+    declared = layerwise.phase_metrics(spec.options, spec.model_cfg)  # what claims may name: what a run records
+    assert {p: set(m) for p, m in full["phase_metrics"].items()} == {p: set(m) for p, m in declared.items()}
     final = full["phase_metrics"]["stage3_pruned"]
     assert set(final) == {"head_train_acc", "head_test_acc", "ensemble_test_acc", "params"}
     base = layerwise_cnn(10, preset="compress", M=3, M_tilde=3, final_M_tilde=3)  # the pruned shape
@@ -695,6 +697,15 @@ def test_p2_arms_probe_at_equal_budgets_and_the_claims_unit(profile):
                 assert lw.options["probe_lr"] == e2e.options["probe_lr"], r["id"]
         checked += 1
     assert checked >= (10 if profile == "paper" else 4)
+
+
+def test_a_probing_runs_measures_are_those_it_declares(data, tmp_path):
+    """The last stage's phase also records the network's probes: declared so, for claims to name them."""
+    spec = make_spec(layerwise, TINY_K3, {"probe_epochs": 1})
+    result = train_run(spec, layerwise, RunContext(spec, data, 10, CPU), tmp_path)
+    declared = layerwise.phase_metrics(spec.options, spec.model_cfg)
+    assert {p: set(m) for p, m in result["phase_metrics"].items()} == {p: set(m) for p, m in declared.items()}
+    assert "stage3_probe_test_acc" in declared["stage3"] and "stage3_probe_test_acc" not in declared["stage2"]
 
 
 def test_layer_units_only_where_they_exist():

@@ -280,17 +280,17 @@ STAGE_MEASURES = ("head_train_acc", "head_test_acc", "ensemble_test_acc", "param
 
 def phase_metrics(options: dict, model_cfg: dict) -> dict[str, tuple[str, ...]]:
     """Phases <unit>1..<unit>S of the model (and <unit>s_pruned with pruning), each with _stage_metrics'
-    keys; the last (and its pruned phase) also with the probes' (<unit><s>_probe_*_acc) when it probes."""
+    keys; the last (its pruned phase with pruning) also with the probes' (probe_stages': <unit><s>_probe_*_acc,
+    model_*_acc) when it probes."""
     with torch.device("meta"):  # the unit count only: no weights initialised
         units = len(stage_ends(unit_view(build_model(model_cfg, 10), options["unit"])))
     probes = tuple(f"{options['unit']}{s}_probe_{split}_acc" for s in range(1, units + 1) for split in ("train", "test")
-                   ) if options["probe_epochs"] else ()
+                   ) + ("model_train_acc", "model_test_acc") if options["probe_epochs"] else ()  # probe_stages' keys
     out = {}
     for s in range(1, units + 1):
         names = [f"{options['unit']}{s}"] + ([f"{options['unit']}{s}_pruned"] if options["prune_to"] else [])
-        for i, name in enumerate(names):
-            last = s == units and (i == len(names) - 1 if options["prune_to"] else True)
-            out[name] = STAGE_MEASURES + (probes if last else ())
+        for i, name in enumerate(names):  # the probes run at the network's end: its last phase
+            out[name] = STAGE_MEASURES + (probes if s == units and i == len(names) - 1 else ())
     return out
 
 
