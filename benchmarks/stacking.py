@@ -22,6 +22,7 @@ stacking; these decide nothing about GPU speed, only the counts and the host's s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -36,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from l2l.device_data import DeviceData  # noqa: E402
 from l2l.methods import METHODS  # noqa: E402
-from l2l.models import build_model  # noqa: E402
 from l2l.profiling import StepCounter  # noqa: E402
 from l2l.spec import RunSpec  # noqa: E402
 from l2l.stacking import MemberContext, Recorder, StackedPhase  # noqa: E402
@@ -131,16 +131,8 @@ def _steps(way: str, cfg: dict, k: int, batch: int, device: str):
         return step, None
     stacked = StackedPhase(phases, rec)
     if way == "vmap":  # torch's own batching rules: the layout of l2l.stacking switched off
-        import l2l.stacking as stacking
-
-        def step(x, y):
-            real = stacking.stacked_layout
-            stacking.stacked_layout = lambda modules: torch.enable_grad()
-            try:
-                stacked.step(x, y)
-            finally:
-                stacking.stacked_layout = real
-        return step, None
+        stacked.layout = contextlib.nullcontext()
+        return (lambda x, y: stacked.step(x, y)), None
     return (lambda x, y: stacked.step(x, y)), lambda: [[t.detach()[j] for t, members in stacked.pairs
                                                         if t.requires_grad] for j in range(k)]
 

@@ -37,7 +37,7 @@ from l2l.checks import ConfigError
 from l2l.config import Config, plan
 from l2l.datasets import DATASETS, MULTI_LABEL, val_joins_train
 from l2l.device_data import DeviceData
-from l2l.engine import RunContext, device_info, pick_device
+from l2l.engine import device_info, pick_device
 from l2l.io import read_json, write_json
 from l2l.methods import METHODS
 from l2l.models import build_model, with_defaults
@@ -169,8 +169,8 @@ def load_throughput(path: Path = THROUGHPUT_FILE, device: str | None = None) -> 
 SHARE_OF_PEAK = 0.30
 LAUNCH_US = 6.0
 # A stacked step's host time per kernel launch against a separate step's: vmap's batching layer and the
-# stacked layout's Python (l2l/stacking.py), measured at host-bound sizes by benchmarks/stacking.py
-# (ResNet-20 and ResNet-110, 1.9 and 1.8; benchmarks/RESULTS.md).
+# stacked layout's Python (l2l/stacking.py), measured at host-bound sizes by benchmarks/stacking.py: at K=8,
+# with the layout found once per phase, 1.71 (ResNet-20) and 1.90 (ResNet-110); benchmarks/RESULTS.md.
 STACKED_HOST_FACTOR = 1.9
 STACK_SIZES = (2, 4, 8, 16)  # the stacks the GPU check measures (benchmarks/gpu_check.py)
 
@@ -226,10 +226,11 @@ class DeviceEstimate:
                 "with it on)",
                 f"a step's device work runs at {100 * self.share:.0f}% of that peak (--share)",
                 f"a step takes at least its kernel launches x {self.launch_us:g} us (--launch-us): launches counted "
-                "per step on the meta device (l2l.profiling.StepCounter; a conventional ResNet-20 step 178, ResNet-110 "
-                "903, VGG16 116; issue #21's torch.profiler count 173 for ResNet-20)",
+                "per step on the meta device (l2l.profiling.StepCounter, the run's first step; benchmarks/stacking.py "
+                "counts them per model; issue #21's torch.profiler count 173 for a ResNet-20 step)",
                 "a stack of K runs (executor.stack_seeds, l2l/stacking.py) takes one stacked step: its own launches "
-                f"(counted the same way; ResNet-110 928 for any K) at {self.stacked_host:g}x the host time each "
+                "(counted the same way, about as many as one run's for any K) at "
+                f"{self.stacked_host:g}x the host time each "
                 "(vmap's, measured by benchmarks/stacking.py), and K times the FLOPs",
                 "validation every epoch and the evaluate stage's passes over two checkpoints, per run: forward "
                 "FLOPs (a third of a training image's) or forward launches per batch of eval_batch_size",

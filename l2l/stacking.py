@@ -38,7 +38,6 @@ much as a separate run does from itself under another thread count.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -135,25 +134,27 @@ _FORWARDS = ((nn.modules.batchnorm._BatchNorm, _batch_norm_forward), (BasicBlock
              (Bottleneck, _bottleneck_forward))
 
 
-@contextlib.contextmanager
-def stacked_layout(modules: list[nn.Module]) -> Iterator[None]:
-    """`modules` (and every submodule) run their stacked forwards meanwhile (the module comment above)."""
-    patched, relus = [], []
-    for root in modules:
-        for m in root.modules():
-            for kind, forward in _FORWARDS:
-                if isinstance(m, kind) and "forward" not in m.__dict__:
-                    m.forward = types.MethodType(forward, m)
-                    patched.append(m)
-            if isinstance(m, nn.ReLU) and m.inplace:
-                m.inplace = False
-                relus.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-        for m in relus:
+class stacked_layout:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Within `with`, `modules` (and every submodule) run their stacked forwards (the module comment
+    above). What to patch is found once, here: entering and leaving only set and remove attributes, so a
+    stacked step pays no walk of the module tree."""
+
+    def __init__(self, modules: list[nn.Module]):
+        every = {id(m): m for root in modules for m in root.modules()}.values()  # a shared module once
+        self.patches = [(m, types.MethodType(forward, m)) for m in every for kind, forward in _FORWARDS
+                        if isinstance(m, kind) and "forward" not in m.__dict__]
+        self.relus = [m for m in every if isinstance(m, nn.ReLU) and m.inplace]
+
+    def __enter__(self) -> None:
+        for m, forward in self.patches:
+            m.__dict__["forward"] = forward
+        for m in self.relus:
+            m.inplace = False
+
+    def __exit__(self, *exc) -> None:
+        for m, _ in self.patches:
+            del m.__dict__["forward"]
+        for m in self.relus:
             m.inplace = True
 
 
@@ -286,6 +287,7 @@ class StackedPhase:
 
     def __init__(self, phases: list[Phase], recorder: Recorder):
         self.phases, self.recorder = phases, recorder
+        self.layout = stacked_layout(list(phases[0].modules.values()))  # patched per step, found once here
         lead = phases[0]
         mine = _tensors(lead.modules)
         theirs = [{name: t for name, _, _, t in _tensors(p.modules)} for p in phases]
@@ -340,7 +342,7 @@ class StackedPhase:
         rec.updates = []
         rec.recording = True
         try:
-            with stacked_layout(list(self.phases[0].modules.values())):
+            with self.layout:
                 losses, logits = torch.vmap(self._member_step, randomness="error")(tuple(self.stacked), x, y)
         finally:
             rec.recording = False
