@@ -44,11 +44,13 @@ def fill_momentum(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
     """Zero momentum buffers for the parameters about to step without one, when another parameter of
     their group has one (the fused kernel's mix; exact with dampening 0, see the module's docstring).
     A step where no parameter has a buffer is left to the kernel's own first step."""
+    if len(opt.state) == sum(len(g["params"]) for g in opt.param_groups):
+        return  # every parameter has stepped (has its buffer): the common case, O(1) per step
     for group in opt.param_groups:
         if not group.get("momentum"):
             continue
         moving = [p for p in group["params"] if p.grad is not None]
-        missing = [p for p in moving if opt.state[p].get("momentum_buffer") is None]
+        missing = [p for p in moving if opt.state.get(p, {}).get("momentum_buffer") is None]  # no empty entries
         if not missing or len(missing) == len(moving):
             continue
         if group.get("dampening", 0) != 0:
