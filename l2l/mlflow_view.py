@@ -51,10 +51,11 @@ def training_view() -> dict:
 
 
 def claims_view() -> dict:
-    """The claims: paper, verdict, seeds, our estimate with its interval as the report prints it, Holm p."""
+    """The claims: paper, verdict, seeds, our estimate with its interval as the report prints it, the look it
+    stopped at (the sequential design's)."""
     return _view(340, [(column("tags", "l2l.paper"), 60), (column("tags", "l2l.verdict"), 190),
                        (column("metrics", "n_a"), 60), (column("tags", "l2l.ours"), 440),
-                       (column("metrics", "p_holm"), 90), (column("tags", "l2l.claim"), 500)],
+                       (column("metrics", "look"), 60), (column("tags", "l2l.claim"), 500)],
                  [], column("tags", "mlflow.runName"), "tags.`l2l.kind` = 'claim'")  # not the summary run
 
 

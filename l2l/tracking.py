@@ -495,7 +495,7 @@ def log_claims(profile: str, records: list[dict], show_interval: Callable[[dict]
         run_id = _claim_run(c, exp_id, "l2l.claim_id", rec["id"], f"claim {rec['id']}", "claim")
         comp = rec.get("comparison") or {}
         look = (rec.get("sequential") or {}).get("look")  # the look of the sequential design it stopped at (or is at)
-        metrics = {**{k: comp.get(k) for k in CLAIM_METRICS}, "p_holm": rec.get("p_holm"), "look": look}
+        metrics = {**{k: comp.get(k) for k in CLAIM_METRICS}, "look": look}
         if not show_interval(rec):
             had = c.get_run(run_id).data.metrics
             metrics.update({k: math.nan if k in had else None for k in ("ci_low", "ci_high")})
