@@ -67,7 +67,7 @@ def _rate(x: np.ndarray) -> tuple[float, float]:
     x = np.asarray(x, dtype=float)
     n = x.shape[0]
     se = float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    return float(np.mean(x)), max(se, math.sqrt((1 - 1 / n) / n) / n)
+    return float(np.mean(x)), max(se, math.sqrt(1 - 1 / n) / n)  # one event in n: sqrt(p (1 - p) / n), p = 1/n
 
 
 def _with(members: list[Member], target: int, t: dict, others: dict | None) -> list[Member]:

@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from l2l.io import read_json  # noqa: E402
-from l2l.report import (ACCURACY_RANGE, DIFFERENCE_RANGE, Doc, dataset_metrics, decimals,  # noqa: E402
-                        format_interval, rounded)
+from l2l.report import Doc, dataset_metrics, decimals, format_interval, rounded  # noqa: E402
 from l2l.sequential_report import calibration_section, decision_text, failed_text  # noqa: E402
-from l2l.results import FEWEST_SEEDS_FOR_INTERVAL, interval_shown, mean_interval  # noqa: E402
+from l2l.results import (ACCURACY_RANGE, DIFFERENCE_RANGE, FEWEST_SEEDS_FOR_INTERVAL, interval_shown,  # noqa: E402
+                         mean_interval)
 
 
 def _num(v, spec=".2f") -> str:

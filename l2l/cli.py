@@ -14,7 +14,7 @@ import numpy as np
 
 from l2l.adapt import adapt
 from l2l.checks import ConfigError
-from l2l.claims import Claim, planning_sd, power_table
+from l2l.claims import Claim, power_table
 from l2l.config import Config
 from l2l.cost import (LAUNCH_US, SHARE_OF_PEAK, THROUGHPUT_FILE, DeviceEstimate, RunCost, device_estimate, disk_bytes,
                       load_throughput, measured_against, pick_timing, run_costs)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from l2l.io import write_text
+
 SOURCE_KINDS = ("text", "abstract", "table", "code", "not public", "harness choice")
 PAPERS = ("P1", "P2", "P3", "P4", "P5")
 CHECKED_PAPERS = ("P1", "P2", "P4", "P5")  # tests/test_fidelity.py: every setting of their protocols is listed
@@ -321,9 +323,7 @@ def write_docs(path: Path) -> bool:
     a, b = text.index(DOCS_BEGIN), text.index(DOCS_END) + len(DOCS_END)
     new = text[:a] + docs_block() + text[b:]
     if new != text:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(new)
-        tmp.replace(path)
+        write_text(path, new)
     return new != text
 
 

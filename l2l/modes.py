@@ -42,10 +42,6 @@ class Mode:
     achieved_tflops: float | None = None
 
     @property
-    def runs(self) -> int:
-        return self.members * self.concurrent
-
-    @property
     def executable(self) -> bool:
         return not self.cuda_graphs
 

@@ -22,8 +22,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from l2l.io import read_json, write_text  # noqa: E402
-from l2l.results import ACCURACY_RANGE, DIFFERENCE_RANGE, FEWEST_SEEDS_FOR_INTERVAL, interval_shown  # noqa: E402,F401
-from l2l.tracking import git_commit, git_state  # noqa: E402
+from l2l.results import ACCURACY_RANGE, FEWEST_SEEDS_FOR_INTERVAL, interval_shown  # noqa: E402
+from l2l.tracking import git_state  # noqa: E402
 
 
 @dataclass
@@ -175,13 +175,14 @@ def stamp(results: Path) -> dict[str, str]:
     runs = pd.read_csv(results / "runs.csv")
     data = read_json(results / "data.json")
     lock = Path("dvc.lock")
+    commit, changed = git_state()
     return {
         "profile": data["profile"],
         "device": ", ".join(sorted(set(f"{d} ({n})" for d, n in zip(runs["device"], runs["device_name"])))),
         "torch / CUDA": ", ".join(sorted(set(f"{t} / {c}" for t, c in zip(runs["torch"], runs["cuda"])))),
-        "git commit": git_commit(),
+        "git commit": commit + ("-dirty" if changed else ""),
         # what makes it -dirty: tracked code changed from the commit (not what dvc exp run writes: git_state)
-        "code changed from the commit": ", ".join(git_state()[1]) or "none",
+        "code changed from the commit": ", ".join(changed) or "none",
         "dvc.lock sha256": hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else "none",
         "runs": str(len(runs)),
         "bit-reproducible": _reproducibility(runs),

@@ -36,7 +36,9 @@ class Member:
 
 def claim_tests(claim: Claim) -> stats.Tests:
     """The tests the claims stage's comparison of this claim runs (l2l.claims.compare_values and the
-    custom kinds build the same through l2l.stats.compare_*)."""
+    custom kinds build the same through l2l.stats.compare_*). One exception: a saturation claim read
+    `end_to_end: keeps_improving` is simulated with its first two parts only (its third, the end-to-end
+    probes' gain, can only remove support: the simulated false-supported rate bounds the real one)."""
     k = claim.kind
     if k in ("superiority", "early_overfit"):
         return stats.superiority_tests(claim.min_effect)

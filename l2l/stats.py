@@ -55,7 +55,7 @@ Rise then plateau (P4's strict line): supporting generation `peak` - `start` > 0
 Cost equivalence (P5): supporting the accuracy TOST (|A - B| < margin) AND every measured cost ratio of A to B (FLOPs, latency per batch size) below its maximum; contradicting the difference outside the margin OR any ratio above its maximum; no cost ratio measured: not supported.
 Zero variance (every seed gives the same value of a quantity): the same one-sided tests in their limit (se 0: p = 0 when the estimate lies beyond the bound, else 1), with at least min_seeds seeds, in the claim's family like any other claim.
 Looks (the group-sequential design, params stats.sequential): seeds come in looks of n_1 < n_2 < ... < n_K seeds per arm (n_K: the cap); a look adds the same new seeds to every arm of the claims that continue, so pairing by seed stays. At look k a one-sided test of a claim rejects when its exact t-test p is at most f(t_k; a) - f(t_(k-1); a): the share of the claim's level a that a Lan-DeMets spending function f gives to information fraction t_k = n_k / n_K (O'Brien-Fleming-like f = 2 - 2 Phi(z_(1-a/2) / sqrt t), the default, spends little early; Pocock-like f = a ln(1 + (e - 1) t) evenly). Looks below min_seeds test and spend nothing. Within a family the level is shared as Holm shares it, separately for the supporting and the contradicting direction: a = alpha / (the family's claims not yet rejected in that direction), recomputed after every rejection, so a decided claim passes its share on (graphical Holm for group-sequential tests, Maurer & Bretz 2013). The union of all these tests over looks and claims has probability at most alpha under any truth and any correlation between claims or looks (Bonferroni over looks, Holm over claims): the family-wise error over all looks is at most alpha, with the exact t distribution at every look (no normal approximation at 3-5 seeds). With one look (the fixed plan, run.yaml seeds: profile) this is Holm's procedure at alpha.
-Stopping: a claim stops at the first look where it is supported or contradicted; when futility is shown (the chance of deciding by the cap, were the truth today's estimate and sd, with all the level left spent at the cap, normal approximation, is below stats.sequential.futility); when an arm has more failed runs than allowed; or at the cap (inconclusive). Futility rejects nothing, so it cannot raise an error rate (non-binding). A stopped claim's arms get no more seeds unless a claim that continues needs them, and its verdict is that of its stopping look whatever seeds its arms gain later.
+Stopping: a claim stops at the first look where it is supported or contradicted; when futility is shown (the predictive probability of deciding by the cap: the cap's mean predicted from today's estimate and sd, the truth unknown around the estimate (flat prior), t with the look's degrees of freedom, all the level left spent at the cap, is below stats.sequential.futility); when an arm has more failed runs than allowed; or at the cap (inconclusive). Futility rejects nothing, so it cannot raise an error rate (non-binding). A stopped claim's arms get no more seeds unless a claim that continues needs them, and its verdict is that of its stopping look whatever seeds its arms gain later.
 Intervals: the interval printed beside a verdict is the decision interval, the t-interval whose bounds the decision compared with the claim's bounds: supported, both bounds at the support level (its lower bound above 0 for a superiority); contradicted, the contradicting quantity's at the contra level / K; inconclusive, the shown quantity's at the smaller of the two levels (it then lies neither inside the supporting region nor beyond the contradicting bound). The 95% interval reported at a look is a repeated confidence interval, each bound at (f(t_k; 0.05) - f(t_(k-1); 0.05)) / 2, which holds the true value with probability at least 95% at whatever look the claim stops (one look: the usual 95% t-interval). No bootstrap."""
 
 
@@ -69,12 +69,6 @@ def t_sf(x: Any, df: Any) -> np.ndarray:
 def t_quantile(q: Any, df: Any) -> np.ndarray:
     """The t_df quantile of q (P(T_df <= t) = q) elementwise."""
     return special.stdtrit(df, q)
-
-
-def t_interval(est: float, se: float, df: float, level: float) -> tuple[float, float]:
-    """Two-sided `level` t-interval est +- t_{(1+level)/2, df} * se."""
-    q = float(t_quantile(0.5 + level / 2, df))
-    return est - q * se, est + q * se
 
 
 def sample_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -1004,7 +998,7 @@ def describe(c: Comparison, code: int, look: int, design: Design, level_support:
         return "contradicted", f"{_contradicted_what(c, side.text(tests.labels), dhi)}: {stat}"
     if code == FUTILE:
         return "inconclusive", (f"futility: a decision by the cap ({design.cap} seeds per arm) has a "
-                                f"{_fmt(100 * (chance or 0.0), '.0f')}% chance at today's estimate and sd (below "
+                                f"{_fmt(100 * (chance or 0.0), '.0f')}% predictive chance from today's estimate and sd (below "
                                 f"{_fmt(100 * design.futility, 'g')}%); {_undecided_what(c)}: {stat}")
     if code == CONTINUE:
         return "inconclusive", f"not decided yet, {goes_on} ({_undecided_what(c)}): {stat}"

@@ -128,9 +128,12 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     modes = tp.modes["resnet8"]
     assert set(modes) == {"separate", "stacked_1", "stacked_2"} and res["stacking"]["runs_per_gpu"].startswith("skipped")
     for name, m in modes.items():
-        assert m.images_per_s > 0 and m.achieved_tflops > 0 and m.runs == m.members
+        assert m.images_per_s > 0 and m.achieved_tflops > 0
     raw = json.loads((out / "throughput.json").read_text())
     (figures,) = raw["measurements"].values()
+    # the runs in flight each measurement trained: the stack's members (1 process)
+    runs = {n: f["runs"] for n, f in figures["modes"]["resnet8"].items()}
+    assert runs == {"separate": 1, "stacked_1": 1, "stacked_2": 2}
     assert set(figures["modes"]["resnet8"]["stacked_2"]) == {"images_per_s", "peak_memory_gib", "achieved_tflops",
                                                              "runs"}
     md = (out / "gpu_check.md").read_text()

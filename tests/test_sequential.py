@@ -180,7 +180,10 @@ def test_zero_variance_is_decided_by_the_same_tests_in_its_family():
 def test_simulated_tests_are_the_claims_stages(kind):
     """For each kind, l2l.simulate's quantities and tests give the p-values the claims stage's comparison
     (l2l.stats.compare_*) gives on the same per-seed data."""
-    claims = {c.kind: c for c in load_claims(config_of(shipped_params()), REPO / "claims.yaml")}
+    # saturation's keeps_improving reading has a third part the simulation leaves out (l2l.simulate.claim_tests):
+    # the claims of the reading it simulates
+    claims = {c.kind: c for c in load_claims(config_of(shipped_params()), REPO / "claims.yaml")
+              if c.extra.get("end_to_end", "gap") == "gap"}
     claim = claims[kind]
     rng = np.random.default_rng(6)
     x, _, _ = draw(claim, truth(claim, "effect"), 1, 8, 0.6, rng)
